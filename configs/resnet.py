@@ -1,0 +1,74 @@
+"""CIFAR-10 ResNets and plain nets, the recipe of He et al. 2015, section 4.2.
+
+  python -m cvjax.main --config=configs/resnet.py --workdir=runs/resnet20
+  python -m cvjax.main --config=configs/resnet.py:plain56 --workdir=runs/plain56
+  python -m cvjax.main --config=configs/resnet.py --workdir=runs/r20 \
+      --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz --config.train.num_epochs=3
+
+The arg picks the net: resnetN or plainN for depth N = 6n+2 (default resnet20).
+Paper: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and
+48k iterations, stop at 64k (~164 epochs of 50k images); 4-pixel padding, random 32x32
+crops, horizontal flips, per-pixel mean subtraction. Test error: ResNet-20 8.75%,
+ResNet-56 6.97%, ResNet-110 6.43%. ResNet-110 warms up at lr 0.01 (here: linear warm-up
+over the first 400 steps). Full runs are GPU-sized; on a 2-core CPU, ResNet-20 runs a few
+hundred images per second.
+"""
+
+import re
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  match = re.fullmatch(r'(resnet|plain)(\d+)', arg or 'resnet20')
+  if not match:
+    raise ValueError(f'configs/resnet.py:{arg}: expected resnetN or plainN, e.g. resnet56.')
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'cifar10'  # A tfds name.
+  c.dataset.data_dir = ''  # tfds data_dir ('' = tfds default).
+  c.dataset.path = ''  # Local raw files instead of tfds: IDX folder or image folder/.tar.gz.
+  c.dataset.download = True  # Let tfds download when the data is not in data_dir.
+
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = 0  # Zero-pad images to this size (0: keep as is).
+  c.input.normalization = 'per_pixel_mean'  # per_pixel_mean | per_channel | none.
+  c.input.crop_padding = 4  # Random crops from images zero-padded by this (0: off).
+  c.input.flip = True  # Random horizontal flips.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet_cifar'
+  c.model.depth = int(match.group(2))  # 6n+2: 20, 32, 44, 56, 110, 1202.
+  c.model.residual = match.group(1) == 'resnet'  # False: the plain twin.
+  c.model.activation = 'relu'  # relu | tanh | sigmoid.
+  c.model.batch_norm = True
+  c.model.bn_momentum = 0.9  # Flax convention (keeps 90% of the old average): PyTorch's 0.1.
+  c.model.zero_init_residual = False  # Not in the paper; off keeps plain vs residual fair.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'piecewise'  # piecewise | cosine | constant.
+  c.schedule.boundaries = (0.5, 0.75)  # Fractions of the run: 32k and 48k of 64k steps.
+  c.schedule.decay_factor = 0.1
+  c.schedule.warmup_steps = 400 if c.model.depth >= 110 else 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 164.0  # 64k steps of 128 from 50k images.
+  c.train.num_steps = config_dict.placeholder(int)  # Wins over num_epochs when set.
+  c.train.eval_batch_size = 1000
+  c.train.eval_every_steps = 0  # 0: once per epoch.
+  c.train.log_every_steps = 100
+  c.train.checkpoint_every_steps = 2000
+  c.train.keep_checkpoints = 3
+  c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
+  return c

@@ -1,0 +1,5 @@
+"""cvjax: the classic CNNs of computer vision, reproducible in JAX/Flax."""
+
+from cvjax import runtime
+
+runtime.set_xla_flags()

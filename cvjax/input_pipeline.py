@@ -1,0 +1,306 @@
+"""Datasets held in memory as uint8 NHWC arrays, and augmentation that runs inside jit.
+
+Three sources give the same `Dataset`: tensorflow-datasets by name, a folder of
+MNIST-style IDX files, and an image folder (`train/<class>/*`, `test/<class>/*`,
+as a directory or a .tar.gz). MNIST/CIFAR-sized data fits in memory many times
+over, so the whole split lives on the device and each step gathers its batch
+there: the input can never starve the step.
+"""
+
+import dataclasses
+import gzip
+import io
+import os
+import struct
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvjax.errors import UserError
+
+# Datasets small enough to hold in memory, by tfds name.
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist/digits', 'emnist/letters',
+                 'cifar10', 'cifar100', 'svhn_cropped')
+
+CLASS_NAMES = {
+    'fashion_mnist': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                      'Sneaker', 'Bag', 'Ankle boot'],
+}
+
+IDX_FILES = {
+    'train_images': 'train-images-idx3-ubyte', 'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte', 'test_labels': 't10k-labels-idx1-ubyte',
+}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm')
+
+
+@dataclasses.dataclass
+class Dataset:
+  train_images: np.ndarray  # uint8 [N, H, W, C]
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  class_names: list
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+
+def load(cfg) -> Dataset:
+  """Loads `cfg` (the config's `dataset` block) from local files or tfds."""
+  if cfg.path:
+    data = load_local(cfg.path, cfg.name)
+  else:
+    data = load_tfds(cfg.name, cfg.data_dir or None, cfg.get('download', True))
+  for split in ('train', 'test'):
+    labels = getattr(data, f'{split}_labels')
+    if len(labels) == 0:
+      raise UserError(f'the {split} split of dataset {cfg.path or cfg.name!r} is empty.')
+    if labels.min() < 0 or labels.max() >= data.num_classes:
+      raise UserError(f'{split} labels of {cfg.path or cfg.name!r} lie in [{labels.min()}, '
+                      f'{labels.max()}], outside the {data.num_classes} classes.')
+  if data.train_images.shape[1:] != data.test_images.shape[1:]:
+    raise UserError(f'train images are {data.train_images.shape[1:]} but test images are '
+                    f'{data.test_images.shape[1:]} in {cfg.path or cfg.name!r}.')
+  return data
+
+
+# --- tensorflow-datasets ---------------------------------------------------------------
+
+def load_tfds(name, data_dir=None, download=True) -> Dataset:
+  if name not in TFDS_DATASETS:
+    raise UserError(f'unknown dataset.name={name!r}. Supported tfds datasets (held in memory): '
+                    f'{", ".join(TFDS_DATASETS)}. For other data set dataset.path to a folder of '
+                    'IDX files or an image folder (train/<class>/*, test/<class>/*).')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # Keep TensorFlow off the accelerator.
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    if download and not builder.is_prepared():
+      _check_online()
+      builder.download_and_prepare()
+    splits = {s: builder.as_dataset(split=s) for s in ('train', 'test')}
+  except Exception as e:  # Network, missing files, or a partial download.
+    raise UserError(
+        f'tfds dataset {name!r} is not available in data_dir={builder.data_dir!r} and could not '
+        f'be downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Offline, '
+        'point dataset.data_dir at a folder with the prepared tfds data, or dataset.path at local '
+        'raw files: a folder with the four MNIST IDX .gz files, or an image folder '
+        '(train/<class>/*, test/<class>/*) or its .tar.gz.') from e
+  arrays = {}
+  for split, ds in splits.items():
+    images, labels = [], []
+    for batch in tfds.as_numpy(ds.batch(4096)):
+      images.append(batch['image'])
+      labels.append(batch['label'])
+    arrays[split] = (np.concatenate(images).astype(np.uint8),
+                     np.concatenate(labels).astype(np.int32))
+  label = builder.info.features['label']
+  return Dataset(*arrays['train'], *arrays['test'], class_names=list(label.names))
+
+
+def _check_online(host='storage.googleapis.com'):
+  """Fails fast offline: tfds would otherwise retry its downloads for minutes."""
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    socket.getaddrinfo(host, 443)
+  except OSError as e:
+    raise ConnectionError(f'no network: cannot resolve {host}') from e
+
+
+# --- local files -----------------------------------------------------------------------
+
+def load_local(path, name='') -> Dataset:
+  path = os.path.expanduser(path)
+  if not os.path.exists(path):
+    raise UserError(f'dataset.path={path!r} does not exist. Expected a folder with the four '
+                    'MNIST-style IDX files, or an image folder (train/<class>/*, test/<class>/*) '
+                    'or its .tar.gz.')
+  if os.path.isfile(path):
+    if path.endswith(('.tar.gz', '.tgz', '.tar')):
+      return load_image_folder_tar(path)
+    raise UserError(f'dataset.path={path!r} is a file but not a .tar.gz/.tgz/.tar archive.')
+  names = set(os.listdir(path))
+  if any(f.startswith(('train-images', 't10k-images')) for f in names):
+    return load_idx_folder(path, name)
+  return load_image_folder(path)
+
+
+def _read_idx(path, magic, ndim):
+  """Reads one IDX file (optionally gzipped); checks magic number and size."""
+  opener = gzip.open if path.endswith('.gz') else open
+  try:
+    with opener(path, 'rb') as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise UserError(f'cannot read IDX file {path}: {e}') from e
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise UserError(f'{path} is too short to be an IDX file ({len(raw)} bytes).')
+  got_magic, *dims = struct.unpack(f'>{1 + ndim}I', raw[:header])
+  if got_magic != magic:
+    raise UserError(f'{path} has IDX magic number {got_magic}, expected {magic} '
+                    f'({"images" if ndim == 3 else "labels"}, big-endian uint32 header).')
+  expected = int(np.prod(dims))
+  if len(raw) - header != expected:
+    raise UserError(f'{path}: header says {dims} ({expected} bytes of data) but the file holds '
+                    f'{len(raw) - header} bytes after the header; the file is truncated or corrupt.')
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_folder(path, name='') -> Dataset:
+  """The MNIST layout: train-/t10k- images-idx3-ubyte and labels-idx1-ubyte, .gz or raw."""
+  arrays = {}
+  for key, stem in IDX_FILES.items():
+    for fname in (stem + '.gz', stem):
+      if os.path.exists(os.path.join(path, fname)):
+        break
+    else:
+      raise UserError(f'{path} lacks {stem}.gz. An IDX dataset folder holds the four MNIST files: '
+                      f'{", ".join(s + ".gz" for s in IDX_FILES.values())}.')
+    is_images = key.endswith('images')
+    arrays[key] = _read_idx(os.path.join(path, fname), 2051 if is_images else 2049,
+                            3 if is_images else 1)
+  for split in ('train', 'test'):
+    n_img, n_lab = len(arrays[f'{split}_images']), len(arrays[f'{split}_labels'])
+    if n_img != n_lab:
+      raise UserError(f'{path}: {split} split has {n_img} images but {n_lab} labels.')
+  num_classes = int(max(arrays['train_labels'].max(), arrays['test_labels'].max())) + 1
+  names = CLASS_NAMES.get(name, [])
+  if len(names) < num_classes:
+    names = [str(i) for i in range(num_classes)]
+  return Dataset(arrays['train_images'][..., None], arrays['train_labels'].astype(np.int32),
+                 arrays['test_images'][..., None], arrays['test_labels'].astype(np.int32),
+                 class_names=names)
+
+
+def _decode(data, where):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    img = Image.open(io.BytesIO(data))
+    img = img.convert('L' if img.mode in ('L', '1', 'I;16') else 'RGB')
+    arr = np.asarray(img, np.uint8)
+  except Exception as e:
+    raise UserError(f'cannot decode image {where}: {e}') from e
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _stack(files_by_split, root):
+  """{split: [(class, where, bytes)]} -> Dataset, with sorted class names as labels."""
+  for split in ('train', 'test'):
+    if not files_by_split.get(split):
+      raise UserError(f'image folder {root} has no images under {split}/<class>/. Expected '
+                      f'{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg (or the same '
+                      'under one top-level folder).')
+  class_names = sorted({c for c, _, _ in files_by_split['train']})
+  unknown = sorted({c for c, _, _ in files_by_split['test']} - set(class_names))
+  if unknown:
+    raise UserError(f'image folder {root}: test classes {unknown} do not occur in train/.')
+  index = {c: i for i, c in enumerate(class_names)}
+  out = []
+  for split in ('train', 'test'):
+    items = sorted(files_by_split[split], key=lambda t: t[1])
+    images = [_decode(data, where) for _, where, data in items]
+    shape = images[0].shape
+    for img, (_, where, _) in zip(images, items):
+      if img.shape != shape:
+        raise UserError(f'image folder {root}: {where} is {img.shape}, but {items[0][1]} is '
+                        f'{shape}; all images must have the same size.')
+    out += [np.stack(images), np.array([index[c] for c, _, _ in items], np.int32)]
+  return Dataset(*out, class_names=class_names)
+
+
+def _split_class(relpath):
+  """'x/train/cat/1.jpg' or 'train/cat/1.jpg' -> ('train', 'cat'), else None."""
+  parts = relpath.replace(os.sep, '/').split('/')
+  if not parts[-1].lower().endswith(IMAGE_EXTENSIONS) or len(parts) < 3:
+    return None
+  split, cls = parts[-3], parts[-2]
+  return (split, cls) if split in ('train', 'test') and len(parts) <= 4 else None
+
+
+def load_image_folder(root) -> Dataset:
+  files = {'train': [], 'test': []}
+  for dirpath, _, fnames in os.walk(root):
+    for fname in fnames:
+      full = os.path.join(dirpath, fname)
+      key = _split_class(os.path.relpath(full, root))
+      if key:
+        with open(full, 'rb') as f:
+          files[key[0]].append((key[1], full, f.read()))
+  return _stack(files, root)
+
+
+def load_image_folder_tar(path) -> Dataset:
+  files = {'train': [], 'test': []}
+  try:
+    with tarfile.open(path) as tar:
+      for member in tar:
+        key = _split_class(member.name) if member.isfile() else None
+        if key:
+          files[key[0]].append((key[1], f'{path}:{member.name}', tar.extractfile(member).read()))
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise UserError(f'cannot read archive {path}: {e}') from e
+  return _stack(files, path)
+
+
+# --- preprocessing (host, once) and augmentation (device, every step) --------------------
+
+def pad_to(images, size):
+  """Zero-pads (centred) to size x size, e.g. 28x28 MNIST to LeNet-5's 32x32."""
+  h, w = images.shape[1:3]
+  if not size or (h, w) == (size, size):
+    return images
+  if h > size or w > size:
+    raise UserError(f'input.image_size={size} is smaller than the {h}x{w} images.')
+  top, left = (size - h) // 2, (size - w) // 2
+  return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+
+
+def normalization_stats(train_images, mode):
+  """(mean, std) in [0, 1] units and broadcastable to NHWC, computed once from train."""
+  x = train_images.astype(np.float64) / 255.0
+  ones = np.ones((1, 1, 1, 1), np.float32)
+  if mode == 'per_pixel_mean':  # He et al. 2015: subtract the mean image.
+    return x.mean(axis=0, keepdims=True).astype(np.float32), ones
+  if mode == 'per_channel':  # Standardise each channel.
+    return (x.mean(axis=(0, 1, 2), keepdims=True).astype(np.float32),
+            x.std(axis=(0, 1, 2), keepdims=True).astype(np.float32))
+  if mode == 'none':
+    return 0 * ones, ones
+  raise UserError(f'unknown input.normalization={mode!r}; expected per_pixel_mean, '
+                  'per_channel or none.')
+
+
+def normalize(images_u8, mean, std, dtype=jnp.float32):
+  return ((images_u8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def augment(images, rng, *, crop_padding, flip):
+  """Random crop from a zero-padded image and random horizontal flip, per example.
+
+  Runs on normalised images, so the zero padding is the mean colour as in the paper.
+  """
+  b, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  if crop_padding:
+    p = crop_padding
+    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
+    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
+        padded, offsets)
+  if flip:
+    flips = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
+    images = jnp.where(flips, images[:, :, ::-1, :], images)
+  return images
+
+
+def epoch_permutation(seed, epoch, n):
+  """The order of the training examples in `epoch`: a function of (seed, epoch) only,
+  so a resumed run continues with the same data order."""
+  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)

@@ -1,0 +1,45 @@
+"""Trains a model from a config file:
+
+  python -m cvjax.main --config=configs/resnet.py --workdir=DIR [--config.x.y=value ...]
+
+Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cvjax import train
+from cvjax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Keeps the log to our progress lines: orbax logs every save step at INFO."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    logging.error('%s', e)
+    print(f'\ncvjax: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

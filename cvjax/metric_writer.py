@@ -1,0 +1,36 @@
+"""Scalars to TensorBoard event files and to metrics.jsonl in the workdir.
+
+tensorboardX writes the event files, so no TensorFlow is needed to log.
+"""
+
+import json
+import os
+
+
+class MetricWriter:
+  """Writes `{tag: value}` per step; on resume drops what the interrupted run
+  logged past the checkpoint, so curves and metrics.jsonl have each step once."""
+
+  def __init__(self, workdir, resume_step=0):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # purge_step tells TensorBoard to discard older events at steps >= resume_step + 1.
+    self.tb = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+    self.jsonl = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(self.jsonl):
+      with open(self.jsonl) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.jsonl, 'w') as f:
+        f.writelines(kept)
+
+  def write_scalars(self, step, scalars):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for tag, value in scalars.items():
+      self.tb.add_scalar(tag, value, step)
+    with open(self.jsonl, 'a') as f:
+      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+
+  def flush(self):
+    self.tb.flush()
+
+  def close(self):
+    self.tb.close()

@@ -1,0 +1,87 @@
+"""CIFAR ResNets of He et al. 2015, section 4.2, and their plain twins.
+
+Depth 6n+2: a 3x3 conv with 16 filters, three stages of n basic blocks with
+16, 32 and 64 filters (the first block of stages 2 and 3 has stride 2), global
+average pooling and a dense classifier. Shortcuts are option A: the identity,
+with stride-2 subsampling and zero-padded channels where the shape changes,
+so they add no parameters and the plain twin (`residual=False`) differs from
+the ResNet by the identity additions alone.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvjax.models import common
+
+
+def shortcut_a(x, filters: int, stride: int):
+  """Option A: subsample by `stride` and zero-pad the new channels."""
+  if stride > 1:
+    x = x[:, ::stride, ::stride, :]
+  extra = filters - x.shape[-1]
+  if extra > 0:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+class BasicBlock(nn.Module):
+  """conv-BN-act-conv-BN, plus the shortcut when residual, then act."""
+  filters: int
+  stride: int
+  residual: bool
+  conv: Any
+  norm: Any
+  act: Any
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.conv(self.filters, (3, 3), (self.stride, self.stride))(x)
+    y = self.act(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_residual
+                  else nn.initializers.ones)(y)
+    if self.residual:
+      y = y + shortcut_a(x, self.filters, self.stride)
+    return self.act(y)
+
+
+class CifarResNet(nn.Module):
+  """ResNet-(6n+2) for 32x32 inputs; `residual=False` gives the plain net."""
+  depth: int = 20
+  num_classes: int = 10
+  residual: bool = True
+  activation: str = 'relu'
+  batch_norm: bool = True
+  bn_momentum: float = 0.9  # Flax convention: PyTorch's momentum=0.1.
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 2) % 6 or self.depth < 8:
+      raise ValueError(f'CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}')
+    n = (self.depth - 2) // 6
+    act = common.activation_fn(self.activation)
+    # Without BatchNorm the convolutions get biases instead.
+    conv = functools.partial(nn.Conv, padding='SAME', use_bias=not self.batch_norm,
+                             kernel_init=common.he_normal, dtype=self.dtype)
+    if self.batch_norm:
+      norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                               momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+    else:
+      norm = lambda **kw: (lambda y: y)
+
+    x = x.astype(self.dtype)
+    x = act(norm()(conv(16, (3, 3))(x)))
+    for stage, filters in enumerate((16, 32, 64)):
+      for block in range(n):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(filters, stride, self.residual, conv, norm, act,
+                       self.zero_init_residual, name=f'stage{stage + 1}_block{block + 1}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.float32)

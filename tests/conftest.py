@@ -1,0 +1,63 @@
+"""Tiny datasets written to disk, and tiny configs, shared by the tests."""
+
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # For `configs`.
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.
+
+
+def bars(n, size=12, num_classes=10, seed=0):
+  """Learnable images: class k has a bright bar at row k+1, plus noise."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, n).astype(np.uint8)
+  images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+  images[np.arange(n), labels + 1, :] = 230
+  return images, labels
+
+
+def write_idx(folder, images, labels, prefix, compress=True):
+  """Writes MNIST-style IDX files (big-endian uint32 header, then uint8 data)."""
+  os.makedirs(folder, exist_ok=True)
+  opener = gzip.open if compress else open
+  ext = '.gz' if compress else ''
+  with opener(os.path.join(folder, f'{prefix}-images-idx3-ubyte{ext}'), 'wb') as f:
+    f.write(struct.pack('>4I', 2051, *images.shape) + images.tobytes())
+  with opener(os.path.join(folder, f'{prefix}-labels-idx1-ubyte{ext}'), 'wb') as f:
+    f.write(struct.pack('>2I', 2049, len(labels)) + labels.tobytes())
+
+
+@pytest.fixture(scope='session')
+def idx_dir(tmp_path_factory):
+  """96 train / 40 test images of 12x12, 10 classes."""
+  folder = str(tmp_path_factory.mktemp('idx'))
+  write_idx(folder, *bars(96, seed=0), 'train')
+  write_idx(folder, *bars(40, seed=1), 't10k')
+  return folder
+
+
+def tiny_config(data_path, **overrides):
+  """ResNet-8 on tiny data: a few seconds to compile and run."""
+  from configs import resnet  # pylint: disable=g-import-not-at-top
+  c = resnet.get_config('resnet8')
+  c.dataset.path = data_path
+  c.input.crop_padding = 2
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 16
+  c.train.num_steps = 12
+  c.train.log_every_steps = 4
+  c.train.eval_every_steps = 6
+  c.train.checkpoint_every_steps = 4
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  return c

@@ -1,0 +1,155 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from cvjax import input_pipeline, models, train
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_trees_close(a, b, **tol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol), a, b)
+
+
+def test_training_drives_the_loss_down_and_eval_counts_each_example_once(idx_dir, tmp_path):
+  # Crops would shift the bars into each other's rows: off here.
+  config = tiny_config(idx_dir, **{'train.num_steps': 30, 'train.eval_every_steps': 30,
+                                   'schedule.name': 'constant', 'input.crop_padding': 0})
+  state, test = train.train_and_evaluate(config, str(tmp_path))
+  losses = [r['train/loss'] for r in read_jsonl(tmp_path) if 'train/loss' in r]
+  assert losses[-1] < 0.5 * losses[0], losses
+
+  # 40 test examples in batches of 16: 48 slots, 8 of them padding, each example once.
+  assert test['test/count'] == 40
+  # The same error from one un-batched forward pass over the whole test set.
+  data = input_pipeline.load(config.dataset)
+  mean, std = input_pipeline.normalization_stats(data.train_images, config.input.normalization)
+  model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       input_pipeline.normalize(data.test_images, mean, std))
+  np.testing.assert_allclose(test['test/error'], np.mean(np.argmax(logits, -1) != data.test_labels),
+                             atol=1e-6)
+  assert test['test/error'] < 0.5  # Bars are easy: chance is 0.9.
+
+
+def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
+  config = tiny_config(idx_dir)  # 12 steps, 6 per epoch, checkpoints every 4.
+  full, _ = train.train_and_evaluate(config, str(tmp_path / 'full'))
+
+  # Interrupt: a run that died after its step-4 checkpoint (later ones lost).
+  shutil.copytree(tmp_path / 'full', tmp_path / 'resumed')
+  for step in ('8', '12'):
+    shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / step)
+  resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert int(resumed.step) == 12
+  assert_trees_close(full.params, resumed.params, rtol=1e-6, atol=1e-7)
+  assert_trees_close(full.batch_stats, resumed.batch_stats, rtol=1e-6, atol=1e-7)
+  # metrics.jsonl holds each step once, in order.
+  steps = [r['step'] for r in read_jsonl(tmp_path / 'resumed') if 'train/loss' in r]
+  assert steps == [4, 8, 12]
+
+
+def test_one_device_and_eight_devices_agree(idx_dir, tmp_path):
+  """Same global batch on a 1-device and an 8-device mesh gives the same parameters."""
+  script = f'''
+import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+import jax, numpy as np
+from conftest import tiny_config
+from cvjax import train
+assert len(jax.devices()) == 8
+config = tiny_config({idx_dir!r}, **{{'train.num_steps': 6}})
+one, m1 = train.train_and_evaluate(config, {str(tmp_path / 'one')!r}, devices=jax.devices()[:1])
+eight, m8 = train.train_and_evaluate(config, {str(tmp_path / 'eight')!r})
+assert eight.params['head']['kernel'].sharding.mesh.size == 8
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+             jax.device_get((one.params, one.batch_stats)),
+             jax.device_get((eight.params, eight.batch_stats)))
+np.testing.assert_allclose(m1['test/loss'], m8['test/loss'], rtol=1e-4)
+print('AGREE')
+'''
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0 and 'AGREE' in out.stdout, out.stderr[-3000:]
+
+
+def run_main(workdir, *overrides, config='configs/resnet.py:resnet8'):
+  return subprocess.run(
+      [sys.executable, '-m', 'cvjax.main', f'--config={config}', f'--workdir={workdir}',
+       *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_main_end_to_end_writes_workdir(tmp_path):
+  from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'digits'
+  write_idx(data, *bars(64, size=28), 'train')
+  write_idx(data, *bars(20, size=28, seed=1), 't10k')
+  workdir = tmp_path / 'run'
+  out = run_main(workdir, f'--config.dataset.path={data}', '--config.train.num_steps=8',
+                 '--config.train.batch_size=16', '--config.train.log_every_steps=4',
+                 '--config.train.eval_batch_size=8', config='configs/lenet.py')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'step 8/8' in out.stderr and 'img/s' in out.stderr and 'ETA' in out.stderr
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert json.load(open(workdir / 'config.json'))['model']['name'] == 'lenet5'
+  assert os.listdir(workdir / 'checkpoints') == ['8']
+  records = read_jsonl(workdir)
+  tags = set().union(*records)
+  assert {'step', 'train/loss', 'train/error', 'train/learning_rate', 'train/images_per_second',
+          'test/loss', 'test/error', 'test/top5_error'} <= tags
+  # The event file holds the same scalars (read back with TensorBoard's own reader).
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  assert {'train/loss', 'test/error', 'test/top5_error'} <= set(events.Tags()['scalars'])
+  assert [e.step for e in events.Scalars('train/loss')] == [4, 8]
+
+
+BAD_INPUTS = [
+    (['--config.dataset.path=', '--config.dataset.name=imagenet'], 'unknown dataset.name'),
+    (['--config.dataset.path={tmp}/missing'], 'does not exist'),
+    (['--config.dataset.path={tmp}/broken'], 'train-labels-idx1-ubyte.gz'),
+    (['--config.dataset.path=', '--config.dataset.data_dir={tmp}/empty',
+      '--config.dataset.download=False'], 'not available in data_dir'),
+    (['--config.model.depth=19'], 'must be 6n\\+2'),
+    (['--config.model.activation=gelu'], "unknown model.activation='gelu'"),
+    (['--config.train.batch_size=0'], 'positive multiple'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', BAD_INPUTS)
+def test_bad_input_gives_a_clear_error(idx_dir, tmp_path, overrides, message):
+  (tmp_path / 'broken').mkdir()
+  shutil.copy(os.path.join(idx_dir, 'train-images-idx3-ubyte.gz'), tmp_path / 'broken')
+  overrides = [f'--config.dataset.path={idx_dir}', '--config.train.batch_size=16'] + [
+      o.format(tmp=tmp_path) for o in overrides]
+  out = run_main(tmp_path / 'run', *overrides)
+  assert out.returncode != 0
+  assert 'cvjax: error:' in out.stderr
+  import re  # pylint: disable=g-import-not-at-top
+  assert re.search(message, out.stderr), out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  common = [f'--config.dataset.path={idx_dir}', '--config.train.num_steps=2',
+            '--config.train.batch_size=16', '--config.train.eval_batch_size=8']
+  assert run_main(workdir, *common).returncode == 0
+  before = sorted(os.listdir(workdir / 'checkpoints' / '2'))
+  out = run_main(workdir, *common, '--config.model.residual=False')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert 'different model' in out.stderr and "residual" in out.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints' / '2')) == before
+  assert os.listdir(workdir / 'checkpoints') == ['2']
