@@ -15,7 +15,10 @@ from configs import resnet
 
 
 def get_config(arg=None):
-  del arg
+  """Arg `paper`: the published LeNet-5 (C3 connection table, trainable subsampling,
+  scaled tanh, RBF outputs); default: the modern version (full C3, pooling, dense output)."""
+  if arg not in (None, 'modern', 'paper'):
+    raise ValueError(f'configs/lenet.py:{arg}: expected modern or paper.')
   c = resnet.get_config()
   c.dataset.name = 'mnist'
   c.input.image_size = 32
@@ -25,7 +28,8 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'lenet5'
-  c.model.activation = 'tanh'
+  c.model.variant = arg or 'modern'
+  c.model.activation = 'scaled_tanh' if arg == 'paper' else 'tanh'
 
   c.optimizer.learning_rate = 0.05
   c.optimizer.weight_decay = 5e-4

@@ -21,9 +21,12 @@ from ml_collections import config_dict
 
 
 def get_config(arg=None):
+  if arg and arg.startswith('imagenet'):
+    return imagenet_config(arg)
   match = re.fullmatch(r'(resnet|plain)(\d+)', arg or 'resnet20')
   if not match:
-    raise ValueError(f'configs/resnet.py:{arg}: expected resnetN or plainN, e.g. resnet56.')
+    raise ValueError(f'configs/resnet.py:{arg}: expected resnetN, plainN (e.g. resnet56) or '
+                     'imagenet[_resnetN|_plainN].')
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -71,4 +74,30 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
   c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
+  return c
+
+
+def imagenet_config(arg):
+  """`imagenet`, `imagenet_resnet18`, `imagenet_plain34`, ... (default ResNet-50).
+
+  He et al. 2015, section 3.4: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1
+  divided by 10 at epochs 30 and 60, 90 epochs (the paper divides on plateaus, ~60e4
+  iterations); 224x224 crops. ImageNet does not fit in memory: it needs the streaming
+  input pipeline, which cvjax does not have yet, so this config records the recipe and
+  builds the model (see `python -m cvjax.summary`) but does not train yet.
+  """
+  match = re.fullmatch(r'imagenet(?:_(resnet|plain)(\d+))?', arg)
+  if not match:
+    raise ValueError(f'configs/resnet.py:{arg}: expected imagenet or imagenet_resnetN.')
+  c = get_config('resnet20')
+  c.dataset.name = 'imagenet2012'
+  c.input.crop_padding = 0
+  c.model.name = 'resnet'
+  c.model.depth = int(match.group(2) or 50)  # 18, 34, 50, 101, 152.
+  c.model.residual = match.group(1) != 'plain'
+  del c.model['batch_norm']
+  c.train.batch_size = 256
+  c.train.num_epochs = 90.0
+  c.schedule.boundaries = (30 / 90, 60 / 90)
+  c.schedule.warmup_steps = 0
   return c

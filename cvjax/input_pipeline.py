@@ -71,6 +71,11 @@ def load(cfg) -> Dataset:
 # --- tensorflow-datasets ---------------------------------------------------------------
 
 def load_tfds(name, data_dir=None, download=True) -> Dataset:
+  if name.startswith('imagenet'):
+    raise UserError(f'dataset.name={name!r} is too large to hold in memory, and cvjax has no '
+                    'streaming input pipeline for it yet. The ImageNet configs record the '
+                    'papers\' recipes and build the models (python -m cvjax.summary); train the '
+                    'same networks on 32x32 data with the :cifar10 config args.')
   if name not in TFDS_DATASETS:
     raise UserError(f'unknown dataset.name={name!r}. Supported tfds datasets (held in memory): '
                     f'{", ".join(TFDS_DATASETS)}. For other data set dataset.path to a folder of '

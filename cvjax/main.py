@@ -6,6 +6,7 @@ Re-running the same command on the same workdir resumes from its latest checkpoi
 """
 
 import logging as pylogging
+import re
 import sys
 
 from absl import app
@@ -41,5 +42,27 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with config errors (a bad config arg, a misspelt override) as
+  one line instead of a traceback."""
+  try:
+    args = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # Config files load lazily: load (and fail) here.
+    return args
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    text = str(e)
+    if isinstance(e, AttributeError):  # A misspelt override; ml_collections suggests a field.
+      m = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+      text = (f'unknown config field {m.group(2)!r}; did you mean {m.group(1)!r}?' if m
+              else f'unknown config field: {text}')
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    # A config file's own exception arrives wrapped with its traceback: keep its message.
+    message = lines[-1] if any(l.startswith('Traceback') for l in lines) else ' '.join(lines)
+    print(f'cvjax: error: {message}\nUsage: python -m cvjax.main '
+          '--config=configs/FILE.py[:arg] --workdir=DIR [--config.field=value ...]',
+          file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

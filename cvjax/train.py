@@ -27,7 +27,7 @@ from cvjax.metric_writer import MetricWriter
 class TrainState:
   step: jax.Array
   params: Any
-  batch_stats: Any
+  model_state: Any  # The other variable collections: BatchNorm statistics, constants.
   opt_state: Any
 
 
@@ -54,21 +54,22 @@ def train_step(state, data, indices, rng, *, model, tx, input_cfg, batch_shardin
   """One SGD step on the examples `indices` of the device-resident training set."""
   images = jax.lax.with_sharding_constraint(data['train_images'][indices], batch_sharding)
   labels = data['train_labels'][indices]
-  rng = jax.random.fold_in(rng, state.step)  # A resumed run draws the same numbers.
+  # fold_in the step: a resumed run draws the same numbers.
+  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
   x = input_pipeline.normalize(images, data['mean'], data['std'])
-  x = input_pipeline.augment(x, rng, crop_padding=input_cfg.crop_padding,
+  x = input_pipeline.augment(x, augment_rng, crop_padding=input_cfg.crop_padding,
                              flip=input_cfg.flip).astype(dtype)
 
   def loss_fn(params):
-    logits, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
-                                   train=True, mutable=['batch_stats'])
+    logits, new_vars = model.apply({'params': params, **state.model_state}, x, train=True,
+                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     metrics = classification_metrics(logits, labels)
     return metrics['loss'] / labels.shape[0], (metrics, new_vars)
 
   grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        batch_stats=new_vars.get('batch_stats', {}), opt_state=opt_state)
+                        model_state={**state.model_state, **new_vars}, opt_state=opt_state)
   return state, metrics
 
 
@@ -77,8 +78,7 @@ def eval_step(state, test, index, *, model, batch_size, batch_sharding, dtype):
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * batch_size, batch_size)
   images = jax.lax.with_sharding_constraint(take(test['images']), batch_sharding)
   x = input_pipeline.normalize(images, test['mean'], test['std']).astype(dtype)
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                       train=False)
+  logits = model.apply({'params': state.params, **state.model_state}, x, train=False)
   return classification_metrics(logits, take(test['labels']), take(test['mask']))
 
 
@@ -156,9 +156,9 @@ def train_and_evaluate(config, workdir, *, devices=None):
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, *input_shape), dtype), train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+    params = variables.pop('params')
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params))
 
   abstract_state = jax.eval_shape(init, init_rng)
   os.makedirs(workdir, exist_ok=True)

@@ -100,8 +100,10 @@ def test_tfds_mock_data():
 
 
 def test_tfds_unknown_name_and_offline(tmp_path, monkeypatch):
-  with pytest.raises(UserError, match='unknown dataset.name=.imagenet.*cifar10'):
-    ip.load(ConfigDict(dict(name='imagenet', path='', data_dir='', download=True)))
+  with pytest.raises(UserError, match='unknown dataset.name=.places365.*cifar10'):
+    ip.load(ConfigDict(dict(name='places365', path='', data_dir='', download=True)))
+  with pytest.raises(UserError, match='imagenet2012.*too large to hold in memory'):
+    ip.load(ConfigDict(dict(name='imagenet2012', path='', data_dir='', download=True)))
   with pytest.raises(UserError, match='not available in data_dir.*dataset.path'):
     ip.load(ConfigDict(dict(name='mnist', path='', data_dir=str(tmp_path), download=False)))
 

@@ -95,7 +95,7 @@ def test_invalid_depth_is_a_user_error(depth):
 def test_unknown_activation_and_model_are_user_errors():
   cfg = _model_cfg()
   cfg.activation = 'swish'
-  with pytest.raises(UserError, match="'relu', 'sigmoid', 'tanh'"):
+  with pytest.raises(UserError, match="'relu', 'scaled_tanh', 'sigmoid', 'tanh'"):
     models.create_model(cfg, num_classes=10, dtype=jnp.float32)
   cfg = _model_cfg()
   cfg.name = 'resnet_cifra'

@@ -36,7 +36,7 @@ def test_training_drives_the_loss_down_and_eval_counts_each_example_once(idx_dir
   data = input_pipeline.load(config.dataset)
   mean, std = input_pipeline.normalization_stats(data.train_images, config.input.normalization)
   model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+  logits = model.apply({'params': state.params, **state.model_state},
                        input_pipeline.normalize(data.test_images, mean, std))
   np.testing.assert_allclose(test['test/error'], np.mean(np.argmax(logits, -1) != data.test_labels),
                              atol=1e-6)
@@ -54,7 +54,7 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
   resumed, _ = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == 12
   assert_trees_close(full.params, resumed.params, rtol=1e-6, atol=1e-7)
-  assert_trees_close(full.batch_stats, resumed.batch_stats, rtol=1e-6, atol=1e-7)
+  assert_trees_close(full.model_state, resumed.model_state, rtol=1e-6, atol=1e-7)
   # metrics.jsonl holds each step once, in order.
   steps = [r['step'] for r in read_jsonl(tmp_path / 'resumed') if 'train/loss' in r]
   assert steps == [4, 8, 12]
@@ -73,8 +73,8 @@ one, m1 = train.train_and_evaluate(config, {str(tmp_path / 'one')!r}, devices=ja
 eight, m8 = train.train_and_evaluate(config, {str(tmp_path / 'eight')!r})
 assert eight.params['head']['kernel'].sharding.mesh.size == 8
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-             jax.device_get((one.params, one.batch_stats)),
-             jax.device_get((eight.params, eight.batch_stats)))
+             jax.device_get((one.params, one.model_state)),
+             jax.device_get((eight.params, eight.model_state)))
 np.testing.assert_allclose(m1['test/loss'], m8['test/loss'], rtol=1e-4)
 print('AGREE')
 '''
@@ -117,7 +117,7 @@ def test_main_end_to_end_writes_workdir(tmp_path):
 
 
 BAD_INPUTS = [
-    (['--config.dataset.path=', '--config.dataset.name=imagenet'], 'unknown dataset.name'),
+    (['--config.dataset.path=', '--config.dataset.name=places365'], 'unknown dataset.name'),
     (['--config.dataset.path={tmp}/missing'], 'does not exist'),
     (['--config.dataset.path={tmp}/broken'], 'train-labels-idx1-ubyte.gz'),
     (['--config.dataset.path=', '--config.dataset.data_dir={tmp}/empty',
@@ -153,3 +153,15 @@ def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):
   assert 'different model' in out.stderr and "residual" in out.stderr
   assert sorted(os.listdir(workdir / 'checkpoints' / '2')) == before
   assert os.listdir(workdir / 'checkpoints') == ['2']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/resnet.py:resnet5x'], 'expected resnetN, plainN'),
+    (['--config=configs/resnet.py', '--config.model.dpeth=56'], "did you mean 'depth'"),
+    (['--config=configs/nope.py'], 'No such file'),
+])
+def test_bad_config_flags_give_one_line(tmp_path, args, message):
+  out = subprocess.run([sys.executable, '-m', 'cvjax.main', f'--workdir={tmp_path}', *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert 'cvjax: error:' in out.stderr and message in out.stderr, out.stderr[-2000:]

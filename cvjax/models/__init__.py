@@ -2,12 +2,18 @@
 
 from cvjax.errors import UserError
 from cvjax.models import common
-from cvjax.models.lenet import LeNet5
+from cvjax.models.alexnet import AlexNet
+from cvjax.models.lenet import LeNet5, LeNet5Paper
 from cvjax.models.resnet_cifar import CifarResNet
+from cvjax.models.resnet_imagenet import STAGES, ResNet
+from cvjax.models.vgg import CONFIGS as VGG_CONFIGS, VGG
 
 
 def _lenet5(cfg, **kw):
-  return LeNet5(activation=cfg.activation, **kw)
+  variant = cfg.get('variant', 'modern')
+  if variant not in ('modern', 'paper'):
+    raise UserError(f'unknown model.variant={variant!r} for lenet5; expected modern or paper.')
+  return (LeNet5Paper if variant == 'paper' else LeNet5)(activation=cfg.activation, **kw)
 
 
 def _resnet_cifar(cfg, **kw):
@@ -20,7 +26,31 @@ def _resnet_cifar(cfg, **kw):
                      zero_init_residual=cfg.zero_init_residual, **kw)
 
 
-MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar}
+def _resnet(cfg, **kw):
+  if cfg.depth not in STAGES:
+    raise UserError(f'model.depth={cfg.depth} is not an ImageNet ResNet depth; expected one of '
+                    f'{sorted(STAGES)}.')
+  return ResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
+                bn_momentum=cfg.bn_momentum, zero_init_residual=cfg.zero_init_residual, **kw)
+
+
+def _alexnet(cfg, **kw):
+  if cfg.groups not in (1, 2):
+    raise UserError(f'model.groups={cfg.groups}: AlexNet has 1 (one tower) or 2 (the paper).')
+  return AlexNet(groups=cfg.groups, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
+                 **kw)
+
+
+def _vgg(cfg, **kw):
+  if cfg.depth not in VGG_CONFIGS:
+    raise UserError(f'model.depth={cfg.depth} is not a VGG depth; expected one of '
+                    f'{sorted(VGG_CONFIGS)} (configurations A, B, D, E).')
+  return VGG(depth=cfg.depth, batch_norm=cfg.batch_norm, activation=cfg.activation,
+             dropout_rate=cfg.dropout_rate, bn_momentum=cfg.bn_momentum, **kw)
+
+
+MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar, 'resnet': _resnet,
+          'alexnet': _alexnet, 'vgg': _vgg}
 
 
 def create_model(cfg, *, num_classes, dtype):

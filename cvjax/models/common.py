@@ -1,8 +1,16 @@
 """Pieces shared by the model families."""
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-ACTIVATIONS = {'relu': nn.relu, 'tanh': nn.tanh, 'sigmoid': nn.sigmoid}
+
+def scaled_tanh(x):
+  """LeCun et al. 1998: f(a) = 1.7159 tanh(2a/3), so that f(+-1) = +-1."""
+  return 1.7159 * jnp.tanh(x * (2.0 / 3.0))
+
+
+ACTIVATIONS = {'relu': nn.relu, 'tanh': nn.tanh, 'sigmoid': nn.sigmoid,
+               'scaled_tanh': scaled_tanh}
 
 
 def activation_fn(name: str):

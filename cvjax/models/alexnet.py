@@ -1,0 +1,57 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton 2012)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cvjax.models import common
+
+
+def local_response_norm(x, k=2.0, n=5, alpha=1e-4, beta=0.75):
+  """b = a / (k + alpha * sum of a^2 over n neighbouring channels)^beta (section 3.3).
+
+  alpha multiplies the plain sum, as in the paper (Caffe divides it by n).
+  """
+  sq = jax.lax.reduce_window(x * x, 0.0, jax.lax.add, (1, 1, 1, n), (1, 1, 1, 1),
+                             ((0, 0), (0, 0), (0, 0), (n // 2, (n - 1) // 2)))
+  return x / (k + alpha * sq) ** beta
+
+
+class AlexNet(nn.Module):
+  """5 conv (96-256-384-384-256), 3 overlapping 3x3/2 max pools, 3 dense (4096-4096-classes).
+
+  `groups=2` is the paper's two-tower split (conv2, conv4, conv5 see half the channels):
+  60,965,224 parameters at 227x227x3 -> 1000; `groups=1` is the one-tower net (62,378,344).
+  Inputs smaller than 64x64 (CIFAR) get a 3x3 stride-1 first conv instead of 11x11 stride 4,
+  so that 32x32 images keep 3x3 maps after the three pools; the rest is unchanged.
+  """
+  num_classes: int = 1000
+  groups: int = 2
+  activation: str = 'relu'
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    act = common.activation_fn(self.activation)
+    conv = lambda f, k, s=1, p='SAME', g=1, name=None: nn.Conv(
+        f, (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype, name=name)
+    pool = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2))
+    x = x.astype(self.dtype)
+    if x.shape[1] >= 64:
+      x = act(conv(96, 11, 4, 'VALID', name='conv1')(x))
+    else:
+      x = act(conv(96, 3, name='conv1')(x))
+    x = pool(local_response_norm(x))
+    x = pool(local_response_norm(act(conv(256, 5, g=self.groups, name='conv2')(x))))
+    x = act(conv(384, 3, name='conv3')(x))
+    x = act(conv(384, 3, g=self.groups, name='conv4')(x))
+    x = pool(act(conv(256, 3, g=self.groups, name='conv5')(x)))
+    x = x.reshape((x.shape[0], -1))
+    for i in (6, 7):
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      x = act(nn.Dense(4096, dtype=self.dtype, name=f'fc{i}')(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc8')(x)
+    return x.astype(jnp.float32)

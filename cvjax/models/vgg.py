@@ -1,0 +1,52 @@
+"""VGG configurations A, B, D, E (VGG-11/13/16/19) of Simonyan & Zisserman 2014."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvjax.models import common
+
+# Filters of the 3x3 convs per stage; a 2x2 max pool ends each stage (Table 1).
+CONFIGS = {
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),  # A
+    13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),  # B
+    16: ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3),  # D
+    19: ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),  # E
+}
+
+
+class VGG(nn.Module):
+  """Stacks of 3x3 convs, five max pools, dense 4096-4096-classes with dropout 0.5.
+
+  At 224x224 the last pool leaves 7x7x512; at 32x32 (CIFAR) it leaves 1x1x512 and the
+  classifier is otherwise unchanged. `batch_norm=True` adds BatchNorm after every conv
+  (the later "VGG-BN" variant, not in the paper).
+  """
+  depth: int = 16
+  num_classes: int = 1000
+  batch_norm: bool = False
+  activation: str = 'relu'
+  dropout_rate: float = 0.5
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    act = common.activation_fn(self.activation)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    for stage, filters in enumerate(CONFIGS[self.depth]):
+      for i, f in enumerate(filters):
+        x = nn.Conv(f, (3, 3), padding='SAME', use_bias=not self.batch_norm, dtype=self.dtype,
+                    name=f'conv{stage + 1}_{i + 1}')(x)
+        x = act(norm()(x) if self.batch_norm else x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for i in (6, 7):
+      x = act(nn.Dense(4096, dtype=self.dtype, name=f'fc{i}')(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc8')(x)
+    return x.astype(jnp.float32)

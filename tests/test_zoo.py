@@ -1,0 +1,121 @@
+"""The classic model zoo: exact parameter counts, shapes, a training step per family."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cvjax import models, summary
+from cvjax.models import lenet
+
+# Exact counts of the published architectures (227/224 inputs, 1000 classes).
+EXACT = {
+    'lenet5_paper': 60_000, 'alexnet': 60_965_224, 'alexnet_1tower': 62_378_344,
+    'vgg11': 132_863_336, 'vgg13': 133_047_848, 'vgg16': 138_357_544, 'vgg19': 143_667_240,
+    'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+    'resnet101': 44_549_160, 'resnet152': 60_192_808,
+}
+
+
+def abstract_variables(name):
+  cfg, shape, classes, _, _ = summary.ZOO[name]
+  model = models.create_model(cfg, num_classes=classes, dtype=jnp.float32)
+  return model, jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+
+
+@pytest.mark.parametrize('name', sorted(EXACT))
+def test_exact_parameter_counts(name):
+  _, variables = abstract_variables(name)
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == EXACT[name]
+
+
+def test_lenet5_paper_layers_and_fixed_codes():
+  _, variables = abstract_variables('lenet5_paper')
+  per_layer = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in variables['params'].items()}
+  assert per_layer == {'C1': 156, 'S2': 12, 'C3': 1516, 'S4': 32, 'C5': 48120, 'F6': 10164}
+  assert variables['constants']['rbf_codes'].shape == (10, 84)  # 840 fixed, not trained.
+
+
+def test_lenet5_c3_connection_table_matches_the_paper():
+  # LeCun et al. 1998, Table I, rows = S2 maps, columns = C3 maps.
+  table = ['X   XXX  XXXX XX',
+           'XX   XXX  XXXX X',
+           'XXX   XXX  X XXX',
+           ' XXX  XXXX  X XX',
+           '  XXX  XXXX XX X',
+           '   XXX  XXXX XXX']
+  expected = np.array([[c == 'X' for c in row] for row in table])
+  np.testing.assert_array_equal(lenet.c3_connections(), expected)
+  assert expected.sum() == 60
+
+
+def test_plain_imagenet_twins_drop_only_the_projections():
+  _, res = abstract_variables('resnet18')
+  _, plain = abstract_variables('plain18')
+  flat = lambda v: {jax.tree_util.keystr(p): x.shape
+                    for p, x in jax.tree_util.tree_leaves_with_path(v['params'])}
+  extra = {k for k in set(flat(res)) - set(flat(plain))}
+  assert extra and all('projection' in k for k in extra)
+  assert {k: s for k, s in flat(res).items() if k not in extra} == flat(plain)
+
+
+TINY = [  # (config name in the zoo, CIFAR-sized input): every family at 32x32, 10 classes.
+    'lenet5', 'lenet5_paper', 'alexnet_cifar', 'vgg16_cifar', 'resnet18_cifar',
+    'cifar_resnet20', 'cifar_plain20',
+]
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_forward_and_backward_step_on_a_tiny_batch(name):
+  cfg, shape, classes, _, _ = summary.ZOO[name]
+  model = models.create_model(cfg, num_classes=classes, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (2, *shape))
+  labels = jnp.array([3, 7])
+  variables = model.init(jax.random.key(0), x)
+  params = variables.pop('params')
+
+  def loss_fn(p):
+    logits, _ = model.apply({'params': p, **variables}, x, train=True,
+                            rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
+    assert logits.shape == (2, 10)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  assert np.isfinite(loss)
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+
+
+def test_init_is_deterministic_for_every_family():
+  for name in ('lenet5_paper', 'alexnet_cifar', 'resnet18_cifar'):
+    cfg, shape, classes, _, _ = summary.ZOO[name]
+    model = models.create_model(cfg, num_classes=classes, dtype=jnp.float32)
+    x = jnp.zeros((1, *shape))
+    a, b = model.init(jax.random.key(5), x), model.init(jax.random.key(5), x)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, a, b))
+
+
+def test_summary_table_rows():
+  row = summary.describe('cifar_resnet20')
+  assert row['params'] == 269_722 and row['weight_layers'] == 20
+  # 19 3x3 convs + the head at batch 1: about 41M multiply-adds.
+  assert 0.07 < row['gflops'] < 0.09
+  assert summary.describe('resnet50')['weight_layers'] == 50
+  text = summary.format_table([row], 'markdown')
+  assert text.splitlines()[0].startswith('| model |') and '269,722' in text
+
+
+CONFIGS = [('lenet', None), ('lenet', 'paper'), ('resnet', 'plain56'), ('resnet', 'imagenet'),
+           ('resnet', 'imagenet_plain18'), ('alexnet', None), ('alexnet', 'cifar10'),
+           ('vgg', None), ('vgg', 'cifar10_vgg19')]
+
+
+@pytest.mark.parametrize('module,arg', CONFIGS)
+def test_every_config_builds_its_model(module, arg):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
+  size = 224 if config.dataset.name == 'imagenet2012' else 32
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  assert jax.tree.leaves(variables['params'])
