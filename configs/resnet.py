@@ -74,6 +74,10 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
   c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
+  # Forward and backward as two XLA programs: 1.24x faster on CPU (README, Speed); the
+  # one-program step (False) is the plain jax.grad step.
+  c.train.split_backward = True
+  c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
   return c
 
 

@@ -29,6 +29,17 @@ class MetricWriter:
     with open(self.jsonl, 'a') as f:
       f.write(json.dumps({'step': int(step), **scalars}) + '\n')
 
+  def records(self):
+    """Everything in metrics.jsonl so far."""
+    if not os.path.exists(self.jsonl):
+      return []
+    with open(self.jsonl) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def write_hparams(self, hparams, metrics):
+    """One HParams entry for the run: its config beside its final metrics."""
+    self.tb.add_hparams(hparams, {f'hparams/{k}': v for k, v in metrics.items()}, name='hparams')
+
   def flush(self):
     self.tb.flush()
 

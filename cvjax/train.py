@@ -1,5 +1,6 @@
 """Training and evaluation: the train state, the jitted steps, and one training loop."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -9,6 +10,7 @@ from typing import Any
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import numpy as np
 import optax
 
 from cvjax import checkpointing
+from cvjax import error_analysis
 from cvjax import input_pipeline
 from cvjax import models
 from cvjax import optim
@@ -50,8 +53,9 @@ def classification_metrics(logits, labels, mask=None):
   }
 
 
-def train_step(state, data, indices, rng, *, model, tx, input_cfg, batch_sharding, dtype):
-  """One SGD step on the examples `indices` of the device-resident training set."""
+def _batch_and_loss(state, data, indices, rng, *, model, input_cfg, batch_sharding, dtype):
+  """Gathers, normalises and augments the batch `indices` of the device-resident training
+  set; returns the loss as a function of the parameters."""
   images = jax.lax.with_sharding_constraint(data['train_images'][indices], batch_sharding)
   labels = data['train_labels'][indices]
   # fold_in the step: a resumed run draws the same numbers.
@@ -65,12 +69,67 @@ def train_step(state, data, indices, rng, *, model, tx, input_cfg, batch_shardin
                                    rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     metrics = classification_metrics(logits, labels)
     return metrics['loss'] / labels.shape[0], (metrics, new_vars)
+  return loss_fn
 
-  grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
+
+def _apply_gradients(state, grads, new_vars, tx):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        model_state={**state.model_state, **new_vars}, opt_state=opt_state)
-  return state, metrics
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       model_state={**state.model_state, **new_vars}, opt_state=opt_state)
+
+
+def train_step(state, data, indices, rng, *, tx, **batch_kw):
+  """One SGD step on the examples `indices` of the device-resident training set."""
+  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+  grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
+  return _apply_gradients(state, grads, new_vars, tx), metrics
+
+
+def train_forward(state, data, indices, rng, **batch_kw):
+  """The forward half of `train_step`: returns the backward pass as a function whose
+  residuals (the saved activations) are arrays, so it can leave this jitted program."""
+  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+  _, backward, (metrics, new_vars) = jax.vjp(loss_fn, state.params, has_aux=True)
+  return backward, metrics, new_vars
+
+
+def train_backward(state, backward, new_vars, *, tx):
+  """The backward half of `train_step`, and the update."""
+  (grads,) = backward(jnp.ones((), jnp.float32))
+  return _apply_gradients(state, grads, new_vars, tx)
+
+
+def jit_train_step(model, tx, config, mesh):
+  """The train step `(state, data, indices, rng) -> (state, metrics)`, jit-compiled.
+
+  With `train.split_backward`, forward and backward are two XLA programs: XLA:CPU then
+  cannot fuse (and so re-compute) forward work into the backward pass, which made the
+  ResNet-20 step 1.24x faster on CPU (cvjax.benchmark). Same result up to float rounding.
+  """
+  replicated = NamedSharding(mesh, P())
+  batch_kw = dict(model=model, input_cfg=config.input, batch_sharding=NamedSharding(
+      mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype))
+  if not config.train.get('split_backward', False):
+    return jax.jit(functools.partial(train_step, tx=tx, **batch_kw),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  forward = jax.jit(functools.partial(train_forward, **batch_kw))
+  backward = jax.jit(functools.partial(train_backward, tx=tx), out_shardings=replicated,
+                     donate_argnums=(0,))
+
+  def step(state, data, indices, rng):
+    vjp, metrics, new_vars = forward(state, data, indices, rng)
+    return backward(state, vjp, new_vars), metrics
+  return step
+
+
+def state_initializer(model, tx, input_shape, dtype):
+  """`rng -> TrainState`: for jax.eval_shape (shapes only) and for jit (built in place)."""
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, *input_shape), dtype), train=False)
+    params = variables.pop('params')
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params))
+  return init
 
 
 def eval_step(state, test, index, *, model, batch_size, batch_sharding, dtype):
@@ -79,18 +138,34 @@ def eval_step(state, test, index, *, model, batch_size, batch_sharding, dtype):
   images = jax.lax.with_sharding_constraint(take(test['images']), batch_sharding)
   x = input_pipeline.normalize(images, test['mean'], test['std']).astype(dtype)
   logits = model.apply({'params': state.params, **state.model_state}, x, train=False)
-  return classification_metrics(logits, take(test['labels']), take(test['mask']))
+  metrics = classification_metrics(logits, take(test['labels']), take(test['mask']))
+  return metrics, jnp.argmax(logits, -1)
 
 
-def evaluate(p_eval_step, state, test_data, num_batches, num_classes):
-  """Test metrics over every example exactly once (the padding is masked out)."""
-  sums = [p_eval_step(state, test_data, i) for i in range(num_batches)]
-  sums = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))
+def evaluate(p_eval_step, state, test_data, num_batches, num_test, num_classes):
+  """Test metrics over every example exactly once (the padding is masked out), and the
+  top-1 prediction for each test example."""
+  outs = [p_eval_step(state, test_data, i) for i in range(num_batches)]
+  sums, predictions = jax.device_get(([o[0] for o in outs], [o[1] for o in outs]))
+  sums = jax.tree.map(lambda *x: sum(x), *sums)
   out = {'test/loss': sums['loss'] / sums['count'], 'test/error': sums['errors'] / sums['count'],
          'test/count': sums['count']}
   if num_classes > 5:
     out['test/top5_error'] = sums['top5_errors'] / sums['count']
-  return out
+  return out, np.concatenate(predictions)[:num_test]
+
+
+def grad_norms(state, data, indices, rng, **batch_kw):
+  """Gradient norm of every layer's kernel, in forward order, and the global norm, on one
+  batch (a diagnostic: run every `train.grad_norm_every_steps`, it leaves the state alone)."""
+  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+  grads, _ = jax.grad(loss_fn, has_aux=True)(state.params)
+  norms = {'train/grad_norm': optax.global_norm(grads)}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if names[-1] == 'kernel':
+      norms['grad_norm/' + '/'.join(names[:-1])] = jnp.linalg.norm(g)
+  return norms
 
 
 def steps_for(config, num_train):
@@ -122,97 +197,146 @@ def _fmt_time(seconds):
       f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def train_and_evaluate(config, workdir, *, devices=None):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
-  (final train state, final test metrics)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir} exists and is not a directory.')
+def layer_order(model, variables, x):
+  """Paths of the conv and dense layers in the order the forward pass calls them."""
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense)):
+      order.append('/'.join(context.module.path))
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+  return order
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds from its config before touching the workdir."""
+  config: Any
+  mesh: Any
+  data: input_pipeline.Dataset
+  train_images: np.ndarray  # Padded to input.image_size.
+  test_images: np.ndarray
+  mean: np.ndarray
+  std: np.ndarray
+  model: Any
+  schedule: Any
+  tx: Any
+  steps_per_epoch: int
+  total_steps: int
+  init: Any  # rng -> TrainState.
+  abstract_state: Any
+  identity: dict  # What a checkpoint must match: the model, classes and input shape.
+
+
+def setup(config, devices=None) -> Setup:
   mesh = make_mesh(devices)
   check_config(config, mesh.size)
-
-  # --- Input: the whole dataset in memory. ---
   data = input_pipeline.load(config.dataset)
   train_images = input_pipeline.pad_to(data.train_images, config.input.image_size)
   test_images = input_pipeline.pad_to(data.test_images, config.input.image_size)
   mean, std = input_pipeline.normalization_stats(train_images, config.input.normalization)
   input_shape = train_images.shape[1:]
   steps_per_epoch, total_steps = steps_for(config, len(train_images))
-
-  # --- Model, optimizer. ---
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=data.num_classes, dtype=dtype)
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
-
-  # --- Shardings: state and dataset replicated, batches split along 'data'. ---
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  device_data = jax.device_put({'train_images': train_images,
-                                'train_labels': data.train_labels, 'mean': mean, 'std': std},
-                               replicated)
-
-  # --- Train state: shapes first, then built directly in place. ---
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, *input_shape), dtype), train=False)
-    params = variables.pop('params')
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init, init_rng)
-  os.makedirs(workdir, exist_ok=True)
-  mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
+  init = state_initializer(model, tx, input_shape, dtype)
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
   identity = {'model': config.model.to_dict(), 'num_classes': data.num_classes,
               'input_shape': list(input_shape)}
+  return Setup(config, mesh, data, train_images, test_images, mean, std, model, schedule, tx,
+               steps_per_epoch, total_steps, init, abstract_state, identity)
+
+
+def jit_evaluation(s: Setup, state_sharding):
+  """(jitted eval step, device-resident padded test set, number of batches)."""
+  eval_batch = s.config.train.eval_batch_size
+  num_batches = -(-len(s.test_images) // eval_batch)
+  padded = num_batches * eval_batch - len(s.test_images)  # Padded, then masked out.
+  test_data = jax.device_put(
+      {'images': np.pad(s.test_images, ((0, padded), (0, 0), (0, 0), (0, 0))),
+       'labels': np.pad(s.data.test_labels, (0, padded)),
+       'mask': np.pad(np.ones(len(s.test_images), np.bool_), (0, padded)),
+       'mean': s.mean, 'std': s.std}, state_sharding)
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, model=s.model, batch_size=eval_batch,
+                        batch_sharding=NamedSharding(s.mesh, P('data')),
+                        dtype=jnp.dtype(s.config.train.compute_dtype)),
+      out_shardings=state_sharding)
+  return p_eval_step, test_data, num_batches
+
+
+def hparams(config):
+  """The config's scalar fields, flattened, for TensorBoard's HParams dashboard."""
+  flat = {}
+  for section, value in config.items():
+    items = value.items() if hasattr(value, 'items') else [('', value)]
+    for key, v in items:
+      if isinstance(v, (bool, int, float, str)) and v is not None:
+        flat[f'{section}.{key}' if key else section] = v
+  return flat
+
+
+def train_and_evaluate(config, workdir, *, devices=None):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
+  (final train state, final test metrics)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} exists and is not a directory.')
+  s = setup(config, devices)
+  replicated = NamedSharding(s.mesh, P())
+  batch_sharding = NamedSharding(s.mesh, P('data'))
+  batch_size = config.train.batch_size
+
+  # --- Train state: restored, or built directly in place. ---
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(abstract_state, replicated), identity)
+      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
   if state is None:
-    state = jax.jit(init, out_shardings=replicated)(init_rng)
+    state = jax.jit(s.init, out_shardings=replicated)(init_rng)
   start_step = int(state.step)
   if start_step:
     logging.info('Resuming from the checkpoint at step %d.', start_step)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   writer = MetricWriter(workdir, resume_step=start_step)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
   logging.info('%s: %d parameters, %d train / %d test examples %s, %d classes, %d steps '
                '(%d per epoch), %d device(s).', config.model.name, num_params,
-               len(train_images), len(test_images), input_shape, data.num_classes,
-               total_steps, steps_per_epoch, mesh.size)
+               len(s.train_images), len(s.test_images), s.train_images.shape[1:],
+               s.data.num_classes, s.total_steps, s.steps_per_epoch, s.mesh.size)
 
-  # --- The jitted steps. ---
-  p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, input_cfg=config.input,
-                        batch_sharding=batch_sharding, dtype=dtype),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
-  eval_batch = config.train.eval_batch_size
-  num_eval_batches = -(-len(test_images) // eval_batch)
-  padded = num_eval_batches * eval_batch - len(test_images)  # Padded, then masked out.
-  test_data = jax.device_put(
-      {'images': np.pad(test_images, ((0, padded), (0, 0), (0, 0), (0, 0))),
-       'labels': np.pad(data.test_labels, (0, padded)),
-       'mask': np.pad(np.ones(len(test_images), np.bool_), (0, padded)),
-       'mean': mean, 'std': std}, replicated)
-  p_eval_step = jax.jit(
-      functools.partial(eval_step, model=model, batch_size=eval_batch,
-                        batch_sharding=batch_sharding, dtype=dtype),
-      out_shardings=replicated)
-
+  # --- Data on the device, and the jitted steps. ---
+  device_data = jax.device_put({'train_images': s.train_images,
+                                'train_labels': s.data.train_labels, 'mean': s.mean,
+                                'std': s.std}, replicated)
+  p_train_step = jit_train_step(s.model, s.tx, config, s.mesh)
+  p_eval_step, test_data, num_eval_batches = jit_evaluation(s, replicated)
+  grad_norm_every = config.train.get('grad_norm_every_steps', 0)
+  if grad_norm_every:
+    p_grad_norms = jax.jit(functools.partial(
+        grad_norms, model=s.model, input_cfg=config.input, batch_sharding=batch_sharding,
+        dtype=jnp.dtype(config.train.compute_dtype)), out_shardings=replicated)
 
   # --- The loop. ---
   log_every = config.train.log_every_steps
-  eval_every = config.train.eval_every_steps or steps_per_epoch
+  eval_every = config.train.eval_every_steps or s.steps_per_epoch
   ckpt_every = config.train.checkpoint_every_steps
-  acc, test_metrics, perm, epoch = None, {}, None, -1
+  acc, test_metrics, predictions, perm, epoch = None, {}, None, None, -1
   t_last, step_last, excluded = None, start_step, 0.0
-  for step in range(start_step, total_steps):
-    if step // steps_per_epoch != epoch:
-      epoch = step // steps_per_epoch
-      perm = input_pipeline.epoch_permutation(config.seed, epoch, len(train_images))
-    i = step % steps_per_epoch
-    indices = jax.device_put(perm[i * config.train.batch_size:(i + 1) * config.train.batch_size],
-                             batch_sharding)
+  for step in range(start_step, s.total_steps):
+    if step // s.steps_per_epoch != epoch:
+      epoch = step // s.steps_per_epoch
+      perm = input_pipeline.epoch_permutation(config.seed, epoch, len(s.train_images))
+    i = step % s.steps_per_epoch
+    indices = jax.device_put(perm[i * batch_size:(i + 1) * batch_size], batch_sharding)
+    if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
+      writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, indices,
+                                                             train_rng)))
     state, metrics = p_train_step(state, device_data, indices, train_rng)
     acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
     done = step + 1
@@ -222,7 +346,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
       t_last, step_last = time.perf_counter(), done
       logging.info('First step (with compilation) done.')
 
-    if done % log_every == 0 or done == total_steps:
+    if done % log_every == 0 or done == s.total_steps:
       sums = jax.device_get(acc)  # The only host pull of train metrics: once per log.
       acc = None
       if not np.isfinite(sums['loss']):
@@ -232,32 +356,33 @@ def train_and_evaluate(config, workdir, *, devices=None):
                         '(checkpoints written so far are intact).')
       now = time.perf_counter()
       elapsed = now - t_last - excluded
-      ips = (done - step_last) * config.train.batch_size / elapsed if done > step_last else 0.0
+      ips = (done - step_last) * batch_size / elapsed if done > step_last else 0.0
       scalars = {'train/loss': sums['loss'] / sums['count'],
                  'train/error': sums['errors'] / sums['count'],
-                 'train/learning_rate': float(schedule(step)),
+                 'train/learning_rate': float(s.schedule(step)),
                  'train/images_per_second': ips}
       writer.write_scalars(done, scalars)
-      eta = (total_steps - done) * config.train.batch_size / ips if ips else 0
+      eta = (s.total_steps - done) * batch_size / ips if ips else 0
       logging.info('step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  ETA %s', done,
-                   total_steps, scalars['train/loss'], 100 * scalars['train/error'],
+                   s.total_steps, scalars['train/loss'], 100 * scalars['train/error'],
                    scalars['train/learning_rate'], ips, _fmt_time(eta))
       t_last, step_last, excluded = now, done, 0.0
 
-    if done % eval_every == 0 or done == total_steps:
+    if done % eval_every == 0 or done == s.total_steps:
       t0 = time.perf_counter()
-      test_metrics = evaluate(p_eval_step, state, test_data, num_eval_batches, data.num_classes)
+      test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
+                                           len(s.test_images), s.data.num_classes)
       writer.write_scalars(done, test_metrics)
-      logging.info('step %d/%d  test loss %.4f  error %.2f%%%s', done, total_steps,
+      logging.info('step %d/%d  test loss %.4f  error %.2f%%%s', done, s.total_steps,
                    test_metrics['test/loss'], 100 * test_metrics['test/error'],
                    f'  top-5 error {100 * test_metrics["test/top5_error"]:.2f}%'
                    if 'test/top5_error' in test_metrics else '')
       excluded += time.perf_counter() - t0
 
-    if (ckpt_every and done % ckpt_every == 0) or done == total_steps or \
+    if (ckpt_every and done % ckpt_every == 0) or done == s.total_steps or \
         mngr.reached_preemption(done):
       t0 = time.perf_counter()
-      checkpointing.save(mngr, done, state, identity)
+      checkpointing.save(mngr, done, state, s.identity)
       excluded += time.perf_counter() - t0
       if mngr.reached_preemption(done):
         mngr.wait_until_finished()
@@ -265,7 +390,31 @@ def train_and_evaluate(config, workdir, *, devices=None):
         break
 
   mngr.wait_until_finished()
+  if int(state.step) >= s.total_steps:
+    if predictions is None:  # Nothing left to train: evaluate the restored state.
+      test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
+                                           len(s.test_images), s.data.num_classes)
+    finish(workdir, s, state, test_metrics, predictions, writer)
   writer.close()
-  if start_step >= total_steps:
-    logging.info('Nothing to do: the checkpoint is at step %d of %d.', start_step, total_steps)
   return state, {k: float(v) for k, v in test_metrics.items()}
+
+
+def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
+  """End of a run: error analysis, HParams, and results.json (which marks the run done)."""
+  analysis = error_analysis.write(workdir, s.test_images, s.data.test_labels, predictions,
+                                  s.data.class_names, step=int(state.step), writer=writer.tb)
+  final = {k: float(v) for k, v in test_metrics.items()}
+  train_records = [r for r in writer.records() if 'train/error' in r]
+  if train_records:
+    final['train/error'] = train_records[-1]['train/error']
+    final['train/loss'] = train_records[-1]['train/loss']
+  writer.write_hparams(hparams(s.config), final)
+  example = jax.ShapeDtypeStruct((1, *s.train_images.shape[1:]),
+                                 jnp.dtype(s.config.train.compute_dtype))
+  variables = {'params': s.abstract_state.params, **s.abstract_state.model_state}
+  results = {'step': int(state.step), **final, 'num_mistakes': analysis['num_mistakes'],
+             'num_params': int(sum(p.size for p in jax.tree.leaves(s.abstract_state.params))),
+             'layer_order': layer_order(s.model, variables, example)}
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  logging.info('Done: %s', {k: v for k, v in results.items() if k != 'layer_order'})

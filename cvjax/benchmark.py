@@ -1,0 +1,169 @@
+"""Training and evaluation throughput of cvjax's train step, optionally beside PyTorch.
+
+  python -m cvjax.benchmark --model=resnet20 --batch_size=128 [--steps=N]
+      [--dtype=float32|bfloat16] [--baseline=torch] [--variants=one_program,split]
+
+Models: resnetN / plainN (CIFAR, 32x32x3) and lenet5 (32x32x1). For each model and step
+variant it prints train images/s, step time (median, p90), compile time, first-step time,
+eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same run,
+and the process's peak host memory; the last line is one JSON object with every figure.
+The step is the real one (`train.jit_train_step`: gather from a device-resident dataset,
+augmentation, forward, backward, SGD update) on random images.
+"""
+
+import json
+import platform
+import re
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+
+from cvjax import models
+from cvjax import optim
+from cvjax import train
+
+_MODEL = flags.DEFINE_list('model', ['resnet20'], 'resnetN, plainN (CIFAR) or lenet5.')
+_BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after the first.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_BASELINE = flags.DEFINE_enum('baseline', '', ['', 'torch'], 'Also run PyTorch eager.')
+_VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
+                              'Step variants: one_program (forward+backward in one XLA '
+                              'program), split (train.split_backward=True).')
+
+
+def model_config(name):
+  from configs import lenet, resnet  # pylint: disable=g-import-not-at-top
+  if name == 'lenet5':
+    return lenet.get_config()
+  if re.fullmatch(r'(resnet|plain)\d+', name):
+    return resnet.get_config(name)
+  raise app.UsageError(f'unknown --model={name}; expected resnetN, plainN or lenet5.')
+
+
+def matmul_peak_gflops(dtype, n=4096, reps=5):
+  """What XLA's own matmul reaches here: the roof MFU is measured against."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    f(a, a).block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def run_jax(name, variant, batch_size, steps, warmup, dtype):
+  config = model_config(name)
+  config.train.batch_size = batch_size
+  config.train.compute_dtype = dtype
+  config.train.split_backward = variant == 'split'
+  shape = (32, 32, 1) if name == 'lenet5' else (32, 32, 3)
+  mesh = train.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  model = models.create_model(config.model, num_classes=10, dtype=jnp.dtype(dtype))
+  tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
+      config.schedule, config.optimizer.learning_rate, 10_000))
+  state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),
+                  out_shardings=replicated)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  n = 4 * batch_size
+  data = jax.device_put({
+      'train_images': rng.integers(0, 256, (n, *shape), np.uint8),
+      'train_labels': rng.integers(0, 10, n).astype(np.int32),
+      'mean': np.full((1, 1, 1, 1), 0.5, np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)},
+      replicated)
+  batches = [jax.device_put(np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32),
+                            NamedSharding(mesh, P('data'))) for i in range(4)]
+  key = jax.random.key(1)
+
+  # Model FLOPs of one step, from XLA's cost analysis of the one-program step.
+  one = config.copy_and_resolve_references()
+  one.train.split_backward = False
+  flops = train.jit_train_step(model, tx, one, mesh).lower(
+      state, data, batches[0], key).cost_analysis()['flops']
+
+  step = train.jit_train_step(model, tx, config, mesh)
+  t0 = time.perf_counter()
+  state, _ = step(state, data, batches[0], key)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, data, batches[i % 4], key)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  median = float(np.median(times))
+
+  test = dict(images=data['train_images'], labels=data['train_labels'],
+              mask=jnp.ones(n, bool), mean=data['mean'], std=data['std'])
+  eval_step = jax.jit(lambda s, t: train.eval_step(
+      s, t, 0, model=model, batch_size=n, batch_sharding=NamedSharding(mesh, P('data')),
+      dtype=jnp.dtype(dtype)))
+  jax.block_until_ready(eval_step(state, test))
+  t0 = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(eval_step(state, test))
+  eval_ips = 3 * n / (time.perf_counter() - t0)
+  return {'model': name, 'variant': variant, 'train_images_per_s': batch_size / median,
+          'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
+          'compile_s': first - median, 'first_step_s': first, 'eval_images_per_s': eval_ips,
+          'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
+          'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv):
+  del argv
+  peak = matmul_peak_gflops(jnp.dtype(_DTYPE.value))
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
+        f'{platform.processor() or platform.machine()}; dtype {_DTYPE.value}, batch '
+        f'{_BATCH.value}; XLA matmul peak {peak:.0f} GFLOP/s')
+  results = []
+  header = (f'{"model":<10} {"variant":<12} {"img/s":>8} {"step ms":>8} {"p90 ms":>8} '
+            f'{"compile s":>9} {"1st step s":>10} {"eval img/s":>10} {"GFLOP/s":>8} '
+            f'{"MFU":>6} {"peak MiB":>8}')
+  print(header)
+  for name in _MODEL.value:
+    for variant in _VARIANTS.value:
+      r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value)
+      r['mfu'] = r['achieved_gflops_per_s'] / peak
+      results.append(r)
+      print(f'{name:<10} {variant:<12} {r["train_images_per_s"]:>8.0f} '
+            f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
+            f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
+            f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
+            f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
+    if _BASELINE.value == 'torch':
+      from cvjax import torch_baseline  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top
+      cfg = model_config(name).model
+      t = torch_baseline.benchmark(
+          name, cfg.get('depth'), cfg.get('residual', True),
+          (32, 32, 1) if name == 'lenet5' else (32, 32, 3), _BATCH.value, _STEPS.value,
+          _WARMUP.value, _DTYPE.value)
+      t.update(model=name, variant=f'torch {torch.__version__} eager')
+      results.append(t)
+      print(f'{name:<10} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
+            f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
+            f'{t["eval_images_per_s"]:>10.0f}')
+      for r in results:
+        if r['model'] == name and not r['variant'].startswith('torch'):
+          r['ratio_vs_torch'] = r['train_images_per_s'] / t['train_images_per_s']
+          print(f'  {name} {r["variant"]}: {r["ratio_vs_torch"]:.2f}x PyTorch eager '
+                f'(train images/s)')
+  print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
+                    'devices': jax.device_count(), 'dtype': _DTYPE.value,
+                    'batch_size': _BATCH.value, 'matmul_peak_gflops_per_s': peak,
+                    'results': results}))
+
+
+if __name__ == '__main__':
+  app.run(main)

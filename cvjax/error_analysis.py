@@ -1,0 +1,130 @@
+"""Which test examples a model gets wrong, and as what.
+
+At the end of a run (and on demand: `python -m cvjax.error_analysis --workdir=DIR`, for the
+latest checkpoint) writes into WORKDIR/error_analysis/: confusion.png, mistakes.png (a grid
+of misclassified test images captioned "true -> predicted", as the lecture shows LeNet's
+mistakes) and error_analysis.json (confusion matrix, per-class error), and the two figures
+as TensorBoard images.
+"""
+
+import json
+import os
+
+from absl import app
+import numpy as np
+
+
+def confusion_matrix(labels, predictions, num_classes):
+  """[true class, predicted class] counts."""
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(cm, (labels, predictions), 1)
+  return cm
+
+
+def per_class_error(cm):
+  totals = cm.sum(axis=1)
+  return np.where(totals > 0, 1 - np.diag(cm) / np.maximum(totals, 1), np.nan)
+
+
+def _figure(rows, cols, tile):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(rows, cols, figsize=(cols * tile, rows * tile), squeeze=False)
+
+
+def mistakes_figure(images, labels, predictions, class_names, max_tiles=100):
+  """A grid of the first `max_tiles` mistakes in test-set order; returns (figure, tiles)."""
+  wrong = np.flatnonzero(labels != predictions)[:max_tiles]
+  n = max(len(wrong), 1)
+  cols = min(10, n)
+  rows = -(-n // cols)
+  fig, axes = _figure(rows, cols, 1.3)
+  for ax in axes.flat:
+    ax.axis('off')
+  for ax, i in zip(axes.flat, wrong):
+    img = images[i]
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap='gray_r' if img.shape[-1] == 1
+              else None, vmin=0, vmax=255)
+    ax.set_title(f'{class_names[labels[i]]} -> {class_names[predictions[i]]}', fontsize=6)
+  fig.suptitle(f'{len(wrong)} of {int(np.sum(labels != predictions))} misclassified test images '
+               '(true -> predicted)', fontsize=9)
+  fig.tight_layout()
+  return fig, len(wrong)
+
+
+def confusion_figure(cm, class_names):
+  fig, axes = _figure(1, 1, max(4.0, 0.5 * len(class_names)))
+  ax = axes[0, 0]
+  ax.imshow(cm, cmap='Blues')
+  ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+  ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  if len(class_names) <= 20:
+    for (t, p), count in np.ndenumerate(cm):
+      ax.text(p, t, str(count), ha='center', va='center', fontsize=6,
+              color='white' if count > cm.max() / 2 else 'black')
+  ax.set_title(f'Confusion matrix ({cm.sum()} test images, '
+               f'{100 * (1 - np.trace(cm) / cm.sum()):.2f}% error)')
+  fig.tight_layout()
+  return fig
+
+
+def write(workdir, images, labels, predictions, class_names, *, step, writer=None,
+          max_tiles=100):
+  """Writes the artefacts; returns the summary dict saved as error_analysis.json."""
+  out = os.path.join(workdir, 'error_analysis')
+  os.makedirs(out, exist_ok=True)
+  cm = confusion_matrix(labels, predictions, len(class_names))
+  mistakes, tiles = mistakes_figure(images, labels, predictions, class_names, max_tiles)
+  confusion = confusion_figure(cm, class_names)
+  for name, fig in (('mistakes', mistakes), ('confusion', confusion)):
+    fig.savefig(os.path.join(out, f'{name}.png'), dpi=120)
+    if writer is not None:
+      writer.add_figure(f'error_analysis/{name}', fig, step)
+  summary = {'step': int(step), 'num_test': int(cm.sum()),
+             'num_mistakes': int(cm.sum() - np.trace(cm)), 'mistakes_shown': tiles,
+             'class_names': list(class_names), 'confusion_matrix': cm.tolist(),
+             'per_class_error': {c: float(e) for c, e in zip(class_names, per_class_error(cm))}}
+  with open(os.path.join(out, 'error_analysis.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def main(argv):
+  """On demand: the error analysis of the latest checkpoint in --workdir."""
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise app.UsageError(f'{path} not found: --workdir must be a cvjax run directory.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  s = train.setup(config)
+  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
+  state = checkpointing.restore_latest(
+      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
+  if state is None:
+    raise app.UsageError(f'no checkpoint in {workdir}/checkpoints.')
+  p_eval_step, test_data, num_batches = train.jit_evaluation(s, replicated)
+  metrics, predictions = train.evaluate(p_eval_step, state, test_data, num_batches,
+                                        len(s.test_images), s.data.num_classes)
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(workdir)  # TensorBoard images only: metrics.jsonl stays as it is.
+  summary = write(workdir, s.test_images, s.data.test_labels, predictions, s.data.class_names,
+                  step=int(state.step), writer=writer)
+  writer.close()
+  print(f'step {summary["step"]}: {summary["num_mistakes"]} of {summary["num_test"]} test images '
+        f'misclassified ({100 * metrics["test/error"]:.2f}%); wrote {workdir}/error_analysis/')
+
+
+if __name__ == '__main__':
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory with checkpoints.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)

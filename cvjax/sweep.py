@@ -1,0 +1,101 @@
+"""Runs a sweep: each trial of an experiments/ file as its own `cvjax.main` run.
+
+  python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/depth_ablation.py:quick \
+      --workdir=runs/depth [--only=plain20,resnet20] [--dry_run] [--config.x.y=value ...]
+
+A sweep file defines `get_trials(arg) -> [(name, {field: value})]`. Trial `name` trains in
+WORKDIR/name with the base config, the `--config.*` overrides given here, then the trial's
+own. A trial whose workdir holds results.json is finished and skipped; an interrupted one
+resumes from its checkpoint. `--dry_run` prints the commands instead.
+"""
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+_CONFIG = flags.DEFINE_string('config', None, 'Base config file[:arg].')
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. experiments/x.py:quick.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one subfolder per trial.')
+_ONLY = flags.DEFINE_list('only', [], 'Run only these trials.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the trial commands, run nothing.')
+flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
+
+
+def load_trials(spec):
+  """`path[:arg]` -> [(name, overrides)]."""
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise app.UsageError(f'--sweep={spec}: {path} does not exist.')
+  module_spec = importlib.util.spec_from_file_location('sweep', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  trials = module.get_trials(arg or None)
+  names = [name for name, _ in trials]
+  if len(set(names)) != len(names):
+    raise ValueError(f'{path}: trial names must be unique, got {names}.')
+  return trials
+
+
+def format_value(value):
+  if isinstance(value, (tuple, list)):
+    return '(' + ','.join(format_value(v) for v in value) + (',)' if len(value) == 1 else ')')
+  return str(value)
+
+
+def trial_command(config, workdir, name, overrides, extra=()):
+  return [sys.executable, '-m', 'cvjax.main', f'--config={config}',
+          f'--workdir={os.path.join(workdir, name)}', *extra,
+          *(f'--config.{k}={format_value(v)}' for k, v in overrides.items())]
+
+
+def is_finished(trial_dir):
+  return os.path.exists(os.path.join(trial_dir, 'results.json'))
+
+
+def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):
+  """Runs (or prints) the trials; returns {name: 'skipped'|'ran'|'failed'|'dry-run'}."""
+  trials = load_trials(sweep)
+  unknown = set(only) - {name for name, _ in trials}
+  if unknown:
+    raise app.UsageError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
+                         f'{[n for n, _ in trials]}.')
+  status = {}
+  for name, overrides in trials:
+    if only and name not in only:
+      continue
+    cmd = trial_command(config, workdir, name, overrides, extra)
+    if dry_run:
+      print(shlex.join(cmd))
+      status[name] = 'dry-run'
+    elif is_finished(os.path.join(workdir, name)):
+      print(f'[sweep] {name}: finished, skipped.', flush=True)
+      status[name] = 'skipped'
+    else:
+      print(f'[sweep] {name}: {shlex.join(cmd)}', flush=True)
+      status[name] = 'ran' if subprocess.run(cmd, check=False).returncode == 0 else 'failed'
+  return status
+
+
+def main(argv):
+  # Unparsed --config.* flags are overrides for every trial.
+  extra = [a for a in argv[1:] if a.startswith('--config.')]
+  rest = [a for a in argv[1:] if not a.startswith('--config.')]
+  if rest:
+    raise app.UsageError(f'unexpected arguments {rest}')
+  status = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, only=_ONLY.value,
+                     dry_run=_DRY_RUN.value, extra=extra)
+  failed = [n for n, s in status.items() if s == 'failed']
+  print(f'[sweep] {len(status)} trials: ' + ', '.join(f'{n} {s}' for n, s in status.items()))
+  if failed:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  # absl would reject the --config.* overrides: pass them to main() as arguments.
+  passthrough = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  app.run(main, argv=[a for a in sys.argv if a not in passthrough] + ['--'] + passthrough)

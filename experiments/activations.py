@@ -1,0 +1,26 @@
+"""Vanishing gradients: plain nets without BatchNorm, sigmoid vs tanh vs ReLU, by depth.
+
+  python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/activations.py \
+      --workdir=runs/activations --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
+  python -m cvjax.report runs/activations
+
+Plain CIFAR nets (no shortcuts, no BatchNorm, He-normal init) of depth 8, 20 and 44 with each
+activation, logging the gradient norm of every layer (`grad_norm/<layer>`) every 20 steps.
+Short by design (300 steps at lr 0.01): the question is how the gradient reaches the first
+layers at the start of training, not the final accuracy. Arg `quick`: 100 steps.
+"""
+
+
+def get_trials(arg=None):
+  if arg not in (None, 'quick'):
+    raise ValueError(f'experiments/activations.py:{arg}: expected no arg or quick.')
+  trials = []
+  for activation in ('sigmoid', 'tanh', 'relu'):
+    for depth in (8, 20, 44):
+      trials.append((f'{activation}{depth}', {
+          'model.depth': depth, 'model.residual': False, 'model.batch_norm': False,
+          'model.activation': activation, 'optimizer.learning_rate': 0.01,
+          'schedule.name': 'constant', 'train.num_steps': 100 if arg == 'quick' else 300,
+          'train.grad_norm_every_steps': 20, 'train.log_every_steps': 20,
+          'train.eval_every_steps': 100 if arg == 'quick' else 300}))
+  return trials

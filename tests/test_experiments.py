@@ -1,0 +1,158 @@
+"""Sweeps, reports, error analysis, gradient norms and HParams, on tiny real runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from cvjax import error_analysis, report, sweep
+
+TINY = ['--config.train.batch_size=16', '--config.train.eval_batch_size=8',
+        '--config.train.num_steps=6', '--config.train.log_every_steps=3',
+        '--config.train.eval_every_steps=3', '--config.train.checkpoint_every_steps=3',
+        '--config.input.crop_padding=2']
+
+
+@pytest.fixture(scope='module')
+def tiny_sweep(idx_dir, tmp_path_factory):
+  """A plain/residual pair of ResNet-8s with gradient norms, run through cvjax.sweep."""
+  root = tmp_path_factory.mktemp('sweep')
+  sweep_file = root / 'pair.py'
+  sweep_file.write_text(
+      'def get_trials(arg=None):\n'
+      '  return [(f"{\'resnet\' if r else \'plain\'}8", {"model.depth": 8, "model.residual": r,\n'
+      '           "train.grad_norm_every_steps": 3}) for r in (False, True)]\n')
+  workdir = str(root / 'runs')
+  extra = [f'--config.dataset.path={idx_dir}', *TINY]
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # Trial commands name configs/ relative to the repo.
+  try:
+    status = sweep.run_sweep('configs/resnet.py', str(sweep_file), workdir, extra=extra)
+  finally:
+    os.chdir(cwd)
+  return {'file': str(sweep_file), 'workdir': workdir, 'extra': extra, 'status': status}
+
+
+def test_sweep_runs_each_trial_into_its_folder(tiny_sweep):
+  assert tiny_sweep['status'] == {'plain8': 'ran', 'resnet8': 'ran'}
+  for name, residual in (('plain8', False), ('resnet8', True)):
+    trial = os.path.join(tiny_sweep['workdir'], name)
+    config = json.load(open(os.path.join(trial, 'config.json')))
+    assert config['model']['residual'] is residual and config['train']['num_steps'] == 6
+    results = json.load(open(os.path.join(trial, 'results.json')))
+    assert results['step'] == 6 and results['num_params'] == 75_002
+
+
+def test_sweep_skips_finished_and_resumes_interrupted(tiny_sweep):
+  workdir = tiny_sweep['workdir']
+  # Interrupt resnet8 after its step-3 checkpoint.
+  os.remove(os.path.join(workdir, 'resnet8', 'results.json'))
+  shutil.rmtree(os.path.join(workdir, 'resnet8', 'checkpoints', '6'))
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
+       f'--sweep={tiny_sweep["file"]}', f'--workdir={workdir}', *tiny_sweep['extra']],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'plain8 skipped, resnet8 ran' in out.stdout
+  assert 'Resuming from the checkpoint at step 3' in out.stderr
+  steps = [json.loads(l)['step'] for l in open(os.path.join(workdir, 'resnet8', 'metrics.jsonl'))
+           if 'train/loss' in l]
+  assert steps == [3, 6]
+
+
+def test_sweep_dry_run_and_expansion():
+  trials = sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:quick'))
+  names = [n for n, _ in trials]
+  assert names == ['plain20', 'plain32', 'plain44', 'plain56', 'resnet20', 'resnet32', 'resnet44',
+                   'resnet56', 'resnet110']
+  assert all(o['train.num_epochs'] == 3.0 for _, o in trials)
+  assert dict(trials)['resnet110']['schedule.warmup_steps'] == 400
+  full = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py')))
+  assert 'train.num_epochs' not in full['plain56']
+  acts = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/activations.py')))
+  assert len(acts) == 9 and acts['sigmoid44']['model.batch_norm'] is False
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
+       '--sweep=experiments/depth_ablation.py:quick', '--workdir=/nonexistent', '--dry_run',
+       '--only=plain56,resnet56', '--config.train.batch_size=64'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = [l for l in out.stdout.splitlines() if 'cvjax.main' in l]
+  assert len(lines) == 2 and '--workdir=/nonexistent/plain56' in lines[0]
+  assert '--config.model.depth=56' in lines[1] and '--config.model.residual=True' in lines[1]
+  assert '--config.train.batch_size=64' in lines[1]
+  assert not os.path.exists('/nonexistent')
+
+
+def test_report_from_the_tiny_sweep(tiny_sweep):
+  out = report.write_report(tiny_sweep['workdir'])
+  for f in ('figure6.png', 'table6.md', 'leaderboard.md', 'grad_norms.png', 'grad_norms.md',
+            'README.md'):
+    assert os.path.getsize(os.path.join(out, f)) > 0, f
+  table = open(os.path.join(out, 'table6.md')).read().splitlines()
+  assert len(table) == 4 and table[2].startswith('| plain | 8 | 75,002 |')
+  board = open(os.path.join(out, 'leaderboard.md')).read()
+  assert 'plain8' in board and 'resnet8' in board and board.count('finished') == 2
+  norms = open(os.path.join(out, 'grad_norms.md')).read().splitlines()
+  assert len(norms) == 4  # Header, rule, one row per trial.
+
+
+def test_grad_norms_are_logged_per_layer_in_forward_order(tiny_sweep):
+  trial = os.path.join(tiny_sweep['workdir'], 'plain8')
+  records = [json.loads(l) for l in open(os.path.join(trial, 'metrics.jsonl'))]
+  logged = [r for r in records if 'train/grad_norm' in r]
+  assert [r['step'] for r in logged] == [0, 3]
+  order = json.load(open(os.path.join(trial, 'results.json')))['layer_order']
+  # ResNet-8: the stem conv, 2 convs in each of 3 blocks, the head.
+  assert order[0] == 'Conv_0' and order[-1] == 'head' and len(order) == 8
+  assert all(f'grad_norm/{layer}' in logged[0] for layer in order)
+  assert all(v > 0 for k, v in logged[0].items() if k.startswith('grad_norm/'))
+
+
+def test_hparams_and_error_analysis_written(tiny_sweep):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  trial = os.path.join(tiny_sweep['workdir'], 'resnet8')
+  events = event_accumulator.EventAccumulator(os.path.join(trial, 'hparams'))
+  events.Reload()
+  assert events.PluginTagToContent('hparams')  # The HParams dashboard's records.
+  assert 'hparams/test/error' in events.Tags()['scalars']
+  analysis = json.load(open(os.path.join(trial, 'error_analysis', 'error_analysis.json')))
+  cm = np.array(analysis['confusion_matrix'])
+  assert cm.shape == (10, 10) and cm.sum() == 40 == analysis['num_test']
+  assert analysis['num_mistakes'] == cm.sum() - np.trace(cm)
+  assert analysis['mistakes_shown'] == min(100, analysis['num_mistakes'])
+  for f in ('confusion.png', 'mistakes.png'):
+    assert os.path.getsize(os.path.join(trial, 'error_analysis', f)) > 0
+
+
+def test_mistakes_grid_has_one_tile_per_mistake_shown():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (30, 8, 8, 1), np.uint8)
+  labels = rng.integers(0, 3, 30)
+  predictions = labels.copy()
+  predictions[[1, 4, 5, 20]] = (labels[[1, 4, 5, 20]] + 1) % 3
+  fig, tiles = error_analysis.mistakes_figure(images, labels, predictions, ['a', 'b', 'c'])
+  assert tiles == 4 and sum(1 for ax in fig.axes if ax.images) == 4
+  titles = [ax.get_title() for ax in fig.axes if ax.images]
+  assert titles[0] == f'{"abc"[labels[1]]} -> {"abc"[predictions[1]]}'
+  fig, tiles = error_analysis.mistakes_figure(images, labels, predictions, ['a', 'b', 'c'],
+                                              max_tiles=3)
+  assert tiles == 3 and sum(1 for ax in fig.axes if ax.images) == 3
+  cm = error_analysis.confusion_matrix(labels, predictions, 3)
+  assert cm.sum() == 30 and np.trace(cm) == 26
+  np.testing.assert_allclose(error_analysis.per_class_error(cm).sum() >= 0, True)
+
+
+def test_error_analysis_on_demand_for_a_checkpoint(tiny_sweep):
+  trial = os.path.join(tiny_sweep['workdir'], 'plain8')
+  shutil.rmtree(os.path.join(trial, 'error_analysis'))
+  out = subprocess.run([sys.executable, '-m', 'cvjax.error_analysis', f'--workdir={trial}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'of 40 test images misclassified' in out.stdout
+  analysis = json.load(open(os.path.join(trial, 'error_analysis', 'error_analysis.json')))
+  assert analysis['step'] == 6 and analysis['num_test'] == 40

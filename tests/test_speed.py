@@ -1,0 +1,46 @@
+"""The optimised step computes what the plain one does; the benchmark runs end to end."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import ROOT, tiny_config
+from cvjax import train
+
+
+def test_split_step_matches_the_one_program_step(idx_dir, tmp_path):
+  # f32; 8 SGD steps with BatchNorm. Tolerance: float reassociation only.
+  kw = {'train.num_steps': 8, 'train.eval_every_steps': 8}
+  one, _ = train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.split_backward': False}),
+                                    str(tmp_path / 'one'))
+  split, _ = train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.split_backward': True}),
+                                      str(tmp_path / 'split'))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.device_get((one.params, one.model_state)),
+               jax.device_get((split.params, split.model_state)))
+
+
+def test_bfloat16_compute_trains(idx_dir, tmp_path):
+  state, test = train.train_and_evaluate(
+      tiny_config(idx_dir, **{'train.compute_dtype': 'bfloat16', 'train.num_steps': 4}),
+      str(tmp_path))
+  # Parameters stay float32; the loss is finite.
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  assert np.isfinite(test['test/loss'])
+
+
+def test_benchmark_prints_its_json():
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.benchmark', '--model=resnet8,lenet5', '--batch_size=16',
+       '--steps=2', '--warmup=0'], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  rows = {(r['model'], r['variant']): r for r in result['results']}
+  assert set(rows) == {(m, v) for m in ('resnet8', 'lenet5') for v in ('one_program', 'split')}
+  for r in rows.values():
+    assert r['train_images_per_s'] > 0 and r['step_ms_p90'] >= r['step_ms_median'] > 0
+    assert r['gflops_per_step'] > 0 and 0 < r['mfu'] and r['eval_images_per_s'] > 0
+  assert result['matmul_peak_gflops_per_s'] > 0
