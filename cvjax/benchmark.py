@@ -34,6 +34,8 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after the first.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _BASELINE = flags.DEFINE_enum('baseline', '', ['', 'torch'], 'Also run PyTorch eager.')
+_REMAT = flags.DEFINE_bool('remat', False, 'train.remat: re-compute activations in backward.')
+_SCAN = flags.DEFINE_bool('scan_blocks', None, 'model.scan_blocks (default: the config\'s).')
 _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
                               'Step variants: one_program (forward+backward in one XLA '
                               'program), split (train.split_backward=True).')
@@ -64,10 +66,14 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
   config.train.split_backward = variant == 'split'
+  config.train.remat = _REMAT.value
+  if _SCAN.value is not None and 'scan_blocks' in config.model:
+    config.model.scan_blocks = _SCAN.value
   shape = (32, 32, 1) if name == 'lenet5' else (32, 32, 3)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
-  model = models.create_model(config.model, num_classes=10, dtype=jnp.dtype(dtype))
+  model = models.create_model(config.model, num_classes=10, dtype=jnp.dtype(dtype),
+                              remat=config.train.remat)
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
   state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),

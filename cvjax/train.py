@@ -240,7 +240,8 @@ def setup(config, devices=None) -> Setup:
   input_shape = train_images.shape[1:]
   steps_per_epoch, total_steps = steps_for(config, len(train_images))
   dtype = jnp.dtype(config.train.compute_dtype)
-  model = models.create_model(config.model, num_classes=data.num_classes, dtype=dtype)
+  model = models.create_model(config.model, num_classes=data.num_classes, dtype=dtype,
+                              remat=config.train.get('remat', False))
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   init = state_initializer(model, tx, input_shape, dtype)

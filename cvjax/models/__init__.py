@@ -23,7 +23,8 @@ def _resnet_cifar(cfg, **kw):
         '(the paper uses 20, 32, 44, 56, 110 and 1202).')
   return CifarResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
                      batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
-                     zero_init_residual=cfg.zero_init_residual, **kw)
+                     zero_init_residual=cfg.zero_init_residual,
+                     scan_blocks=cfg.get('scan_blocks', False), **kw)
 
 
 def _resnet(cfg, **kw):
@@ -53,8 +54,15 @@ MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar, 'resnet': _resnet,
           'alexnet': _alexnet, 'vgg': _vgg}
 
 
-def create_model(cfg, *, num_classes, dtype):
-  """Builds the module named by `cfg.name`; raises UserError on bad settings."""
+def create_model(cfg, *, num_classes, dtype, remat=False):
+  """Builds the module named by `cfg.name`; raises UserError on bad settings.
+
+  `remat` (the config's train.remat) re-computes activations in the backward pass.
+  """
+  if remat:
+    if cfg.name != 'resnet_cifar':
+      raise UserError(f'train.remat is implemented for resnet_cifar, not {cfg.name}.')
+    return _resnet_cifar(cfg, num_classes=num_classes, dtype=dtype, remat=True)
   if cfg.name not in MODELS:
     raise UserError(f'unknown model.name={cfg.name!r}; expected one of {sorted(MODELS)}.')
   if cfg.get('activation') not in common.ACTIVATIONS:

@@ -49,6 +49,23 @@ class BasicBlock(nn.Module):
     return self.act(y)
 
 
+class RepeatedBlocks(nn.Module):
+  """`length` identical BasicBlocks as one `nn.scan`: XLA compiles the block once, so
+  compile time stops growing with depth (ResNet-1202). Parameters are stacked along a
+  leading axis of size `length`."""
+  length: int
+  block: Any  # A BasicBlock class, possibly wrapped in nn.remat.
+  kwargs: Any
+
+  @nn.compact
+  def __call__(self, x):
+    body = lambda module, carry, _: (module(carry), None)
+    scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
+                   split_rngs={'params': True}, length=self.length)
+    x, _ = scan(self.block(**dict(self.kwargs), name='block'), x, None)
+    return x
+
+
 class CifarResNet(nn.Module):
   """ResNet-(6n+2) for 32x32 inputs; `residual=False` gives the plain net."""
   depth: int = 20
@@ -58,6 +75,8 @@ class CifarResNet(nn.Module):
   batch_norm: bool = True
   bn_momentum: float = 0.9  # Flax convention: PyTorch's momentum=0.1.
   zero_init_residual: bool = False
+  scan_blocks: bool = False  # Compile each stage's repeated blocks once (nn.scan).
+  remat: bool = False  # Re-compute each block's activations in backward: less memory.
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -77,11 +96,18 @@ class CifarResNet(nn.Module):
 
     x = x.astype(self.dtype)
     x = act(norm()(conv(16, (3, 3))(x)))
+    block_cls = nn.remat(BasicBlock) if self.remat else BasicBlock
     for stage, filters in enumerate((16, 32, 64)):
+      kw = dict(filters=filters, residual=self.residual, conv=conv, norm=norm, act=act,
+                zero_init_residual=self.zero_init_residual)
+      if self.scan_blocks and n > 1:  # Block 1 may change the shape; blocks 2..n repeat.
+        x = block_cls(stride=2 if stage else 1, **kw, name=f'stage{stage + 1}_block1')(x)
+        x = RepeatedBlocks(n - 1, block_cls, tuple(dict(stride=1, **kw).items()),
+                           name=f'stage{stage + 1}_blocks2_{n}')(x)
+        continue
       for block in range(n):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(filters, stride, self.residual, conv, norm, act,
-                       self.zero_init_residual, name=f'stage{stage + 1}_block{block + 1}')(x)
+        x = block_cls(stride=stride, **kw, name=f'stage{stage + 1}_block{block + 1}')(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
