@@ -66,7 +66,7 @@ def confusion_figure(cm, class_names):
       ax.text(p, t, str(count), ha='center', va='center', fontsize=6,
               color='white' if count > cm.max() / 2 else 'black')
   ax.set_title(f'Confusion matrix ({cm.sum()} test images, '
-               f'{100 * (1 - np.trace(cm) / cm.sum()):.2f}% error)')
+               f'{100 * (1 - np.trace(cm) / cm.sum()):.2f}% error)', fontsize=9)
   fig.tight_layout()
   return fig
 
