@@ -276,7 +276,7 @@ def hparams(config):
   for section, value in config.items():
     items = value.items() if hasattr(value, 'items') else [('', value)]
     for key, v in items:
-      if isinstance(v, (bool, int, float, str)) and v is not None:
+      if isinstance(v, (bool, int, float, str)):
         flat[f'{section}.{key}' if key else section] = v
   return flat
 
