@@ -99,6 +99,12 @@ def train_backward(state, backward, new_vars, *, tx):
   return _apply_gradients(state, grads, new_vars, tx)
 
 
+def batch_args(model, config, mesh):
+  """The static arguments of `_batch_and_loss`, shared by every step that builds a batch."""
+  return dict(model=model, input_cfg=config.input, batch_sharding=NamedSharding(
+      mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype))
+
+
 def jit_train_step(model, tx, config, mesh):
   """The train step `(state, data, indices, rng) -> (state, metrics)`, jit-compiled.
 
@@ -107,8 +113,7 @@ def jit_train_step(model, tx, config, mesh):
   ResNet-20 step 1.24x faster on CPU (cvjax.benchmark). Same result up to float rounding.
   """
   replicated = NamedSharding(mesh, P())
-  batch_kw = dict(model=model, input_cfg=config.input, batch_sharding=NamedSharding(
-      mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype))
+  batch_kw = batch_args(model, config, mesh)
   if not config.train.get('split_backward', False):
     return jax.jit(functools.partial(train_step, tx=tx, **batch_kw),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -319,9 +324,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
   p_eval_step, test_data, num_eval_batches = jit_evaluation(s, replicated)
   grad_norm_every = config.train.get('grad_norm_every_steps', 0)
   if grad_norm_every:
-    p_grad_norms = jax.jit(functools.partial(
-        grad_norms, model=s.model, input_cfg=config.input, batch_sharding=batch_sharding,
-        dtype=jnp.dtype(config.train.compute_dtype)), out_shardings=replicated)
+    p_grad_norms = jax.jit(functools.partial(grad_norms, **batch_args(s.model, config, s.mesh)),
+                           out_shardings=replicated)
 
   # --- The loop. ---
   log_every = config.train.log_every_steps
