@@ -6,6 +6,9 @@ average pooling and a dense classifier. Shortcuts are option A: the identity,
 with stride-2 subsampling and zero-padded channels where the shape changes,
 so they add no parameters and the plain twin (`residual=False`) differs from
 the ResNet by the identity additions alone.
+
+The convolutions take their gradients from `cvjax.convolution` (the same numbers as
+autodiff, in the form XLA:CPU keeps fast inside `nn.scan` loops).
 """
 
 import functools
@@ -14,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cvjax import convolution
 from cvjax.models import common
 
 
@@ -87,7 +91,8 @@ class CifarResNet(nn.Module):
     act = common.activation_fn(self.activation)
     # Without BatchNorm the convolutions get biases instead.
     conv = functools.partial(nn.Conv, padding='SAME', use_bias=not self.batch_norm,
-                             kernel_init=common.he_normal, dtype=self.dtype)
+                             kernel_init=common.he_normal, dtype=self.dtype,
+                             conv_general_dilated=convolution.conv_general_dilated)
     if self.batch_norm:
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
