@@ -50,9 +50,10 @@ def get_config(arg=None):
   c.model.batch_norm = True
   c.model.bn_momentum = 0.9  # Flax convention (keeps 90% of the old average): PyTorch's 0.1.
   c.model.zero_init_residual = False  # Not in the paper; off keeps plain vs residual fair.
-  # nn.scan over repeated blocks compiles deep nets faster, but its step measured ~28x slower
-  # on XLA:CPU (ResNet-110, README): off unless compile time is what matters.
-  c.model.scan_blocks = False
+  # nn.scan compiles each stage's repeated blocks once. Up to ResNet-110 the unscanned step
+  # compiles in < 10 s and runs 1.3-1.4x faster on XLA:CPU; ResNet-1202 unscanned did not
+  # finish compiling in 12 minutes, scanned it compiles in ~25 s (README).
+  c.model.scan_blocks = c.model.depth > 110
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'
@@ -80,7 +81,9 @@ def get_config(arg=None):
   # Forward and backward as two XLA programs: 1.24x faster on CPU (README, Speed); the
   # one-program step (False) is the plain jax.grad step.
   c.train.split_backward = True
-  c.train.remat = False  # Re-compute activations in backward: less memory (ResNet-1202).
+  # Re-compute each block's activations in backward: ResNet-1202 (scanned) peaks at 5.5 GiB
+  # instead of 19.5 GiB and its step is faster; for unscanned nets it only costs time.
+  c.train.remat = c.model.depth > 110
   c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
   return c
 

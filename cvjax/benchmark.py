@@ -1,12 +1,13 @@
 """Training and evaluation throughput of cvjax's train step, optionally beside PyTorch.
 
   python -m cvjax.benchmark --model=resnet20 --batch_size=128 [--steps=N]
-      [--dtype=float32|bfloat16] [--baseline=torch] [--variants=one_program,split]
+      [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
 
-Models: resnetN / plainN (CIFAR, 32x32x3) and lenet5 (32x32x1). For each model and step
-variant it prints train images/s, step time (median, p90), compile time, first-step time,
-eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same run,
-and the process's peak host memory; the last line is one JSON object with every figure.
+Models: resnetN / plainN (CIFAR, 32x32x3) and lenet5 (32x32x1). For each model, dtype and
+step variant it prints train images/s, step time (median, p90), compile time, first-step
+time, eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same
+run, and the process's peak host memory so far (a high-water mark: run one model per
+process to attribute it); the last line is one JSON object with every figure.
 The step is the real one (`train.jit_train_step`: gather from a device-resident dataset,
 augmentation, forward, backward, SGD update) on random images.
 """
@@ -32,9 +33,11 @@ _MODEL = flags.DEFINE_list('model', ['resnet20'], 'resnetN, plainN (CIFAR) or le
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after the first.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_DTYPE = flags.DEFINE_multi_enum('dtype', ['float32'], ['float32', 'bfloat16'],
+                                 'Compute dtype(s): --dtype=float32 --dtype=bfloat16 runs both.')
 _BASELINE = flags.DEFINE_enum('baseline', '', ['', 'torch'], 'Also run PyTorch eager.')
-_REMAT = flags.DEFINE_bool('remat', False, 'train.remat: re-compute activations in backward.')
+_REMAT = flags.DEFINE_bool('remat', None, 'train.remat: re-compute activations in backward '
+                           '(default: the config\'s).')
 _SCAN = flags.DEFINE_bool('scan_blocks', None, 'model.scan_blocks (default: the config\'s).')
 _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
                               'Step variants: one_program (forward+backward in one XLA '
@@ -66,14 +69,15 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
   config.train.split_backward = variant == 'split'
-  config.train.remat = _REMAT.value
+  if _REMAT.value is not None:
+    config.train.remat = _REMAT.value
   if _SCAN.value is not None and 'scan_blocks' in config.model:
     config.model.scan_blocks = _SCAN.value
   shape = (32, 32, 1) if name == 'lenet5' else (32, 32, 3)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   model = models.create_model(config.model, num_classes=10, dtype=jnp.dtype(dtype),
-                              remat=config.train.remat)
+                              remat=config.train.get('remat', False))
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
   state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),
@@ -134,47 +138,56 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
 
 def main(argv):
   del argv
-  peak = matmul_peak_gflops(jnp.dtype(_DTYPE.value))
+  # The roof for MFU: the faster of XLA's f32 matmul and its matmul in the compute dtype
+  # (a bf16 step could always compute in f32; XLA:CPU's bf16 matmul can be far slower).
+  rates = {d: matmul_peak_gflops(jnp.dtype(d)) for d in dict.fromkeys(['float32', *_DTYPE.value])}
+  peaks = {d: max(rates['float32'], rates[d]) for d in _DTYPE.value}
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
-        f'{platform.processor() or platform.machine()}; dtype {_DTYPE.value}, batch '
-        f'{_BATCH.value}; XLA matmul peak {peak:.0f} GFLOP/s')
+        f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
+        + ', '.join(f'{d} {r:.0f} GFLOP/s' for d, r in rates.items()))
   results = []
-  header = (f'{"model":<10} {"variant":<12} {"img/s":>8} {"step ms":>8} {"p90 ms":>8} '
-            f'{"compile s":>9} {"1st step s":>10} {"eval img/s":>10} {"GFLOP/s":>8} '
-            f'{"MFU":>6} {"peak MiB":>8}')
+  header = (f'{"model":<10} {"dtype":<8} {"variant":<12} {"img/s":>8} {"step ms":>8} '
+            f'{"p90 ms":>8} {"compile s":>9} {"1st step s":>10} {"eval img/s":>10} '
+            f'{"GFLOP/s":>8} {"MFU":>6} {"peak MiB":>8}')
   print(header)
   for name in _MODEL.value:
-    for variant in _VARIANTS.value:
-      r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value)
-      r['mfu'] = r['achieved_gflops_per_s'] / peak
-      results.append(r)
-      print(f'{name:<10} {variant:<12} {r["train_images_per_s"]:>8.0f} '
-            f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
-            f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
-            f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
-            f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
-    if _BASELINE.value == 'torch':
-      from cvjax import torch_baseline  # pylint: disable=g-import-not-at-top
-      import torch  # pylint: disable=g-import-not-at-top
-      cfg = model_config(name).model
-      t = torch_baseline.benchmark(
-          name, cfg.get('depth'), cfg.get('residual', True),
-          (32, 32, 1) if name == 'lenet5' else (32, 32, 3), _BATCH.value, _STEPS.value,
-          _WARMUP.value, _DTYPE.value)
-      t.update(model=name, variant=f'torch {torch.__version__} eager')
-      results.append(t)
-      print(f'{name:<10} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
-            f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
-            f'{t["eval_images_per_s"]:>10.0f}')
-      for r in results:
-        if r['model'] == name and not r['variant'].startswith('torch'):
-          r['ratio_vs_torch'] = r['train_images_per_s'] / t['train_images_per_s']
-          print(f'  {name} {r["variant"]}: {r["ratio_vs_torch"]:.2f}x PyTorch eager '
-                f'(train images/s)')
+    for dtype in _DTYPE.value:
+      for variant in _VARIANTS.value:
+        r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype)
+        r.update(dtype=dtype, mfu=r['achieved_gflops_per_s'] / peaks[dtype])
+        results.append(r)
+        print(f'{name:<10} {dtype:<8} {variant:<12} {r["train_images_per_s"]:>8.0f} '
+              f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
+              f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
+              f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
+              f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
+      if _BASELINE.value == 'torch':
+        results.append(run_torch(name, dtype, results))
   print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
-                    'devices': jax.device_count(), 'dtype': _DTYPE.value,
-                    'batch_size': _BATCH.value, 'matmul_peak_gflops_per_s': peak,
+                    'devices': jax.device_count(), 'batch_size': _BATCH.value,
+                    'matmul_gflops_per_s': rates, 'mfu_roof_gflops_per_s': peaks,
                     'results': results}))
+
+
+def run_torch(name, dtype, results):
+  """PyTorch eager on the same net; prints the cvjax/PyTorch ratio of each cvjax row."""
+  from cvjax import torch_baseline  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  cfg = model_config(name).model
+  t = torch_baseline.benchmark(
+      name, cfg.get('depth'), cfg.get('residual', True),
+      (32, 32, 1) if name == 'lenet5' else (32, 32, 3), _BATCH.value, _STEPS.value,
+      _WARMUP.value, dtype)
+  t.update(model=name, dtype=dtype, variant=f'torch {torch.__version__} eager')
+  print(f'{name:<10} {dtype:<8} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
+        f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
+        f'{t["eval_images_per_s"]:>10.0f}')
+  for r in results:
+    if r['model'] == name and r['dtype'] == dtype:
+      r['ratio_vs_torch'] = r['train_images_per_s'] / t['train_images_per_s']
+      print(f'  {name} {dtype} {r["variant"]}: {r["ratio_vs_torch"]:.2f}x PyTorch eager '
+            '(train images/s)')
+  return t
 
 
 if __name__ == '__main__':
