@@ -3,7 +3,8 @@
   python -m cvjax.benchmark --model=resnet20 --batch_size=128 [--steps=N]
       [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
 
-Models: resnetN / plainN (CIFAR, 32x32x3) and lenet5 (32x32x1). For each model, dtype and
+Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (224x224x3,
+1000 classes; no PyTorch twin) and lenet5 (32x32x1). For each model, dtype and
 step variant it prints train images/s, step time (median, p90), compile time, first-step
 time, eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same
 run, and the process's peak host memory so far (a high-water mark: run one model per
@@ -48,9 +49,16 @@ def model_config(name):
   from configs import lenet, resnet  # pylint: disable=g-import-not-at-top
   if name == 'lenet5':
     return lenet.get_config()
-  if re.fullmatch(r'(resnet|plain)\d+', name):
+  if re.fullmatch(r'(imagenet_)?(resnet|plain)\d+', name):
     return resnet.get_config(name)
-  raise app.UsageError(f'unknown --model={name}; expected resnetN, plainN or lenet5.')
+  raise app.UsageError(f'unknown --model={name}; expected resnetN, plainN (CIFAR), '
+                       'imagenet_resnetN, imagenet_plainN or lenet5.')
+
+
+def input_shape_and_classes(name):
+  if name == 'lenet5':
+    return (32, 32, 1), 10
+  return ((224, 224, 3), 1000) if name.startswith('imagenet_') else ((32, 32, 3), 10)
 
 
 def matmul_peak_gflops(dtype, n=4096, reps=5):
@@ -73,10 +81,10 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
     config.train.remat = _REMAT.value
   if _SCAN.value is not None and 'scan_blocks' in config.model:
     config.model.scan_blocks = _SCAN.value
-  shape = (32, 32, 1) if name == 'lenet5' else (32, 32, 3)
+  shape, num_classes = input_shape_and_classes(name)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
-  model = models.create_model(config.model, num_classes=10, dtype=jnp.dtype(dtype),
+  model = models.create_model(config.model, num_classes=num_classes, dtype=jnp.dtype(dtype),
                               remat=config.train.get('remat', False))
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
@@ -86,7 +94,7 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
   n = 4 * batch_size
   data = jax.device_put({
       'train_images': rng.integers(0, 256, (n, *shape), np.uint8),
-      'train_labels': rng.integers(0, 10, n).astype(np.int32),
+      'train_labels': rng.integers(0, num_classes, n).astype(np.int32),
       'mean': np.full((1, 1, 1, 1), 0.5, np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)},
       replicated)
   batches = [jax.device_put(np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32),
@@ -99,7 +107,7 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
   one.train.split_backward = False
   if 'scan_blocks' in one.model:
     one.model.scan_blocks = False
-  model_one = models.create_model(one.model, num_classes=10, dtype=jnp.dtype(dtype))
+  model_one = models.create_model(one.model, num_classes=num_classes, dtype=jnp.dtype(dtype))
   state_one = jax.eval_shape(train.state_initializer(model_one, tx, shape, jnp.dtype(dtype)),
                              jax.random.key(0))
   flops = train.jit_train_step(model_one, tx, one, mesh).lower(
@@ -146,7 +154,7 @@ def main(argv):
         f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
         + ', '.join(f'{d} {r:.0f} GFLOP/s' for d, r in rates.items()))
   results = []
-  header = (f'{"model":<10} {"dtype":<8} {"variant":<12} {"img/s":>8} {"step ms":>8} '
+  header = (f'{"model":<17} {"dtype":<8} {"variant":<12} {"img/s":>8} {"step ms":>8} '
             f'{"p90 ms":>8} {"compile s":>9} {"1st step s":>10} {"eval img/s":>10} '
             f'{"GFLOP/s":>8} {"MFU":>6} {"peak MiB":>8}')
   print(header)
@@ -156,13 +164,13 @@ def main(argv):
         r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype)
         r.update(dtype=dtype, mfu=r['achieved_gflops_per_s'] / peaks[dtype])
         results.append(r)
-        print(f'{name:<10} {dtype:<8} {variant:<12} {r["train_images_per_s"]:>8.0f} '
+        print(f'{name:<17} {dtype:<8} {variant:<12} {r["train_images_per_s"]:>8.0f} '
               f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
               f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
               f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
               f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
-      if _BASELINE.value == 'torch':
-        results.append(run_torch(name, dtype, results))
+      if _BASELINE.value == 'torch' and (t := run_torch(name, dtype, results)):
+        results.append(t)
   print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
                     'devices': jax.device_count(), 'batch_size': _BATCH.value,
                     'matmul_gflops_per_s': rates, 'mfu_roof_gflops_per_s': peaks,
@@ -173,13 +181,16 @@ def run_torch(name, dtype, results):
   """PyTorch eager on the same net; prints the cvjax/PyTorch ratio of each cvjax row."""
   from cvjax import torch_baseline  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  if name.startswith('imagenet_'):
+    print(f'  {name}: no PyTorch twin in cvjax.torch_baseline; skipped.')
+    return None
   cfg = model_config(name).model
   t = torch_baseline.benchmark(
       name, cfg.get('depth'), cfg.get('residual', True),
-      (32, 32, 1) if name == 'lenet5' else (32, 32, 3), _BATCH.value, _STEPS.value,
+      input_shape_and_classes(name)[0], _BATCH.value, _STEPS.value,
       _WARMUP.value, dtype)
   t.update(model=name, dtype=dtype, variant=f'torch {torch.__version__} eager')
-  print(f'{name:<10} {dtype:<8} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
+  print(f'{name:<17} {dtype:<8} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
         f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
         f'{t["eval_images_per_s"]:>10.0f}')
   for r in results:

@@ -44,3 +44,16 @@ def test_benchmark_prints_its_json():
     assert r['train_images_per_s'] > 0 and r['step_ms_p90'] >= r['step_ms_median'] > 0
     assert r['gflops_per_step'] > 0 and 0 < r['mfu'] and r['eval_images_per_s'] > 0
   assert result['matmul_gflops_per_s']['float32'] > 0
+
+
+def test_benchmark_runs_an_imagenet_resnet():
+  # The GPU/TPU recipe's model (224x224, 1000 classes); tiny batch here.
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.benchmark', '--model=imagenet_resnet18', '--batch_size=2',
+       '--steps=1', '--warmup=0', '--variants=split', '--dtype=bfloat16'], cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (row,) = json.loads(out.stdout.strip().splitlines()[-1])['results']
+  assert row['model'] == 'imagenet_resnet18' and row['dtype'] == 'bfloat16'
+  # ResNet-18 forward is ~3.4 GFLOP per 224x224 image; a train step ~3x that per image.
+  assert 2 * 3 * 3.0 < row['gflops_per_step'] < 2 * 3 * 4.0
