@@ -6,7 +6,7 @@ At the top level of a program XLA:CPU rewrites them into the NHWC/HWIO form its 
 kernels take; inside a loop body (`nn.scan` over blocks) it does not, and falls back
 to a naive loop emitter that is 20-30x slower. Here the two gradients are stated
 directly in the NHWC/HWIO form, with the transposes explicit, so every program gets
-the fast kernels. Same numbers as autodiff (tests/test_speed.py).
+the fast kernels. Same numbers as autodiff (tests/test_convolution.py).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (Flax's
 `nn.Conv(conv_general_dilated=...)`); cases other than an ungrouped, undilated 2-D
