@@ -9,8 +9,10 @@ directly in the NHWC/HWIO form, with the transposes explicit, so every program g
 the fast kernels. Same numbers as autodiff (tests/test_convolution.py).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (Flax's
-`nn.Conv(conv_general_dilated=...)`); cases other than an ungrouped, undilated 2-D
-NHWC/HWIO convolution go to lax unchanged.
+`nn.Conv(conv_general_dilated=...)`). It routes to `conv2d` on CPU only, where the
+measurements were made; other backends, and cases other than an ungrouped, undilated
+2-D NHWC/HWIO convolution, go to lax unchanged. Being a custom_vjp, `conv2d` supports
+reverse-mode differentiation only (jax.grad, jax.vjp), not jax.jvp.
 """
 
 import functools
@@ -64,9 +66,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`, routed to `conv2d` where it applies."""
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  plain = (lhs.ndim == 4 and dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
+  plain = (jax.default_backend() == 'cpu' and lhs.ndim == 4
+           and dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
            and feature_group_count == 1 and batch_group_count == 1
-           and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+           and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and precision is None and preferred_element_type is None)
   if not plain:
     return lax.conv_general_dilated(

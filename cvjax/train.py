@@ -110,7 +110,7 @@ def jit_train_step(model, tx, config, mesh):
 
   With `train.split_backward`, forward and backward are two XLA programs: XLA:CPU then
   cannot fuse (and so re-compute) forward work into the backward pass, which made the
-  ResNet-20 step 1.24x faster on CPU (cvjax.benchmark). Same result up to float rounding.
+  ResNet-20 step ~1.2x faster on CPU (cvjax.benchmark). Same result up to float rounding.
   """
   replicated = NamedSharding(mesh, P())
   batch_kw = batch_args(model, config, mesh)
@@ -246,7 +246,7 @@ def setup(config, devices=None) -> Setup:
   steps_per_epoch, total_steps = steps_for(config, len(train_images))
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=data.num_classes, dtype=dtype,
-                              remat=config.train.get('remat', False))
+                              remat=config.train.get('remat'))
   schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate, total_steps)
   tx = optim.make_optimizer(config.optimizer, schedule)
   init = state_initializer(model, tx, input_shape, dtype)

@@ -23,6 +23,7 @@ def _loss(conv, strides, padding, **kw):
     ((2, 15, 17, 4), (1, 1, 4, 4), (2, 2), 'SAME'),      # 1x1 projection, odd sizes
     ((2, 9, 9, 4), (3, 3, 4, 5), (2, 1), ((1, 2), (0, 1))),  # asymmetric everything
     ((2, 14, 14, 4), (7, 7, 4, 4), (2, 2), ((3, 3), (3, 3))),  # ImageNet ResNet stem
+    ((2, 10, 10, 3), (3, 3, 3, 4), (2, 2), ((0, -1), (1, -2))),  # negative (cropping) padding
 ])
 def test_gradients_match_autodiff(shape, kernel, strides, padding):
   rng = np.random.default_rng(0)
@@ -59,3 +60,22 @@ def test_gradients_inside_a_scan_match():
   want = jax.jit(jax.grad(loss(lax.conv_general_dilated)))(ws)
   got = jax.jit(jax.grad(loss(convolution.conv_general_dilated)))(ws)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_cifar_resnet_convolutions_take_the_explicit_gradients(monkeypatch):
+  # Every convolution of the CIFAR ResNet goes through conv2d (stem + 2 per block).
+  calls = []
+  original = convolution.conv2d
+
+  def spy(*args):
+    calls.append(args[2:])
+    return original(*args)
+
+  monkeypatch.setattr(convolution, 'conv2d', spy)
+  from cvjax.models import CifarResNet  # pylint: disable=g-import-not-at-top
+  model = CifarResNet(depth=8)
+  x = jnp.ones((2, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x)
+  jax.grad(lambda p: jnp.sum(model.apply({**variables, 'params': p}, x)))(variables['params'])
+  assert len(calls) == 2 * 7  # init and apply, 7 convolutions each
+  assert ((2, 2), ((0, 1), (0, 1))) in calls  # the stride-2 first block of a stage

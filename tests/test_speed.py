@@ -48,7 +48,7 @@ def test_benchmark_prints_its_json():
   assert set(rows) == {(m, v) for m in ('resnet8', 'lenet5') for v in ('one_program', 'split')}
   for r in rows.values():
     assert r['train_images_per_s'] > 0 and r['step_ms_p90'] >= r['step_ms_median'] > 0
-    assert r['gflops_per_step'] > 0 and 0 < r['mfu'] and r['eval_images_per_s'] > 0
+    assert r['gflops_per_step'] > 0 and 0 < r['mfu'] < 1 and r['eval_images_per_s'] > 0
   assert result['matmul_gflops_per_s']['float32'] > 0
 
 
@@ -63,3 +63,23 @@ def test_benchmark_runs_an_imagenet_resnet():
   assert row['model'] == 'imagenet_resnet18' and row['dtype'] == 'bfloat16'
   # ResNet-18 forward is ~3.4 GFLOP per 224x224 image; a train step ~3x that per image.
   assert 2 * 3 * 3.0 < row['gflops_per_step'] < 2 * 3 * 4.0
+
+
+def test_benchmark_counts_flops_of_the_whole_network_when_blocks_are_scanned():
+  # XLA's cost analysis counts a loop body once; the benchmark counts the unscanned net.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cvjax import benchmark, optim  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh()
+  data = {'train_images': np.zeros((8, 32, 32, 3), np.uint8),
+          'train_labels': np.zeros(8, np.int32),
+          'mean': np.zeros((1, 1, 1, 1), np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)}
+  args = (data, jnp.arange(4), jax.random.key(0))
+  flops = {}
+  for depth in (20, 32):
+    for scan in (False, True):
+      config = benchmark.model_config(f'resnet{depth}')
+      config.model.scan_blocks = scan
+      tx = optim.make_optimizer(config.optimizer, 0.1)
+      flops[depth, scan] = benchmark.step_flops(config, tx, mesh, (32, 32, 3), 10, args)
+  assert flops[20, True] == flops[20, False] and flops[32, True] == flops[32, False]
+  assert flops[32, False] > 1.5 * flops[20, False]  # 12 more layers of the same stages

@@ -16,6 +16,12 @@ def _lenet5(cfg, **kw):
   return (LeNet5Paper if variant == 'paper' else LeNet5)(activation=cfg.activation, **kw)
 
 
+def _very_deep_cifar_resnet(cfg):
+  """Where unscanned XLA compilation takes minutes (ResNet-1202): the default for scanning
+  blocks and for remat when the config leaves them unset."""
+  return cfg.name == 'resnet_cifar' and cfg.depth > 110
+
+
 def _resnet_cifar(cfg, **kw):
   if cfg.depth < 8 or (cfg.depth - 2) % 6:
     raise UserError(
@@ -24,7 +30,8 @@ def _resnet_cifar(cfg, **kw):
   return CifarResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
                      batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
                      zero_init_residual=cfg.zero_init_residual,
-                     scan_blocks=cfg.get('scan_blocks', False), **kw)
+                     scan_blocks=(_very_deep_cifar_resnet(cfg) if cfg.get('scan_blocks') is None
+                                  else cfg.scan_blocks), **kw)
 
 
 def _resnet(cfg, **kw):
@@ -57,8 +64,11 @@ MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar, 'resnet': _resnet,
 def create_model(cfg, *, num_classes, dtype, remat=False):
   """Builds the module named by `cfg.name`; raises UserError on bad settings.
 
-  `remat` (the config's train.remat) re-computes activations in the backward pass.
+  `remat` (the config's train.remat) re-computes activations in the backward pass;
+  None: only for very deep CIFAR ResNets.
   """
+  if remat is None:
+    remat = _very_deep_cifar_resnet(cfg)
   if remat:
     if cfg.name != 'resnet_cifar':
       raise UserError(f'train.remat is implemented for resnet_cifar, not {cfg.name}.')
