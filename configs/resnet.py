@@ -53,7 +53,7 @@ def get_config(arg=None):
   # nn.scan compiles each stage's repeated blocks once. Unset: on above depth 110, decided
   # when the model is built (so --config.model.depth=1202 gets it too). Up to ResNet-110
   # the unscanned step compiles in < 10 s and runs 1.3-1.5x faster on XLA:CPU; ResNet-1202
-  # unscanned did not finish compiling in 12 minutes, scanned it compiles in ~25 s (README).
+  # unscanned did not finish compiling in 12 minutes, scanned it compiles in 4-20 s (README).
   c.model.scan_blocks = config_dict.placeholder(bool)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -67,15 +67,14 @@ def create_model(cfg, *, num_classes, dtype, remat=False):
   `remat` (the config's train.remat) re-computes activations in the backward pass;
   None: only for very deep CIFAR ResNets.
   """
-  if remat is None:
-    remat = _very_deep_cifar_resnet(cfg)
-  if remat:
-    if cfg.name != 'resnet_cifar':
-      raise UserError(f'train.remat is implemented for resnet_cifar, not {cfg.name}.')
-    return _resnet_cifar(cfg, num_classes=num_classes, dtype=dtype, remat=True)
   if cfg.name not in MODELS:
     raise UserError(f'unknown model.name={cfg.name!r}; expected one of {sorted(MODELS)}.')
   if cfg.get('activation') not in common.ACTIVATIONS:
     raise UserError(f'unknown model.activation={cfg.get("activation")!r}; '
                     f'expected one of {sorted(common.ACTIVATIONS)}.')
-  return MODELS[cfg.name](cfg, num_classes=num_classes, dtype=dtype)
+  if remat is None:
+    remat = _very_deep_cifar_resnet(cfg)
+  if remat and cfg.name != 'resnet_cifar':
+    raise UserError(f'train.remat is implemented for resnet_cifar, not {cfg.name}.')
+  kw = {'remat': True} if remat else {}
+  return MODELS[cfg.name](cfg, num_classes=num_classes, dtype=dtype, **kw)
