@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Local launcher:
-#   ./launch.sh CONFIG WORKDIR [--config.x.y=value ...]              one run
+# One entry point for every place a run goes:
+#   ./launch.sh CONFIG WORKDIR [--config.x.y=value ...]              one run, here
 #   ./launch.sh CONFIG WORKDIR --sweep=FILE[:arg] [--only=a,b] [...]  a sweep, one subfolder a trial
+#   ./launch.sh tpu --name=N --zone=Z --type=T [--spot] [--delete] [--parallel=K] [--dry-run] \
+#       CONFIG WORKDIR [...]                                          on a Cloud TPU slice
+#   ./launch.sh slurm --nodes=N --gpus_per_node=G [--partition=P] [--time=T] [--dry-run] \
+#       CONFIG WORKDIR [...]                                          as a Slurm job
 # e.g. ./launch.sh configs/resnet.py:plain56 runs/plain56 --config.train.num_epochs=3
 #      ./launch.sh configs/resnet.py runs/depth --sweep=experiments/depth_ablation.py:quick
+# Run it from the repository root. See README: "Running on Cloud TPU", "Running on Slurm".
 set -euo pipefail
+if [ $# -ge 1 ] && { [ "$1" = tpu ] || [ "$1" = slurm ]; }; then
+  exec python -m cvjax.launch "$@"
+fi
 if [ $# -lt 2 ]; then
-  echo "usage: $0 CONFIG WORKDIR [--sweep=FILE[:arg]] [--config.field=value ...]" >&2
+  echo "usage: $0 [tpu|slurm ...] CONFIG WORKDIR [--sweep=FILE[:arg]] [--config.field=value ...]" >&2
   exit 2
 fi
 config=$1 workdir=$2

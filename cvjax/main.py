@@ -3,6 +3,8 @@
   python -m cvjax.main --config=configs/resnet.py --workdir=DIR [--config.x.y=value ...]
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
+Multi-process (one process per host or GPU): the same command on every process; see
+cvjax/distributed.py for when it joins the others and the flags that say how.
 """
 
 import logging as pylogging
@@ -12,14 +14,22 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
+from cvjax import distributed
 from cvjax import train
 from cvjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                                  'Join a multi-process run: auto, on or off (cvjax.distributed).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, where no cluster says it.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -35,6 +45,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+    if jax.process_index():  # Process 0 tells the story; the others only what goes wrong.
+      logging.set_verbosity(logging.WARNING)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     logging.error('%s', e)

@@ -23,6 +23,11 @@ _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. experiments/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one subfolder per trial.')
 _ONLY = flags.DEFINE_list('only', [], 'Run only these trials.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the trial commands, run nothing.')
+# Passed on to every trial: how a multi-process trial joins its peers (cvjax.distributed).
+_DISTRIBUTED = flags.DEFINE_string('distributed', None, 'auto, on or off.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in each trial.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
 flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
@@ -47,8 +52,8 @@ def format_value(value):
   return str(value)
 
 
-def trial_command(config, workdir, name, overrides, extra=()):
-  return [sys.executable, '-m', 'cvjax.main', f'--config={config}',
+def trial_command(config, workdir, name, overrides, extra=(), python=sys.executable):
+  return [python, '-m', 'cvjax.main', f'--config={config}',
           f'--workdir={os.path.join(workdir, name)}', *extra,
           *(f'--config.{k}={format_value(v)}' for k, v in overrides.items())]
 
@@ -87,6 +92,9 @@ def main(argv):
   rest = [a for a in argv[1:] if not a.startswith('--config.')]
   if rest:
     raise app.UsageError(f'unexpected arguments {rest}')
+  passed = {'distributed': _DISTRIBUTED.value, 'coordinator_address': _COORDINATOR.value,
+            'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value}
+  extra = [f'--{k}={v}' for k, v in passed.items() if v is not None] + extra
   status = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, only=_ONLY.value,
                      dry_run=_DRY_RUN.value, extra=extra)
   failed = [n for n, s in status.items() if s == 'failed']

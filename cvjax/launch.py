@@ -1,0 +1,339 @@
+"""Launches runs and sweeps on a Cloud TPU slice or a Slurm cluster (`launch.sh tpu|slurm`).
+
+  ./launch.sh tpu --name=NAME --zone=ZONE --type=v4-16 [--spot] [--delete] [--parallel=N]
+      [--dry-run] CONFIG WORKDIR [--sweep=FILE[:arg]] [--only=a,b] [--config.x=v ...]
+  ./launch.sh slurm --nodes=N --gpus_per_node=G [--partition=P] [--time=T] [--dry-run]
+      CONFIG WORKDIR [--sweep=FILE[:arg]] [--only=a,b] [--config.x=v ...]
+
+Cloud TPU: create the slice through a queued resource (or reuse an existing one), wait until
+it is ACTIVE, copy the code to every worker, install `jax[tpu]` and requirements.txt there,
+run `cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with
+their output streamed here, and with --delete delete the slice at the end. --parallel=N
+gives each trial of a sweep its own slice (NAME-TRIAL), N at a time.
+Slurm: write an sbatch script whose `srun` starts one process per GPU (JAX reads its
+rank, the process count and the coordinator from Slurm's environment), and submit it.
+--dry-run prints every command (and the script) and runs nothing.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from cvjax import sweep as sweep_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_VERSION = '0.10.2'
+# What the runs need on the TPU VMs (the tests and benchmarks stay here).
+CODE = ('cvjax', 'configs', 'experiments', 'requirements.txt', 'launch.sh')
+CODE_ARCHIVE = 'cvjax-code.tar.gz'
+REMOTE_DIR = '~/cvjax'
+# TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes).
+RUNTIME_VERSIONS = (('v6e', 'v2-alpha-tpuv6e'), ('v5p', 'v2-alpha-tpuv5'),
+                    ('v5litepod', 'v2-alpha-tpuv5-lite'), ('v5e', 'v2-alpha-tpuv5-lite'))
+DEFAULT_RUNTIME_VERSION = 'tpu-ubuntu2204-base'  # v4 and older.
+POLL_SECONDS = 30
+
+
+class LaunchError(Exception):
+  """Bad launcher input or a missing tool: one paragraph, exit code 2."""
+
+
+def parse(argv):
+  parser = argparse.ArgumentParser(prog='launch.sh', allow_abbrev=False)
+  targets = parser.add_subparsers(dest='target', required=True)
+  tpu = targets.add_parser('tpu', help='Cloud TPU VM slice through queued resources.',
+                           allow_abbrev=False)
+  tpu.add_argument('--name', help='Queued resource and TPU node name (lowercase, digits, -).')
+  tpu.add_argument('--zone', help='e.g. us-central2-b.')
+  tpu.add_argument('--type', help='Accelerator type, e.g. v4-8, v4-32, v5litepod-16.')
+  tpu.add_argument('--project', help='Google Cloud project (default: gcloud config).')
+  tpu.add_argument('--runtime_version', help='TPU software version (default: by --type).')
+  tpu.add_argument('--spot', action='store_true', help='Spot capacity: cheaper, preemptible.')
+  tpu.add_argument('--delete', action='store_true', help='Delete the slice(s) at the end.')
+  tpu.add_argument('--parallel', type=int, default=0,
+                   help='Sweeps: one slice per trial, this many at a time.')
+  slurm = targets.add_parser('slurm', help='sbatch job, one process per GPU.',
+                             allow_abbrev=False)
+  slurm.add_argument('--nodes', type=int)
+  slurm.add_argument('--gpus_per_node', type=int)
+  slurm.add_argument('--partition')
+  slurm.add_argument('--time', help='Time limit, e.g. 24:00:00.')
+  slurm.add_argument('--job_name', default='cvjax')
+  for p in (tpu, slurm):
+    p.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
+                   help='Print every command, run nothing.')
+    p.add_argument('config', help='Config file[:arg].')
+    p.add_argument('workdir', help='Run (or sweep) directory; gs://... for a TPU slice.')
+    p.add_argument('--sweep', help='Sweep file[:arg]: run its trials.')
+    p.add_argument('--only', default='', help='Sweeps: only these trials (comma-separated).')
+  args, rest = parser.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith('--config.')]
+  if bad:
+    raise LaunchError(f'unexpected arguments {bad}: after CONFIG WORKDIR only --sweep, --only '
+                      'and --config.field=value overrides are passed on.')
+  args.overrides = rest
+  args.only = [n for n in args.only.split(',') if n]
+  return args
+
+
+def require(args, names, example):
+  missing = [f'--{n}' for n in names if getattr(args, n) in (None, '')]
+  if missing:
+    raise LaunchError(f'launch.sh {args.target} needs {", ".join(missing)}; e.g. {example}')
+
+
+def require_tool(tool, why):
+  if shutil.which(tool) is None:
+    raise LaunchError(f'`{tool}` was not found on PATH; {why} Use --dry-run to see the '
+                      'commands without running them.')
+
+
+def trials(args):
+  """[(name, overrides)] of the sweep, filtered by --only; [] for a single run."""
+  if not args.sweep:
+    if args.only or getattr(args, 'parallel', 0):
+      raise LaunchError('--only and --parallel apply to sweeps; add --sweep=FILE[:arg].')
+    return []
+  try:
+    all_trials = sweep_lib.load_trials(args.sweep)
+  except Exception as e:  # A missing or broken sweep file.
+    raise LaunchError(f'--sweep={args.sweep}: {e}') from e
+  unknown = set(args.only) - {n for n, _ in all_trials}
+  if unknown:
+    raise LaunchError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
+                      f'{[n for n, _ in all_trials]}.')
+  return [(n, o) for n, o in all_trials if not args.only or n in args.only]
+
+
+def train_command(args, python, distributed=()):
+  """The command every process runs: cvjax.sweep for a sweep, else cvjax.main."""
+  if args.sweep:
+    return [python, '-m', 'cvjax.sweep', f'--config={args.config}', f'--sweep={args.sweep}',
+            f'--workdir={args.workdir}', *([f'--only={",".join(args.only)}'] if args.only else []),
+            *distributed, *args.overrides]
+  return [python, '-m', 'cvjax.main', f'--config={args.config}', f'--workdir={args.workdir}',
+          *distributed, *args.overrides]
+
+
+# --- Cloud TPU ---
+
+def runtime_version(accelerator_type):
+  for prefix, version in RUNTIME_VERSIONS:
+    if accelerator_type.startswith(prefix):
+      return version
+  return DEFAULT_RUNTIME_VERSION
+
+
+def tpu_steps(args, name, command, results=None):
+  """[(kind, argv or text)] for one slice: create-or-reuse, wait, copy, install, run, delete.
+
+  kind 'run' is a command to run; 'if_absent' one run only when the describe before it
+  failed; 'wait' a describe polled until ACTIVE; 'finished' a listing that, when it finds
+  `results` (a trial's results.json), skips the slice; 'note' a comment.
+  """
+  where = [f'--zone={args.zone}', *([f'--project={args.project}'] if args.project else [])]
+  qr = ['gcloud', 'compute', 'tpus', 'queued-resources']
+  vm = ['gcloud', 'compute', 'tpus', 'tpu-vm']
+  describe = [*qr, 'describe', name, *where, '--format=value(state.state)']
+  install = (f'set -e; mkdir -p {REMOTE_DIR}; tar -xzf {CODE_ARCHIVE} -C {REMOTE_DIR}; '
+             f'cd {REMOTE_DIR}; python3 -m pip install -q "jax[tpu]=={JAX_VERSION}" '
+             '-r requirements.txt')
+  steps = [('finished', ['gcloud', 'storage', 'ls', results])] if results else []
+  steps += [
+      ('note', f'slice {name}: reuse it if it exists, else queue it'),
+      ('exists', describe),
+      ('if_absent', [*qr, 'create', name, f'--node-id={name}', *where,
+                     f'--accelerator-type={args.type}',
+                     f'--runtime-version={args.runtime_version or runtime_version(args.type)}',
+                     *(['--spot'] if args.spot else [])]),
+      ('note', f'wait until {name} is ACTIVE (polled every {POLL_SECONDS} s)'),
+      ('wait', describe),
+      ('run', [*vm, 'scp', CODE_ARCHIVE, f'{name}:', *where, '--worker=all']),
+      ('run', [*vm, 'ssh', name, *where, '--worker=all', f'--command={install}']),
+      ('run', [*vm, 'ssh', name, *where, '--worker=all',
+               f'--command=cd {REMOTE_DIR} && {shlex.join(command)}']),
+  ]
+  if args.delete:
+    steps.append(('run', [*qr, 'delete', name, *where, '--force', '--quiet']))
+  return steps
+
+
+def print_steps(steps):
+  for kind, what in steps:
+    if kind == 'note':
+      print(f'# {what}')
+    elif kind == 'finished':
+      print(f'# skip this trial if it is finished:\n{shlex.join(what)}')
+    elif kind == 'if_absent':
+      print(f'# if the describe above finds no such queued resource:\n{shlex.join(what)}')
+    else:
+      print(shlex.join(what))
+
+
+_print_lock = threading.Lock()
+
+
+def _run(argv, prefix):
+  """Runs a command, streaming its output (prefixed per trial when slices run in parallel)."""
+  with _print_lock:
+    print(f'{prefix}$ {shlex.join(argv)}', flush=True)
+  if not prefix:
+    return subprocess.run(argv, check=False).returncode
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    with _print_lock:
+      print(f'{prefix}{line}', end='', flush=True)
+  return proc.wait()
+
+
+def execute_steps(steps, prefix=''):
+  exists = False
+  for kind, what in steps:
+    if kind == 'note':
+      continue
+    if kind == 'finished':
+      if subprocess.run(what, capture_output=True, check=False).returncode == 0:
+        with _print_lock:
+          print(f'{prefix}finished ({what[-1]} exists), skipped.', flush=True)
+        return
+    elif kind == 'exists':
+      exists = subprocess.run(what, capture_output=True, check=False).returncode == 0
+    elif kind == 'if_absent':
+      if not exists and _run(what, prefix):
+        raise RuntimeError(f'{shlex.join(what)} failed.')
+    elif kind == 'wait':
+      while True:
+        state = subprocess.run(what, capture_output=True, text=True, check=False).stdout.strip()
+        if state == 'ACTIVE':
+          break
+        if state in ('FAILED', 'SUSPENDED'):
+          raise RuntimeError(f'the queued resource is {state}: `{shlex.join(what[:-1])}` '
+                             'says why.')
+        with _print_lock:
+          print(f'{prefix}queued resource state: {state or "(not visible yet)"}', flush=True)
+        time.sleep(POLL_SECONDS)
+    elif _run(what, prefix):
+      raise RuntimeError(f'{shlex.join(what)} failed.')
+
+
+def launch_tpu(args):
+  require(args, ('name', 'zone', 'type'),
+          './launch.sh tpu --name=my-tpu --zone=us-central2-b --type=v4-8 configs/resnet.py '
+          'gs://my-bucket/runs/resnet20')
+  if args.parallel < 0:
+    raise LaunchError(f'--parallel={args.parallel}; expected a positive number of slices.')
+  remote = '://' in args.workdir
+  if not remote and (args.delete or args.parallel):
+    raise LaunchError(f'WORKDIR {args.workdir} is a path on the TPU VM: with --delete or '
+                      '--parallel its checkpoints and results would be lost with the slice. '
+                      'Use a bucket the slice can write, e.g. gs://my-bucket/runs/depth.')
+  distributed = ['--distributed=on']
+  if args.parallel:
+    plans = []
+    for trial, overrides in trials(args):
+      name = f'{args.name}-{trial}'.lower().replace('_', '-')
+      command = sweep_lib.trial_command(args.config, args.workdir, trial, overrides,
+                                        [*distributed, *args.overrides], python='python3')
+      plans.append((name, tpu_steps(args, name, command,
+                                    results=f'{args.workdir.rstrip("/")}/{trial}/results.json')))
+  else:
+    trials(args)  # Checks the sweep file and --only before anything starts.
+    plans = [(args.name, tpu_steps(args, args.name, train_command(args, 'python3', distributed)))]
+  pack = ['tar', '-czf', CODE_ARCHIVE, '--exclude=__pycache__', '-C', os.path.relpath(ROOT),
+          *CODE]
+  if args.dry_run:
+    print(f'# package the code ({", ".join(CODE)})\n{shlex.join(pack)}')
+    for _, steps in plans:
+      print_steps(steps)
+    return 0
+  require_tool('gcloud', 'install the Google Cloud CLI (cloud.google.com/sdk) and run '
+               '`gcloud auth login`.')
+  if not remote:
+    print(f'note: WORKDIR {args.workdir} is local to each TPU VM; a multi-host slice needs a '
+          'shared gs:// WORKDIR.', file=sys.stderr)
+  if _run(pack, ''):
+    raise RuntimeError('packaging the code failed.')
+  if not args.parallel:
+    execute_steps(plans[0][1])
+    return 0
+  failed = []
+
+  def one(name_steps):
+    name, steps = name_steps
+    try:
+      execute_steps(steps, prefix=f'[{name}] ')
+    except RuntimeError as e:
+      with _print_lock:
+        print(f'[{name}] failed: {e}', flush=True)
+      failed.append(name)
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    list(pool.map(one, plans))
+  print(f'{len(plans) - len(failed)} of {len(plans)} slices finished'
+        + (f'; failed: {", ".join(failed)}' if failed else '.'))
+  return 1 if failed else 0
+
+
+# --- Slurm ---
+
+def sbatch_script(args):
+  trials(args)
+  log_dir = args.workdir if '://' not in args.workdir else '.'
+  lines = ['#!/bin/bash',
+           f'#SBATCH --job-name={args.job_name}',
+           f'#SBATCH --nodes={args.nodes}',
+           f'#SBATCH --ntasks-per-node={args.gpus_per_node}',  # One process per GPU.
+           f'#SBATCH --gpus-per-node={args.gpus_per_node}',
+           *([f'#SBATCH --partition={args.partition}'] if args.partition else []),
+           *([f'#SBATCH --time={args.time}'] if args.time else []),
+           f'#SBATCH --output={os.path.join(log_dir, "slurm-%j.out")}',
+           '# JAX reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node list: each task',
+           '# drives the GPU of its local rank, process 0 coordinates and writes the logs.',
+           '# The job starts in the directory sbatch ran from: the repository root.',
+           'set -euo pipefail',
+           'srun ' + shlex.join(train_command(args, 'python')),
+           '']
+  return '\n'.join(lines)
+
+
+def launch_slurm(args):
+  require(args, ('nodes', 'gpus_per_node'),
+          './launch.sh slurm --nodes=2 --gpus_per_node=4 configs/resnet.py runs/resnet20')
+  if args.nodes <= 0 or args.gpus_per_node <= 0:
+    raise LaunchError(f'--nodes={args.nodes} --gpus_per_node={args.gpus_per_node}; expected '
+                      'positive numbers.')
+  script = sbatch_script(args)
+  local = '://' not in args.workdir
+  path = os.path.join(args.workdir if local else '.', f'{args.job_name}.sbatch')
+  submit = ['sbatch', path]
+  if args.dry_run:
+    print(f'# {path}:\n{script}# submit\n{shlex.join(submit)}')
+    return 0
+  require_tool('sbatch', 'run this on a Slurm login node.')
+  if local:
+    os.makedirs(args.workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(script)
+  print(f'wrote {path}\n$ {shlex.join(submit)}', flush=True)
+  return subprocess.run(submit, check=False).returncode
+
+
+def main(argv):
+  try:
+    args = parse(argv)
+    return launch_tpu(args) if args.target == 'tpu' else launch_slurm(args)
+  except LaunchError as e:
+    print(f'launch.sh: error: {e}', file=sys.stderr)
+    return 2
+  except RuntimeError as e:
+    print(f'launch.sh: {e}', file=sys.stderr)
+    return 1
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,189 @@
+"""launch.sh tpu|slurm: what each target would run (--dry-run), and its errors.
+
+No cloud or cluster exists here: the tests read the printed commands, and make sure a dry
+run starts no process at all.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from cvjax import distributed, launch
+
+TPU = ['tpu', '--name=depth', '--zone=us-central2-b', '--type=v4-32']
+SLURM = ['slurm', '--nodes=2', '--gpus_per_node=4', '--partition=gpu', '--time=12:00:00']
+
+
+@pytest.fixture
+def dry(monkeypatch, capsys):
+  """Runs launch.main with every way of starting a process disabled; returns (rc, lines)."""
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'a dry run started a process: {args}')
+  monkeypatch.setattr(subprocess, 'run', refuse)
+  monkeypatch.setattr(subprocess, 'Popen', refuse)
+  monkeypatch.chdir(ROOT)
+
+  def run(*argv):
+    rc = launch.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out.splitlines(), out.err
+  return run
+
+
+def commands(lines, prefix):
+  return [shlex.split(l) for l in lines if l.startswith(prefix)]
+
+
+def test_tpu_run_dry_run_prints_every_step(dry):
+  rc, lines, _ = dry(*TPU, '--spot', '--delete', '--dry-run', 'configs/resnet.py:resnet56',
+                     'gs://bucket/r56', '--config.train.num_epochs=3')
+  assert rc == 0
+  gcloud = commands(lines, 'gcloud')
+  assert gcloud[1] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'depth',
+                       '--node-id=depth', '--zone=us-central2-b', '--accelerator-type=v4-32',
+                       '--runtime-version=tpu-ubuntu2204-base', '--spot']
+  assert gcloud[0] == gcloud[2] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe',
+                                    'depth', '--zone=us-central2-b',
+                                    '--format=value(state.state)']
+  assert gcloud[3] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', 'cvjax-code.tar.gz', 'depth:',
+                       '--zone=us-central2-b', '--worker=all']
+  install, train = gcloud[4][-1], gcloud[5][-1]
+  assert gcloud[4][:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'depth',
+                           '--zone=us-central2-b', '--worker=all']
+  assert '"jax[tpu]==0.10.2" -r requirements.txt' in install
+  assert train == ('--command=cd ~/cvjax && python3 -m cvjax.main '
+                   '--config=configs/resnet.py:resnet56 --workdir=gs://bucket/r56 '
+                   '--distributed=on --config.train.num_epochs=3')
+  assert gcloud[6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'depth',
+                       '--zone=us-central2-b', '--force', '--quiet']
+  assert len(gcloud) == 7
+  assert commands(lines, 'tar')[0][:2] == ['tar', '-czf']
+
+
+def test_tpu_sweep_runs_its_trials_on_one_slice(dry):
+  rc, lines, _ = dry(*TPU, '--dry-run', 'configs/resnet.py', 'gs://bucket/depth',
+                     '--sweep=experiments/depth_ablation.py:quick', '--only=plain20,resnet20')
+  assert rc == 0
+  gcloud = commands(lines, 'gcloud')
+  assert sum(c[4] == 'create' for c in gcloud) == 1
+  assert gcloud[-1][-1] == (
+      '--command=cd ~/cvjax && python3 -m cvjax.sweep --config=configs/resnet.py '
+      '--sweep=experiments/depth_ablation.py:quick --workdir=gs://bucket/depth '
+      '--only=plain20,resnet20 --distributed=on')
+  assert not any('delete' in c for c in gcloud)  # Kept without --delete.
+
+
+def test_tpu_parallel_sweep_gives_each_trial_its_slice(dry):
+  rc, lines, _ = dry(*TPU, '--parallel=3', '--dry-run', 'configs/resnet.py', 'gs://bucket/depth',
+                     '--sweep=experiments/depth_ablation.py', '--config.seed=1')
+  assert rc == 0
+  gcloud = commands(lines, 'gcloud')
+  creates = [c[5] for c in gcloud if c[3:5] == ['queued-resources', 'create']]
+  assert creates == ['depth-plain20', 'depth-plain32', 'depth-plain44', 'depth-plain56',
+                     'depth-resnet20', 'depth-resnet32', 'depth-resnet44', 'depth-resnet56',
+                     'depth-resnet110']
+  checks = [c[-1] for c in gcloud if c[1] == 'storage']
+  assert checks[0] == 'gs://bucket/depth/plain20/results.json' and len(checks) == 9
+  runs = [c[-1] for c in gcloud if c[3:5] == ['tpu-vm', 'ssh'] and 'cvjax.main' in c[-1]]
+  assert runs[-1] == ('--command=cd ~/cvjax && python3 -m cvjax.main --config=configs/resnet.py '
+                      '--workdir=gs://bucket/depth/resnet110 --distributed=on --config.seed=1 '
+                      '--config.model.depth=110 --config.model.residual=True '
+                      '--config.schedule.warmup_steps=400')
+
+
+def test_slurm_dry_run_prints_the_script_and_the_submission(dry):
+  rc, lines, _ = dry(*SLURM, '--dry-run', 'configs/resnet.py', 'runs/depth',
+                     '--sweep=experiments/depth_ablation.py:quick')
+  assert rc == 0
+  for line in ('#SBATCH --nodes=2', '#SBATCH --ntasks-per-node=4', '#SBATCH --gpus-per-node=4',
+               '#SBATCH --partition=gpu', '#SBATCH --time=12:00:00',
+               '#SBATCH --output=runs/depth/slurm-%j.out'):
+    assert line in lines
+  srun = [l for l in lines if l.startswith('srun ')]
+  assert srun == ['srun python -m cvjax.sweep --config=configs/resnet.py '
+                  '--sweep=experiments/depth_ablation.py:quick --workdir=runs/depth']
+  assert lines[-1] == 'sbatch runs/depth/cvjax.sbatch'
+  assert not os.path.exists(os.path.join(ROOT, 'runs', 'depth', 'cvjax.sbatch'))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['tpu', '--zone=z', '--type=v4-8', 'c.py', 'gs://b/w'], 'needs --name'),
+    (['slurm', '--nodes=2', 'c.py', 'w'], 'needs --gpus_per_node'),
+    ([*TPU, '--delete', 'configs/resnet.py', 'runs/local'], 'would be lost with the slice'),
+    ([*TPU, '--parallel=2', 'configs/resnet.py', 'gs://b/w'], 'apply to sweeps'),
+    ([*TPU, 'configs/resnet.py', 'gs://b/w', '--sweep=experiments/depth_ablation.py',
+      '--only=resnet7'], 'unknown trials'),
+    ([*TPU, 'configs/resnet.py', 'gs://b/w', '--sweep=experiments/nope.py'], 'does not exist'),
+    ([*SLURM, 'configs/resnet.py', 'w', '--bogus'], 'unexpected arguments'),
+])
+def test_bad_launch_input_is_one_paragraph_and_exit_2(dry, argv, message):
+  rc, _, err = dry(*argv, '--dry-run')
+  assert rc == 2 and message in err and 'Traceback' not in err, err
+
+
+@pytest.mark.parametrize('argv,tool', [([*TPU, 'configs/resnet.py', 'gs://b/w'], 'gcloud'),
+                                       ([*SLURM, 'configs/resnet.py', 'w'], 'sbatch')])
+def test_missing_cloud_tool_is_a_clear_error(dry, monkeypatch, argv, tool):
+  monkeypatch.setenv('PATH', '/nonexistent')
+  rc, _, err = dry(*argv)
+  assert rc == 2 and f'`{tool}` was not found on PATH' in err, err
+
+
+def test_launch_sh_dispatches_targets_and_reports_errors(tmp_path):
+  out = subprocess.run(['./launch.sh', *SLURM, '--dry-run', 'configs/lenet.py', str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and 'srun python -m cvjax.main' in out.stdout, out.stderr
+  out = subprocess.run(['./launch.sh', 'tpu', '--dry-run', 'configs/lenet.py', 'gs://b/w'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and 'needs --name, --zone, --type' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+# --- When a run joins a multi-process group. ---
+
+@pytest.fixture
+def no_join(monkeypatch):
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a: calls.append(a))
+  for var in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS',
+              'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(var, raising=False)
+  return calls
+
+
+def test_single_process_runs_do_not_join(no_join, monkeypatch):
+  assert not distributed.initialize('auto')
+  # A Slurm batch step or a one-task srun is one process.
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '1')
+  monkeypatch.setenv('SLURM_STEP_NODELIST', 'node1')
+  monkeypatch.setenv('SLURM_PROCID', '0')
+  assert not distributed.initialize('auto')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '1')
+  assert not distributed.initialize('auto')
+  assert not distributed.initialize('off', 'localhost:1', 2, 0)
+  assert no_join == []
+
+
+def test_groups_join_with_detection_or_explicit_flags(no_join, monkeypatch):
+  assert distributed.initialize('auto', 'localhost:1234', 2, 1)
+  assert distributed.initialize('on')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4')
+  assert distributed.initialize('auto')
+  monkeypatch.delenv('OMPI_COMM_WORLD_SIZE')
+  for var, value in (('SLURM_JOB_ID', '7'), ('SLURM_STEP_NUM_TASKS', '8'),
+                     ('SLURM_STEP_NODELIST', 'node[1-2]'), ('SLURM_PROCID', '3')):
+    monkeypatch.setenv(var, value)
+  assert distributed.initialize('auto')
+  assert no_join == [('localhost:1234', 2, 1), (None, None, None), (None, None, None),
+                     (None, None, None)]
+
+
+def test_half_given_coordinates_are_refused(no_join):
+  with pytest.raises(distributed.UserError, match='go together'):
+    distributed.initialize('auto', 'localhost:1234', None, None)
+  assert no_join == []
