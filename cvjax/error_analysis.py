@@ -33,24 +33,43 @@ def _figure(rows, cols, tile):
   return plt.subplots(rows, cols, figsize=(cols * tile, rows * tile), squeeze=False)
 
 
-def mistakes_figure(images, labels, predictions, class_names, max_tiles=100):
-  """A grid of the first `max_tiles` mistakes in test-set order; returns (figure, tiles)."""
+def mistakes_image(images, labels, predictions, class_names, max_tiles=100):
+  """The first `max_tiles` mistakes in test-set order as one grid of tiles captioned
+  "true -> predicted"; returns (RGB uint8 array, captions). Drawn with PIL: a matplotlib axes
+  per tile took seconds, longer than a quick training run."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   wrong = np.flatnonzero(labels != predictions)[:max_tiles]
-  n = max(len(wrong), 1)
-  cols = min(10, n)
-  rows = -(-n // cols)
-  fig, axes = _figure(rows, cols, 1.3)
-  for ax in axes.flat:
-    ax.axis('off')
-  for ax, i in zip(axes.flat, wrong):
-    img = images[i]
-    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap='gray_r' if img.shape[-1] == 1
-              else None, vmin=0, vmax=255)
-    ax.set_title(f'{class_names[labels[i]]} -> {class_names[predictions[i]]}', fontsize=6)
-  fig.suptitle(f'{len(wrong)} of {int(np.sum(labels != predictions))} misclassified test images '
-               '(true -> predicted)', fontsize=9)
-  fig.tight_layout()
-  return fig, len(wrong)
+  captions = [f'{class_names[labels[i]]} -> {class_names[predictions[i]]}' for i in wrong]
+  h, w, c = images.shape[1:]
+  scale = max(1, 96 // max(h, w))  # Tiles of ~96 pixels, nearest-neighbour: pixels stay sharp.
+  th, tw = h * scale, w * scale
+  cell_w, cell_h, band, top = max(tw, 120) + 8, th + 20, 16, 24
+  cols = min(10, max(len(wrong), 1))
+  rows = max(-(-len(wrong) // cols), 1)
+  grid = Image.new('RGB', (cols * cell_w, top + rows * cell_h), 'white')
+  draw = ImageDraw.Draw(grid)
+  font = ImageFont.load_default(size=11)
+  draw.text((4, 4), f'{len(wrong)} of {int(np.sum(labels != predictions))} misclassified test '
+            'images (true -> predicted)', fill='black', font=font)
+  for k, (i, caption) in enumerate(zip(wrong, captions)):
+    r, col = divmod(k, cols)
+    tile = images[i].repeat(scale, 0).repeat(scale, 1)
+    tile = 255 - tile[..., 0] if c == 1 else tile  # Digits dark on white, as on paper.
+    x, y = col * cell_w + (cell_w - tw) // 2, top + r * cell_h
+    grid.paste(Image.fromarray(tile), (x, y + band))
+    draw.text((col * cell_w + cell_w // 2, y + band - 2), caption, fill='black', font=font,
+              anchor='mb')
+  return np.asarray(grid), captions
+
+
+def render(fig, dpi=120):
+  """The figure as an RGB uint8 array, and closes it."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.set_dpi(dpi)
+  fig.canvas.draw()
+  pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return pixels
 
 
 def confusion_figure(cm, class_names):
@@ -77,14 +96,15 @@ def write(workdir, images, labels, predictions, class_names, *, step, writer=Non
   out = os.path.join(workdir, 'error_analysis')
   os.makedirs(out, exist_ok=True)
   cm = confusion_matrix(labels, predictions, len(class_names))
-  mistakes, tiles = mistakes_figure(images, labels, predictions, class_names, max_tiles)
-  confusion = confusion_figure(cm, class_names)
-  for name, fig in (('mistakes', mistakes), ('confusion', confusion)):
-    fig.savefig(os.path.join(out, f'{name}.png'), dpi=120)
+  mistakes, captions = mistakes_image(images, labels, predictions, class_names, max_tiles)
+  confusion = render(confusion_figure(cm, class_names))  # Drawn once, for PNG and TensorBoard.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for name, pixels in (('mistakes', mistakes), ('confusion', confusion)):
+    Image.fromarray(pixels).save(os.path.join(out, f'{name}.png'))
     if writer is not None:
-      writer.add_figure(f'error_analysis/{name}', fig, step)
+      writer.add_image(f'error_analysis/{name}', pixels, step, dataformats='HWC')
   summary = {'step': int(step), 'num_test': int(cm.sum()),
-             'num_mistakes': int(cm.sum() - np.trace(cm)), 'mistakes_shown': tiles,
+             'num_mistakes': int(cm.sum() - np.trace(cm)), 'mistakes_shown': len(captions),
              'class_names': list(class_names), 'confusion_matrix': cm.tolist(),
              'per_class_error': {c: float(e) for c, e in zip(class_names, per_class_error(cm))}}
   with open(os.path.join(out, 'error_analysis.json'), 'w') as f:
@@ -114,8 +134,8 @@ def main(argv):
   p_eval_step, test_data, num_batches = train.jit_evaluation(s, replicated)
   metrics, predictions = train.evaluate(p_eval_step, state, test_data, num_batches,
                                         len(s.test_images), s.data.num_classes)
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  writer = SummaryWriter(workdir)  # TensorBoard images only: metrics.jsonl stays as it is.
+  from cvjax.metric_writer import summary_writer  # pylint: disable=g-import-not-at-top
+  writer = summary_writer(workdir)  # TensorBoard images only: metrics.jsonl stays as it is.
   summary = write(workdir, s.test_images, s.data.test_labels, predictions, s.data.class_names,
                   step=int(state.step), writer=writer)
   writer.close()

@@ -9,15 +9,19 @@ there: the input can never starve the step.
 
 import dataclasses
 import gzip
+import hashlib
 import io
+import json
 import os
 import struct
 import tarfile
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax import runtime
 from cvjax.errors import UserError
 
 # Datasets small enough to hold in memory, by tfds name.
@@ -128,12 +132,66 @@ def load_local(path, name='') -> Dataset:
                     'or its .tar.gz.')
   if os.path.isfile(path):
     if path.endswith(('.tar.gz', '.tgz', '.tar')):
-      return load_image_folder_tar(path)
+      return decoded_cache(path, _file_digest(path), load_image_folder_tar)
     raise UserError(f'dataset.path={path!r} is a file but not a .tar.gz/.tgz/.tar archive.')
   names = set(os.listdir(path))
   if any(f.startswith(('train-images', 't10k-images')) for f in names):
     return load_idx_folder(path, name)
-  return load_image_folder(path)
+  return decoded_cache(path, _listing_digest(path), load_image_folder)
+
+
+# --- decoded image folders, cached -------------------------------------------------------
+# Decoding CIFAR-10's 60k JPEGs takes 8-25 s; its decoded arrays load in a fraction of a
+# second. Cached under $CVJAX_CACHE_DIR (default ~/.cache/cvjax), keyed by the archive's
+# content or the folder's file listing (names, sizes, modification times).
+
+CACHE_VERSION = 1  # Bump when decoding changes, so old entries are not used.
+
+
+def _file_digest(path):
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _listing_digest(root):
+  h = hashlib.sha256()
+  for dirpath, dirnames, fnames in os.walk(root):
+    dirnames.sort()
+    for fname in sorted(fnames):
+      st = os.stat(os.path.join(dirpath, fname))
+      h.update(f'{os.path.relpath(os.path.join(dirpath, fname), root)}\0{st.st_size}\0'
+               f'{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()
+
+
+def decoded_cache(path, digest, decode):
+  """`decode(path)`, or its arrays from the cache written by an earlier run on the same data."""
+  entry = os.path.join(runtime.cache_dir(), 'datasets', f'{digest[:32]}-v{CACHE_VERSION}.npz')
+  if os.path.exists(entry):
+    try:
+      with np.load(entry) as z:
+        return Dataset(z['train_images'], z['train_labels'], z['test_images'], z['test_labels'],
+                       class_names=json.loads(str(z['class_names'])))
+    except (OSError, ValueError, KeyError, EOFError) as e:  # Torn or stale: decode again.
+      logging.warning('Ignoring the unreadable dataset cache %s (%s).', entry, e)
+  logging.info('Decoding the images of %s (once: the arrays are cached in %s).', path,
+               os.path.dirname(entry))
+  data = decode(path)
+  try:
+    os.makedirs(os.path.dirname(entry), exist_ok=True)
+    tmp = f'{entry}.{os.getpid()}.tmp.npz'
+    np.savez(tmp, train_images=data.train_images, train_labels=data.train_labels,
+             test_images=data.test_images, test_labels=data.test_labels,
+             class_names=json.dumps(data.class_names))
+    os.replace(tmp, entry)  # Atomic: a concurrent run reads either nothing or all of it.
+  except OSError as e:  # A read-only or full disk is no reason to stop training.
+    logging.warning('Could not cache the decoded dataset in %s: %s', entry, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return data
 
 
 def _read_idx(path, magic, ndim):

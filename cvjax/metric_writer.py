@@ -5,6 +5,21 @@ tensorboardX writes the event files, so no TensorFlow is needed to log.
 
 import json
 import os
+import sys
+
+
+def summary_writer(logdir, **kwargs):
+  """tensorboardX's SummaryWriter, imported with PyTorch hidden: tensorboardX imports torch
+  when it is installed (~4 s) only to accept torch tensors, which cvjax never logs."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` now raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide:
+      del sys.modules['torch']
+  return SummaryWriter(logdir, **kwargs)
 
 
 class MetricWriter:
@@ -12,9 +27,8 @@ class MetricWriter:
   logged past the checkpoint, so curves and metrics.jsonl have each step once."""
 
   def __init__(self, workdir, resume_step=0):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step tells TensorBoard to discard older events at steps >= resume_step + 1.
-    self.tb = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+    self.tb = summary_writer(workdir, purge_step=resume_step + 1 if resume_step else None)
     self.jsonl = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.jsonl):
       with open(self.jsonl) as f:

@@ -13,6 +13,10 @@ sys.path.insert(0, ROOT)  # For `configs`.
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Decoded-dataset cache of this test session only (inherited by the subprocesses tests start).
+os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
+
 jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.
 
 

@@ -135,13 +135,15 @@ def test_mistakes_grid_has_one_tile_per_mistake_shown():
   labels = rng.integers(0, 3, 30)
   predictions = labels.copy()
   predictions[[1, 4, 5, 20]] = (labels[[1, 4, 5, 20]] + 1) % 3
-  fig, tiles = error_analysis.mistakes_figure(images, labels, predictions, ['a', 'b', 'c'])
-  assert tiles == 4 and sum(1 for ax in fig.axes if ax.images) == 4
-  titles = [ax.get_title() for ax in fig.axes if ax.images]
-  assert titles[0] == f'{"abc"[labels[1]]} -> {"abc"[predictions[1]]}'
-  fig, tiles = error_analysis.mistakes_figure(images, labels, predictions, ['a', 'b', 'c'],
-                                              max_tiles=3)
-  assert tiles == 3 and sum(1 for ax in fig.axes if ax.images) == 3
+  grid, captions = error_analysis.mistakes_image(images, labels, predictions, ['a', 'b', 'c'])
+  assert captions == [f'{"abc"[labels[i]]} -> {"abc"[predictions[i]]}' for i in (1, 4, 5, 20)]
+  # Each tile is its test image, scaled 12x (8 -> 96 pixels) and drawn dark on white.
+  tiles = [grid[24 + 16:24 + 16 + 96, x:x + 96] for x in (16, 128 + 16)]
+  np.testing.assert_array_equal(tiles[0][::12, ::12, 0], 255 - images[1, ..., 0])
+  np.testing.assert_array_equal(tiles[1][::12, ::12, 1], 255 - images[4, ..., 0])
+  grid, captions = error_analysis.mistakes_image(images, labels, predictions, ['a', 'b', 'c'],
+                                                 max_tiles=3)
+  assert len(captions) == 3 and grid.shape == (24 + 116, 3 * 128, 3)
   cm = error_analysis.confusion_matrix(labels, predictions, 3)
   assert cm.sum() == 30 and np.trace(cm) == 26
   # Per class: the share of that class's images predicted as something else.

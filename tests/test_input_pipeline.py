@@ -74,6 +74,35 @@ def test_image_folder_directory_and_tar(tmp_path):
     assert np.bincount(data.test_labels).tolist() == [2, 2, 2]
 
 
+def test_decoded_image_folders_are_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv('CVJAX_CACHE_DIR', str(tmp_path / 'cache'))
+  _write_image_folder(tmp_path / 'folder')
+  archive = tmp_path / 'folder.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tmp_path / 'folder' / 'top', arcname='top')
+  decoded = []
+  decode = ip._decode
+  monkeypatch.setattr(ip, '_decode', lambda *a: decoded.append(a[1]) or decode(*a))
+  for path in (tmp_path / 'folder', archive):
+    first = ip.load_local(str(path))
+    n = len(decoded)
+    assert n > 0
+    again = ip.load_local(str(path))  # From the cache: nothing decoded.
+    assert len(decoded) == n
+    for field in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+      np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
+    assert again.class_names == first.class_names
+  assert len(os.listdir(tmp_path / 'cache' / 'datasets')) == 2
+  # Changed data is decoded again; an unreadable cache entry is decoded again too.
+  (tmp_path / 'folder' / 'top' / 'test' / 'ant' / '0.png').write_bytes(_png(99))
+  assert ip.load_local(str(tmp_path / 'folder')).test_images[0, 0, 0, 0] == 99
+  for entry in os.listdir(tmp_path / 'cache' / 'datasets'):
+    (tmp_path / 'cache' / 'datasets' / entry).write_bytes(b'torn')
+  n = len(decoded)
+  assert ip.load_local(str(archive)).class_names == ['ant', 'cat', 'zebra']
+  assert len(decoded) > n
+
+
 def test_image_folder_errors(tmp_path):
   _write_image_folder(tmp_path)
   (tmp_path / 'top' / 'train' / 'ant' / '9.png').write_bytes(_png(1, size=(7, 7)))
