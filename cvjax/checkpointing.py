@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state, tagged with what model they belong to."""
 
 import os
+import uuid
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cvjax.errors import UserError
@@ -46,3 +49,30 @@ def restore_latest(mngr, abstract_state, identity):
 def abstract_with_sharding(tree, sharding):
   """ShapeDtypeStructs carrying `sharding` for every leaf (the restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def check_shared_workdir(workdir):
+  """In a multi-process run, every process must see the same workdir: each writes its own
+  part of every checkpoint there, and a restore reads all parts. A host-local path on a pod
+  gives each host a different folder; say so before anything is written or restored."""
+  if jax.process_count() == 1:
+    return
+  token = str(multihost_utils.broadcast_one_to_all(np.frombuffer(
+      uuid.uuid4().bytes, np.uint8)).tobytes().hex())
+  marker = os.path.join(workdir, f'.shared-check-{token}')
+  if jax.process_index() == 0:
+    with open(marker, 'w') as f:
+      f.write(token)
+  multihost_utils.sync_global_devices('cvjax: shared-workdir marker written')
+  seen = os.path.exists(marker)
+  everyone = multihost_utils.process_allgather(np.array(seen))
+  multihost_utils.sync_global_devices('cvjax: shared-workdir marker read')
+  if jax.process_index() == 0:
+    os.remove(marker)
+  if not np.all(everyone):
+    missing = [int(i) for i in np.flatnonzero(~np.asarray(everyone))]
+    raise UserError(
+        f'--workdir={workdir} is not shared between the {jax.process_count()} processes: '
+        f'process(es) {missing} do not see what process 0 wrote there, so checkpoints would be '
+        'split across hosts and could not be restored. Use a path every host sees: a bucket '
+        '(gs://...) or a shared file system.')

@@ -13,6 +13,7 @@ exist. `mode`:
 
 import os
 
+from absl import logging
 import jax
 
 from cvjax.errors import UserError
@@ -30,7 +31,8 @@ def started_as_group():
 def initialize(mode='auto', coordinator_address=None, num_processes=None, process_id=None):
   """Calls `jax.distributed.initialize` when the run is multi-process; returns whether it did.
 
-  Must run before anything touches a JAX backend.
+  Must run before anything touches a JAX backend. Process 0 then tells the story; the
+  others log warnings and errors only.
   """
   if mode not in MODES:
     raise UserError(f'--distributed={mode!r}; expected one of {", ".join(MODES)}.')
@@ -50,4 +52,6 @@ def initialize(mode='auto', coordinator_address=None, num_processes=None, proces
     raise UserError(f'could not join the multi-process run ({e}). Check that every process '
                     'got the same coordinator address and process count, and its own '
                     'process id.') from e
+  if jax.process_index():
+    logging.set_verbosity(logging.WARNING)
   return True

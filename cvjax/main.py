@@ -14,7 +14,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from cvjax import distributed
@@ -47,8 +46,6 @@ def main(argv):
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
-    if jax.process_index():  # Process 0 tells the story; the others only what goes wrong.
-      logging.set_verbosity(logging.WARNING)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     logging.error('%s', e)

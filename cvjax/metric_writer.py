@@ -21,6 +21,8 @@ def summary_writer(logdir, **kwargs):
       del sys.modules['torch']
   return SummaryWriter(logdir, **kwargs)
 
+import jax
+
 
 class MetricWriter:
   """Writes `{tag: value}` per step; on resume drops what the interrupted run
@@ -59,3 +61,27 @@ class MetricWriter:
 
   def close(self):
     self.tb.close()
+
+
+class NullWriter:
+  """What processes other than 0 of a multi-process run write: nothing."""
+
+  def write_scalars(self, step, scalars):
+    pass
+
+  def records(self):
+    return []
+
+  def write_hparams(self, hparams, metrics):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def create(workdir, resume_step=0):
+  """Process 0 logs; in a multi-process run the others would write the same lines again."""
+  return MetricWriter(workdir, resume_step) if jax.process_index() == 0 else NullWriter()

@@ -23,7 +23,7 @@ from cvjax import input_pipeline
 from cvjax import models
 from cvjax import optim
 from cvjax.errors import UserError
-from cvjax.metric_writer import MetricWriter
+from cvjax import metric_writer
 
 
 @flax.struct.dataclass
@@ -308,6 +308,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
   # --- Train state: restored, or built directly in place. ---
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   os.makedirs(workdir, exist_ok=True)
+  checkpointing.check_shared_workdir(workdir)
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
       mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
@@ -316,14 +317,17 @@ def train_and_evaluate(config, workdir, *, devices=None):
   start_step = int(state.step)
   if start_step:
     logging.info('Resuming from the checkpoint at step %d.', start_step)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  writer = MetricWriter(workdir, resume_step=start_step)
+  is_main = jax.process_index() == 0  # Writes the logs, metrics and results.
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writer.create(workdir, resume_step=start_step)
   num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
   logging.info('%s: %d parameters, %d train / %d test examples %s, %d classes, %d steps '
-               '(%d per epoch), %d device(s).', config.model.name, num_params,
+               '(%d per epoch), %d device(s) in %d process(es).', config.model.name, num_params,
                len(s.train_images), len(s.test_images), s.train_images.shape[1:],
-               s.data.num_classes, s.total_steps, s.steps_per_epoch, s.mesh.size)
+               s.data.num_classes, s.total_steps, s.steps_per_epoch, s.mesh.size,
+               jax.process_count())
 
   # --- Data on the device, and the jitted steps. ---
   device_data = jax.device_put({'train_images': s.train_images,
@@ -347,6 +351,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
       epoch = step // s.steps_per_epoch
       perm = input_pipeline.epoch_permutation(config.seed, epoch, len(s.train_images))
     i = step % s.steps_per_epoch
+    # Every process computes the same global indices; device_put keeps the rows of its own
+    # devices, so the batch and its order do not depend on the number of processes.
     indices = jax.device_put(perm[i * batch_size:(i + 1) * batch_size], batch_sharding)
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
       writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, indices,
@@ -408,7 +414,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
     if predictions is None:  # Nothing left to train: evaluate the restored state.
       test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
                                            len(s.test_images), s.data.num_classes)
-    finish(workdir, s, state, test_metrics, predictions, writer)
+    if is_main:
+      finish(workdir, s, state, test_metrics, predictions, writer)
   writer.close()
   return state, {k: float(v) for k, v in test_metrics.items()}
 
