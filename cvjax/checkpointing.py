@@ -3,6 +3,7 @@
 import os
 import uuid
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -11,10 +12,15 @@ import orbax.checkpoint as ocp
 from cvjax.errors import UserError
 
 
+def directory(workdir):
+  """WORKDIR/checkpoints: orbax writes gs:// (and any etils.epath path) natively."""
+  return epath.Path(workdir if '://' in os.fspath(workdir) else os.path.abspath(workdir)) / \
+      'checkpoints'
+
+
 def manager(workdir, keep):
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
 def save(mngr, step, state, identity):
@@ -59,16 +65,15 @@ def check_shared_workdir(workdir):
     return
   token = str(multihost_utils.broadcast_one_to_all(np.frombuffer(
       uuid.uuid4().bytes, np.uint8)).tobytes().hex())
-  marker = os.path.join(workdir, f'.shared-check-{token}')
+  marker = epath.Path(workdir) / f'.shared-check-{token}'
   if jax.process_index() == 0:
-    with open(marker, 'w') as f:
-      f.write(token)
+    marker.write_text(token)
   multihost_utils.sync_global_devices('cvjax: shared-workdir marker written')
-  seen = os.path.exists(marker)
+  seen = marker.exists()
   everyone = multihost_utils.process_allgather(np.array(seen))
   multihost_utils.sync_global_devices('cvjax: shared-workdir marker read')
   if jax.process_index() == 0:
-    os.remove(marker)
+    marker.unlink()
   if not np.all(everyone):
     missing = [int(i) for i in np.flatnonzero(~np.asarray(everyone))]
     raise UserError(

@@ -8,9 +8,9 @@ as TensorBoard images.
 """
 
 import json
-import os
 
 from absl import app
+from etils import epath
 import numpy as np
 
 
@@ -93,22 +93,22 @@ def confusion_figure(cm, class_names):
 def write(workdir, images, labels, predictions, class_names, *, step, writer=None,
           max_tiles=100):
   """Writes the artefacts; returns the summary dict saved as error_analysis.json."""
-  out = os.path.join(workdir, 'error_analysis')
-  os.makedirs(out, exist_ok=True)
+  out = epath.Path(workdir) / 'error_analysis'
+  out.mkdir(parents=True, exist_ok=True)
   cm = confusion_matrix(labels, predictions, len(class_names))
   mistakes, captions = mistakes_image(images, labels, predictions, class_names, max_tiles)
   confusion = render(confusion_figure(cm, class_names))  # Drawn once, for PNG and TensorBoard.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for name, pixels in (('mistakes', mistakes), ('confusion', confusion)):
-    Image.fromarray(pixels).save(os.path.join(out, f'{name}.png'))
+    with (out / f'{name}.png').open('wb') as f:
+      Image.fromarray(pixels).save(f, format='png')
     if writer is not None:
       writer.add_image(f'error_analysis/{name}', pixels, step, dataformats='HWC')
   summary = {'step': int(step), 'num_test': int(cm.sum()),
              'num_mistakes': int(cm.sum() - np.trace(cm)), 'mistakes_shown': len(captions),
              'class_names': list(class_names), 'confusion_matrix': cm.tolist(),
              'per_class_error': {c: float(e) for c, e in zip(class_names, per_class_error(cm))}}
-  with open(os.path.join(out, 'error_analysis.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  (out / 'error_analysis.json').write_text(json.dumps(summary, indent=1))
   return summary
 
 
@@ -119,11 +119,10 @@ def main(argv):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     raise app.UsageError(f'{path} not found: --workdir must be a cvjax run directory.')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   s = train.setup(config)
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
@@ -134,11 +133,11 @@ def main(argv):
   p_eval_step, test_data, num_batches = train.jit_evaluation(s, replicated)
   metrics, predictions = train.evaluate(p_eval_step, state, test_data, num_batches,
                                         len(s.test_images), s.data.num_classes)
-  from cvjax.metric_writer import summary_writer  # pylint: disable=g-import-not-at-top
-  writer = summary_writer(workdir)  # TensorBoard images only: metrics.jsonl stays as it is.
+  from cvjax import metric_writer  # pylint: disable=g-import-not-at-top
+  events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
   summary = write(workdir, s.test_images, s.data.test_labels, predictions, s.data.class_names,
-                  step=int(state.step), writer=writer)
-  writer.close()
+                  step=int(state.step), writer=events.tb)
+  events.close()
   print(f'step {summary["step"]}: {summary["num_mistakes"]} of {summary["num_test"]} test images '
         f'misclassified ({100 * metrics["test/error"]:.2f}%); wrote {workdir}/error_analysis/')
 

@@ -1,11 +1,26 @@
 """Scalars to TensorBoard event files and to metrics.jsonl in the workdir.
 
-tensorboardX writes the event files, so no TensorFlow is needed to log.
+tensorboardX writes the event files, so no TensorFlow is needed to log. The workdir may be
+remote (`gs://...`, any etils.epath path). Object stores cannot append, and tensorboardX's
+own gs:// writer uploads the whole event file again at every flush; so for a remote
+workdir the events go to a local folder and `sync()` (at each checkpoint and at the end)
+uploads them as a finished file of their own and starts a new one: each event is uploaded
+once. TensorBoard reads every event file of a run folder. metrics.jsonl, a few KB, is
+rewritten whole at each sync.
 """
 
 import json
 import os
+import shutil
 import sys
+import tempfile
+
+from etils import epath
+import jax
+
+
+def is_remote(path):
+  return '://' in os.fspath(path)
 
 
 def summary_writer(logdir, **kwargs):
@@ -21,7 +36,47 @@ def summary_writer(logdir, **kwargs):
       del sys.modules['torch']
   return SummaryWriter(logdir, **kwargs)
 
-import jax
+
+class EventWriter:
+  """A tensorboardX SummaryWriter (`.tb`) for a local or remote run folder."""
+
+  def __init__(self, workdir, purge_step=None):
+    self.workdir = epath.Path(workdir)
+    self.remote = is_remote(workdir)
+    self._staging = tempfile.mkdtemp(prefix='cvjax-events-') if self.remote else None
+    self._segment = 0
+    self.tb = self._open(purge_step)
+
+  def _open(self, purge_step=None):
+    if not self.remote:
+      return summary_writer(os.fspath(self.workdir), purge_step=purge_step)
+    self._segment += 1
+    return summary_writer(self._staging, purge_step=purge_step,
+                          filename_suffix=f'.{self._segment:05d}')
+
+  def _upload(self):
+    self.tb.close()
+    for folder, _, files in os.walk(self._staging):
+      target = self.workdir / os.path.relpath(folder, self._staging)
+      target.mkdir(parents=True, exist_ok=True)
+      for name in files:
+        with open(os.path.join(folder, name), 'rb') as f:
+          (target / name).write_bytes(f.read())
+        os.remove(os.path.join(folder, name))
+
+  def sync(self):
+    """Local: flushes. Remote: uploads what was written since the last sync."""
+    self.tb.flush()
+    if self.remote:
+      self._upload()
+      self.tb = self._open()
+
+  def close(self):
+    if self.remote:
+      self._upload()
+      shutil.rmtree(self._staging, ignore_errors=True)
+    else:
+      self.tb.close()
 
 
 class MetricWriter:
@@ -30,37 +85,47 @@ class MetricWriter:
 
   def __init__(self, workdir, resume_step=0):
     # purge_step tells TensorBoard to discard older events at steps >= resume_step + 1.
-    self.tb = summary_writer(workdir, purge_step=resume_step + 1 if resume_step else None)
-    self.jsonl = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(self.jsonl):
-      with open(self.jsonl) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(self.jsonl, 'w') as f:
-        f.writelines(kept)
+    self.events = EventWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+    self.tb = self.events.tb
+    self.jsonl = epath.Path(workdir) / 'metrics.jsonl'
+    self._records = []
+    if self.jsonl.exists():
+      self._records = [json.loads(line) for line in self.jsonl.read_text().splitlines()
+                       if line.strip() and json.loads(line)['step'] <= resume_step]
+      self._write_jsonl()
+
+  def _write_jsonl(self):
+    self.jsonl.write_text(''.join(json.dumps(r) + '\n' for r in self._records))
 
   def write_scalars(self, step, scalars):
-    scalars = {k: float(v) for k, v in scalars.items()}
-    for tag, value in scalars.items():
-      self.tb.add_scalar(tag, value, step)
-    with open(self.jsonl, 'a') as f:
-      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    for tag, value in record.items():
+      if tag != 'step':
+        self.tb.add_scalar(tag, value, step)
+    self._records.append(record)
+    if not self.events.remote:  # Object stores cannot append: rewritten at sync().
+      with self.jsonl.open('a') as f:
+        f.write(json.dumps(record) + '\n')
 
   def records(self):
     """Everything in metrics.jsonl so far."""
-    if not os.path.exists(self.jsonl):
-      return []
-    with open(self.jsonl) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return list(self._records)
 
   def write_hparams(self, hparams, metrics):
     """One HParams entry for the run: its config beside its final metrics."""
     self.tb.add_hparams(hparams, {f'hparams/{k}': v for k, v in metrics.items()}, name='hparams')
 
-  def flush(self):
-    self.tb.flush()
+  def sync(self):
+    """Makes what was logged so far visible in the workdir (call it at checkpoints)."""
+    self.events.sync()
+    self.tb = self.events.tb
+    if self.events.remote:
+      self._write_jsonl()
 
   def close(self):
-    self.tb.close()
+    self.events.close()
+    if self.events.remote:
+      self._write_jsonl()
 
 
 class NullWriter:
@@ -75,7 +140,7 @@ class NullWriter:
   def write_hparams(self, hparams, metrics):
     pass
 
-  def flush(self):
+  def sync(self):
     pass
 
   def close(self):

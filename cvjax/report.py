@@ -13,9 +13,9 @@ reads DIR/<trial>/{metrics.jsonl, config.json, results.json} and writes DIR/repo
 """
 
 import json
-import os
 import sys
 
+from etils import epath
 import numpy as np
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the ResNets (best of 5 runs for 110).
@@ -23,20 +23,18 @@ PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.9
 
 
 def load_trials(sweep_dir):
+  """The trials of a local or remote (gs://...) sweep directory."""
   trials = []
-  for name in sorted(os.listdir(sweep_dir)):
-    path = os.path.join(sweep_dir, name)
-    if not os.path.exists(os.path.join(path, 'metrics.jsonl')):
+  for path in sorted(epath.Path(sweep_dir).iterdir()):
+    if not (path / 'metrics.jsonl').exists():
       continue
-    with open(os.path.join(path, 'metrics.jsonl')) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(path, 'config.json')) as f:
-      config = json.load(f)
+    records = [json.loads(line) for line in (path / 'metrics.jsonl').read_text().splitlines()
+               if line.strip()]
+    config = json.loads((path / 'config.json').read_text())
     results = None
-    if os.path.exists(os.path.join(path, 'results.json')):
-      with open(os.path.join(path, 'results.json')) as f:
-        results = json.load(f)
-    trials.append({'name': name, 'records': records, 'config': config, 'results': results})
+    if (path / 'results.json').exists():
+      results = json.loads((path / 'results.json').read_text())
+    trials.append({'name': path.name, 'records': records, 'config': config, 'results': results})
   return trials
 
 
@@ -94,7 +92,8 @@ def figure6(trials, path):
   axes[0].set_ylim(0, min(100, top * 1.05) or 100)
   fig.suptitle('CIFAR-10: training (dashed) and test (solid) error')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)
   return True
 
@@ -167,7 +166,8 @@ def grad_norm_report(trials, path):
     ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=120)
   plt.close(fig)
   return '\n'.join(rows)
 
@@ -176,25 +176,22 @@ def write_report(sweep_dir):
   trials = load_trials(sweep_dir)
   if not trials:
     raise SystemExit(f'cvjax.report: no trials (subfolders with metrics.jsonl) in {sweep_dir}')
-  out = os.path.join(sweep_dir, 'report')
-  os.makedirs(out, exist_ok=True)
-  page = [f'# Report: {os.path.basename(os.path.abspath(sweep_dir))}', '']
-  if figure6(trials, os.path.join(out, 'figure6.png')):
+  out = epath.Path(sweep_dir) / 'report'
+  out.mkdir(parents=True, exist_ok=True)
+  name = epath.Path(sweep_dir) if '://' in str(sweep_dir) else epath.Path(sweep_dir).resolve()
+  page = [f'# Report: {name.name}', '']
+  if figure6(trials, out / 'figure6.png'):
     table = table6(trials)
-    with open(os.path.join(out, 'table6.md'), 'w') as f:
-      f.write(table + '\n')
+    (out / 'table6.md').write_text(table + '\n')
     page += ['![Figure 6](figure6.png)', '', '## Table 6', '', table, '']
   board = leaderboard(trials)
-  with open(os.path.join(out, 'leaderboard.md'), 'w') as f:
-    f.write(board + '\n')
+  (out / 'leaderboard.md').write_text(board + '\n')
   page += ['## Leaderboard', '', board, '']
-  norms = grad_norm_report(trials, os.path.join(out, 'grad_norms.png'))
+  norms = grad_norm_report(trials, out / 'grad_norms.png')
   if norms:
-    with open(os.path.join(out, 'grad_norms.md'), 'w') as f:
-      f.write(norms + '\n')
+    (out / 'grad_norms.md').write_text(norms + '\n')
     page += ['## Gradient norms', '', '![gradient norms](grad_norms.png)', '', norms, '']
-  with open(os.path.join(out, 'README.md'), 'w') as f:
-    f.write('\n'.join(page))
+  (out / 'README.md').write_text('\n'.join(page))
   return out
 
 

@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from etils import epath
 
 _CONFIG = flags.DEFINE_string('config', None, 'Base config file[:arg].')
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. experiments/x.py:quick.')
@@ -59,7 +60,7 @@ def trial_command(config, workdir, name, overrides, extra=(), python=sys.executa
 
 
 def is_finished(trial_dir):
-  return os.path.exists(os.path.join(trial_dir, 'results.json'))
+  return (epath.Path(trial_dir) / 'results.json').exists()
 
 
 def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):

@@ -4,11 +4,11 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -298,7 +298,8 @@ def hparams(config):
 def train_and_evaluate(config, workdir, *, devices=None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
   (final train state, final test metrics)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  run_dir = epath.Path(workdir)  # A local path or gs://... (any etils.epath path).
+  if run_dir.exists() and not run_dir.is_dir():
     raise UserError(f'--workdir={workdir} exists and is not a directory.')
   s = setup(config, devices)
   replicated = NamedSharding(s.mesh, P())
@@ -307,7 +308,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
 
   # --- Train state: restored, or built directly in place. ---
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  os.makedirs(workdir, exist_ok=True)
+  run_dir.mkdir(parents=True, exist_ok=True)
   checkpointing.check_shared_workdir(workdir)
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
@@ -319,8 +320,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
     logging.info('Resuming from the checkpoint at step %d.', start_step)
   is_main = jax.process_index() == 0  # Writes the logs, metrics and results.
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   writer = metric_writer.create(workdir, resume_step=start_step)
   num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
   logging.info('%s: %d parameters, %d train / %d test examples %s, %d classes, %d steps '
@@ -403,6 +403,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
         mngr.reached_preemption(done):
       t0 = time.perf_counter()
       checkpointing.save(mngr, done, state, s.identity)
+      writer.sync()  # Logs up to here reach a remote workdir with each checkpoint.
       excluded += time.perf_counter() - t0
       if mngr.reached_preemption(done):
         mngr.wait_until_finished()
@@ -436,6 +437,5 @@ def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
   results = {'step': int(state.step), **final, 'num_mistakes': analysis['num_mistakes'],
              'num_params': int(sum(p.size for p in jax.tree.leaves(s.abstract_state.params))),
              'layer_order': layer_order(s.model, variables, example)}
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=1)
+  (epath.Path(workdir) / 'results.json').write_text(json.dumps(results, indent=1))
   logging.info('Done: %s', {k: v for k, v in results.items() if k != 'layer_order'})
