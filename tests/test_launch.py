@@ -187,3 +187,17 @@ def test_half_given_coordinates_are_refused(no_join):
   with pytest.raises(distributed.UserError, match='go together'):
     distributed.initialize('auto', 'localhost:1234', None, None)
   assert no_join == []
+
+
+def test_sweep_passes_the_coordinator_flags_to_every_trial():
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
+       '--sweep=experiments/depth_ablation.py', '--workdir=runs/depth', '--only=plain20,resnet20',
+       '--dry_run', '--coordinator_address=host0:1234', '--num_processes=2', '--process_id=1',
+       '--config.seed=3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  trials = [shlex.split(l) for l in out.stdout.splitlines() if 'cvjax.main' in l]
+  assert len(trials) == 2
+  for argv in trials:
+    assert argv[5:9] == ['--coordinator_address=host0:1234', '--num_processes=2',
+                         '--process_id=1', '--config.seed=3'], argv
