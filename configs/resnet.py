@@ -87,6 +87,9 @@ def get_config(arg=None):
   # unscanned nets it only costs time (README).
   c.train.remat = config_dict.placeholder(bool)
   c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
+  # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
+  # instead of stopping the run at the first one.
+  c.train.skip_nonfinite = False
   return c
 
 

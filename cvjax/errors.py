@@ -1,4 +1,9 @@
-"""The one exception type that reaches the user as a message, not a traceback."""
+"""How a run ends when it does not simply finish: the exception that reaches the user as a
+message, not a traceback, and the exit statuses `cvjax.main` gives."""
+
+# EX_TEMPFAIL of sysexits.h ("try again later"): stopped by SIGTERM/SIGINT after saving a
+# checkpoint; re-running the same command resumes.
+PREEMPTED_EXIT_CODE = 75
 
 
 class UserError(Exception):

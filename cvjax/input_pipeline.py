@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 
@@ -38,6 +39,12 @@ IDX_FILES = {
     'test_images': 't10k-images-idx3-ubyte', 'test_labels': 't10k-labels-idx1-ubyte',
 }
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm')
+# What the tfds datasets hold: (image shape, number of classes), to catch a dataset.name
+# that contradicts the data at dataset.path.
+KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
+                'kmnist': ((28, 28, 1), 10), 'emnist/digits': ((28, 28, 1), 10),
+                'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100),
+                'svhn_cropped': ((32, 32, 3), 10)}
 
 
 @dataclasses.dataclass
@@ -57,6 +64,7 @@ def load(cfg) -> Dataset:
   """Loads `cfg` (the config's `dataset` block) from local files or tfds."""
   if cfg.path:
     data = load_local(cfg.path, cfg.name)
+    check_name_matches_path(cfg.name, cfg.path, data)
   else:
     data = load_tfds(cfg.name, cfg.data_dir or None, cfg.get('download', True))
   for split in ('train', 'test'):
@@ -70,6 +78,36 @@ def load(cfg) -> Dataset:
     raise UserError(f'train images are {data.train_images.shape[1:]} but test images are '
                     f'{data.test_images.shape[1:]} in {cfg.path or cfg.name!r}.')
   return data
+
+
+def check_name_matches_path(name, path, data):
+  """With dataset.path set the data comes from the path and dataset.name only names it
+  (class names, config.json); say so when the two disagree."""
+  def norm(text):
+    return ''.join(c for c in text.lower() if c.isalnum())
+  problems = []
+  shape, classes = KNOWN_SHAPES.get(name, (None, None))
+  got = data.train_images.shape[1:]
+  if shape and (got != shape or data.num_classes != classes):
+    problems.append(f'{name} has {classes} classes of {shape} images, but the data at the path '
+                    f'has {data.num_classes} classes of {got} images')
+  named = [k for k in KNOWN_SHAPES if norm(k) in norm(os.path.basename(path.rstrip('/')))]
+  if name and named and norm(max(named, key=len)) != norm(name):
+    problems.append(f'the path names {max(named, key=len)}')
+  if problems:
+    logging.warning('dataset.name=%r disagrees with dataset.path=%r: %s. The data is read from '
+                    'dataset.path; set dataset.name to what it holds (or to \'\') so the run '
+                    'records it truthfully.', name, path, '; '.join(problems))
+
+
+def identity(class_names, train_labels, test_labels):
+  """What a checkpoint records of its data, so a run does not resume on other data: the
+  classes, the split sizes and a hash of the labels (cheap, and different for different
+  datasets). Not the path (moved data still resumes) nor the name (which only labels it)."""
+  labels = hashlib.sha256(np.asarray(train_labels, np.int32).tobytes())
+  labels.update(np.asarray(test_labels, np.int32).tobytes())
+  return {'class_names': list(class_names), 'num_train': len(train_labels),
+          'num_test': len(test_labels), 'labels_sha256': labels.hexdigest()[:16]}
 
 
 # --- tensorflow-datasets ---------------------------------------------------------------
@@ -160,6 +198,7 @@ def _listing_digest(root):
   h = hashlib.sha256()
   for dirpath, dirnames, fnames in os.walk(root):
     dirnames.sort()
+    h.update(f'{os.path.relpath(dirpath, root)}/\n'.encode())  # Empty class folders count.
     for fname in sorted(fnames):
       st = os.stat(os.path.join(dirpath, fname))
       h.update(f'{os.path.relpath(os.path.join(dirpath, fname), root)}\0{st.st_size}\0'
@@ -233,28 +272,56 @@ def load_idx_folder(path, name='') -> Dataset:
     n_img, n_lab = len(arrays[f'{split}_images']), len(arrays[f'{split}_labels'])
     if n_img != n_lab:
       raise UserError(f'{path}: {split} split has {n_img} images but {n_lab} labels.')
-  num_classes = int(max(arrays['train_labels'].max(), arrays['test_labels'].max())) + 1
+  labels = np.concatenate([arrays['train_labels'], arrays['test_labels']])
+  num_classes = int(labels.max()) + 1
+  declared = len(CLASS_NAMES.get(name, [])) or KNOWN_SHAPES.get(name, (None, 0))[1]
+  used = len(np.unique(labels))
+  # IDX files do not declare their classes: a known dataset.name does; otherwise labels
+  # that leave most of 0..max unused are not class indices (e.g. a stray 200 among 0-9).
+  if (declared and num_classes > declared) or (not declared and used < num_classes / 2):
+    split = 'train' if arrays['train_labels'].max() == num_classes - 1 else 'test'
+    where = int(np.argmax(arrays[f'{split}_labels'] == num_classes - 1))
+    expected = (f'dataset.name={name!r} has {declared} classes' if declared else
+                f'only {used} distinct labels occur, so most of 0..{num_classes - 1} would be '
+                'classes without examples')
+    raise UserError(
+        f'{path}: {split} example {where} has label {num_classes - 1}, but {expected}. IDX '
+        'labels are class indices 0..K-1; a stray large label is a corrupt file or another '
+        'dataset\'s labels (set dataset.name to the dataset the files hold).')
   names = CLASS_NAMES.get(name, [])
-  if len(names) < num_classes:
-    names = [str(i) for i in range(num_classes)]
+  names = names or [str(i) for i in range(num_classes)]
   return Dataset(arrays['train_images'][..., None], arrays['train_labels'].astype(np.int32),
                  arrays['test_images'][..., None], arrays['test_labels'].astype(np.int32),
                  class_names=names)
 
 
 def _decode(data, where):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
     img = Image.open(io.BytesIO(data))
     img = img.convert('L' if img.mode in ('L', '1', 'I;16') else 'RGB')
     arr = np.asarray(img, np.uint8)
-  except Exception as e:
-    raise UserError(f'cannot decode image {where}: {e}') from e
+  except UnidentifiedImageError as e:
+    raise UserError(f'cannot decode image {where}: its {len(data)} bytes are not in an image '
+                    f'format PIL reads (they begin {data[:8]!r}); replace or remove the '
+                    'file.') from e
+  except Exception as e:  # pylint: disable=broad-except
+    why = re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))
+    raise UserError(f'cannot decode image {where} ({len(data)} bytes): {why}; replace or '
+                    'remove the file.') from e
   return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _stack(files_by_split, root):
-  """{split: [(class, where, bytes)]} -> Dataset, with sorted class names as labels."""
+def _stack(files_by_split, root, class_dirs=()):
+  """{split: [(class, where, bytes)]} -> Dataset, with sorted class names as labels.
+  `class_dirs`: every (split, class) folder seen; one without images is an error."""
+  empty = sorted(set(class_dirs) - {(split, c) for split, items in files_by_split.items()
+                                    for c, _, _ in items})
+  if empty:
+    raise UserError(f'image folder {root}: class folder(s) '
+                    f'{", ".join(f"{split}/{c}" for split, c in empty)} hold no images '
+                    f'({", ".join(IMAGE_EXTENSIONS)}). An empty class would be dropped and the '
+                    'labels of the classes after it shifted: add its images or remove it.')
   for split in ('train', 'test'):
     if not files_by_split.get(split):
       raise UserError(f'image folder {root} has no images under {split}/<class>/. Expected '
@@ -287,29 +354,40 @@ def _split_class(relpath):
   return (split, cls) if split in ('train', 'test') and len(parts) <= 4 else None
 
 
+def _class_dir(relpath):
+  """'x/train/cat' or 'train/cat' -> ('train', 'cat'), else None."""
+  parts = relpath.replace(os.sep, '/').strip('/').split('/')
+  return (parts[-2], parts[-1]) if 2 <= len(parts) <= 3 and parts[-2] in ('train', 'test') \
+      else None
+
+
 def load_image_folder(root) -> Dataset:
-  files = {'train': [], 'test': []}
+  files, class_dirs = {'train': [], 'test': []}, set()
   for dirpath, _, fnames in os.walk(root):
+    if _class_dir(os.path.relpath(dirpath, root)):
+      class_dirs.add(_class_dir(os.path.relpath(dirpath, root)))
     for fname in fnames:
       full = os.path.join(dirpath, fname)
       key = _split_class(os.path.relpath(full, root))
       if key:
         with open(full, 'rb') as f:
           files[key[0]].append((key[1], full, f.read()))
-  return _stack(files, root)
+  return _stack(files, root, class_dirs)
 
 
 def load_image_folder_tar(path) -> Dataset:
-  files = {'train': [], 'test': []}
+  files, class_dirs = {'train': [], 'test': []}, set()
   try:
     with tarfile.open(path) as tar:
       for member in tar:
+        if member.isdir() and _class_dir(member.name):
+          class_dirs.add(_class_dir(member.name))
         key = _split_class(member.name) if member.isfile() else None
         if key:
           files[key[0]].append((key[1], f'{path}:{member.name}', tar.extractfile(member).read()))
   except (tarfile.TarError, OSError, EOFError) as e:
     raise UserError(f'cannot read archive {path}: {e}') from e
-  return _stack(files, path)
+  return _stack(files, path, class_dirs)
 
 
 # --- preprocessing (host, once) and augmentation (device, every step) --------------------

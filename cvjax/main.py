@@ -5,11 +5,16 @@
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 Multi-process (one process per host or GPU): the same command on every process; see
 cvjax/distributed.py for when it joins the others and the flags that say how.
+Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
+75 stopped by SIGTERM or SIGINT after saving a checkpoint: re-run the command to resume.
 """
 
 import logging as pylogging
+import os
 import re
+import shlex
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -17,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cvjax import distributed
+from cvjax import preemption
 from cvjax import train
 from cvjax.errors import UserError
 
@@ -48,21 +54,56 @@ def main(argv):
                            _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
-    logging.error('%s', e)
+    pylogging.shutdown()  # Flush the log first, so the error is the last thing printed.
     print(f'\ncvjax: error: {e}', file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    pylogging.shutdown()
+    print(f'\ncvjax: {e} Re-run the same command to resume:\n  python -m cvjax.main '
+          f'{shlex.join(sys.argv[1:])}', file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
+
+
+def config_file_error(e, path):
+  """One paragraph for a config file that failed to load: the file, the line, the error."""
+  chain, x = [], e
+  while x is not None:  # The config's own exception is wrapped by absl and ml_collections.
+    chain.append(x)
+    x = x.__cause__ or x.__context__
+  for x in reversed(chain):
+    if isinstance(x, SyntaxError) and x.filename and os.path.samefile(x.filename, path):
+      return f'config file {path}, line {x.lineno}: SyntaxError: {x.msg}.'
+    frames = [f for f in traceback.extract_tb(x.__traceback__)
+              if os.path.exists(f.filename) and os.path.samefile(f.filename, path)]
+    if frames:
+      line = frames[-1].line or ''
+      source = '' if line.startswith('raise') else f' ({line})'
+      return f'config file {path}, line {frames[-1].lineno}{source}: {type(x).__name__}: {x}'
+    if isinstance(x, AttributeError) and "attribute 'get_config'" in str(x):
+      return (f'config file {path} has no get_config(); a config file defines '
+              '`def get_config(arg=None)` returning an ml_collections.ConfigDict.')
+  return None
 
 
 def parse_flags(argv):
   """absl's flag parsing, with config errors (a bad config arg, a misspelt override) as
   one line instead of a traceback."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+  path = spec.partition(':')[0]
   try:
     args = flags.FLAGS(argv)
-    _CONFIG.value.to_dict()  # Config files load lazily: load (and fail) here.
+    if not hasattr(_CONFIG.value, 'to_dict'):  # Config files load lazily: load (and fail) here.
+      raise TypeError(f'config file {path}: get_config() returned '
+                      f'{type(_CONFIG.value).__name__}, expected an ml_collections.ConfigDict.')
     return args
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     text = str(e)
-    if isinstance(e, AttributeError):  # A misspelt override; ml_collections suggests a field.
+    loaded = config_file_error(e, path) if os.path.isfile(path) else None
+    if loaded:
+      text = loaded
+    elif path and not os.path.exists(path):
+      text = f'config file {path}: No such file or directory.'
+    elif isinstance(e, AttributeError):  # A misspelt override; ml_collections suggests a field.
       m = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
       text = (f'unknown config field {m.group(2)!r}; did you mean {m.group(1)!r}?' if m
               else f'unknown config field: {text}')

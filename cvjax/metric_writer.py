@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 
+from absl import logging
 from etils import epath
 import jax
 
@@ -90,9 +91,25 @@ class MetricWriter:
     self.jsonl = epath.Path(workdir) / 'metrics.jsonl'
     self._records = []
     if self.jsonl.exists():
-      self._records = [json.loads(line) for line in self.jsonl.read_text().splitlines()
-                       if line.strip() and json.loads(line)['step'] <= resume_step]
+      self._records = [r for r in self._read_jsonl() if r['step'] <= resume_step]
       self._write_jsonl()
+
+  def _read_jsonl(self):
+    """The records of metrics.jsonl; a line torn by a crash is dropped with a warning."""
+    records, torn = [], []
+    for i, line in enumerate(self.jsonl.read_text().splitlines()):
+      try:
+        record = json.loads(line)
+        int(record['step'])
+      except (ValueError, KeyError, TypeError):
+        if line.strip():
+          torn.append(i + 1)
+        continue
+      records.append(record)
+    if torn:
+      logging.warning('%s: dropped unreadable line(s) %s (a line torn by a crash).', self.jsonl,
+                      torn)
+    return records
 
   def _write_jsonl(self):
     self.jsonl.write_text(''.join(json.dumps(r) + '\n' for r in self._records))

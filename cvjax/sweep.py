@@ -12,12 +12,15 @@ resumes from its checkpoint. `--dry_run` prints the commands instead.
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
 from absl import app
 from absl import flags
 from etils import epath
+
+from cvjax import errors
 
 _CONFIG = flags.DEFINE_string('config', None, 'Base config file[:arg].')
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. experiments/x.py:quick.')
@@ -83,8 +86,26 @@ def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):
       status[name] = 'skipped'
     else:
       print(f'[sweep] {name}: {shlex.join(cmd)}', flush=True)
-      status[name] = 'ran' if subprocess.run(cmd, check=False).returncode == 0 else 'failed'
+      code = run_trial(cmd)
+      if code == errors.PREEMPTED_EXIT_CODE:  # The trial saved and stopped: so does the sweep.
+        print(f'[sweep] {name}: stopped by a signal after saving its checkpoint; re-run the '
+              'sweep to resume.', flush=True)
+        status[name] = 'stopped'
+        break
+      status[name] = 'ran' if code == 0 else 'failed'
   return status
+
+
+def run_trial(cmd):
+  """The trial's exit status. Ctrl-C reaches the trial through the terminal's process group,
+  and the trial then saves a checkpoint before it stops: wait for it (subprocess.run would
+  kill it 0.25 s after the KeyboardInterrupt)."""
+  with subprocess.Popen(cmd) as proc:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # After the fork: not inherited.
+    try:
+      return proc.wait()
+    finally:
+      signal.signal(signal.SIGINT, previous)
 
 
 def main(argv):
@@ -100,6 +121,8 @@ def main(argv):
                      dry_run=_DRY_RUN.value, extra=extra)
   failed = [n for n, s in status.items() if s == 'failed']
   print(f'[sweep] {len(status)} trials: ' + ', '.join(f'{n} {s}' for n, s in status.items()))
+  if 'stopped' in status.values():
+    sys.exit(errors.PREEMPTED_EXIT_CODE)
   if failed:
     sys.exit(1)
 

@@ -22,6 +22,8 @@ from cvjax import error_analysis
 from cvjax import input_pipeline
 from cvjax import models
 from cvjax import optim
+from cvjax import preemption
+from cvjax import run_lock
 from cvjax.errors import UserError
 from cvjax import metric_writer
 
@@ -72,17 +74,34 @@ def _batch_and_loss(state, data, indices, rng, *, model, input_cfg, batch_shardi
   return loss_fn
 
 
-def _apply_gradients(state, grads, new_vars, tx):
+def _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite=False):
+  """The update, and two metrics that say whether it was finite: `nonfinite` (0 or 1, a
+  count once summed) and `first_nonfinite` (this step, or int32 max; a min once combined).
+  With `skip_nonfinite`, a non-finite update is not applied (only the step advances)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       model_state={**state.model_state, **new_vars}, opt_state=opt_state)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      model_state={**state.model_state, **new_vars}, opt_state=opt_state)
+  finite = (jnp.isfinite(metrics['loss']) & checkpointing.all_finite(grads) &
+            checkpointing.all_finite(new))
+  if skip_nonfinite:
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
+                       state.replace(step=state.step + 1))
+    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0), metrics)  # Skipped: uncounted.
+  return new, {**metrics, 'nonfinite': 1 - finite.astype(jnp.int32),
+               'first_nonfinite': jnp.where(finite, jnp.iinfo(jnp.int32).max, new.step)}
 
 
-def train_step(state, data, indices, rng, *, tx, **batch_kw):
+def accumulate(acc, metrics):
+  """Adds one step's metrics to the sums since the last log (on the device)."""
+  return {k: jnp.minimum(v, metrics[k]) if k == 'first_nonfinite' else v + metrics[k]
+          for k, v in acc.items()}
+
+
+def train_step(state, data, indices, rng, *, tx, skip_nonfinite=False, **batch_kw):
   """One SGD step on the examples `indices` of the device-resident training set."""
   loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
   grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
-  return _apply_gradients(state, grads, new_vars, tx), metrics
+  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite)
 
 
 def train_forward(state, data, indices, rng, **batch_kw):
@@ -93,10 +112,10 @@ def train_forward(state, data, indices, rng, **batch_kw):
   return backward, metrics, new_vars
 
 
-def train_backward(state, backward, new_vars, *, tx):
+def train_backward(state, backward, new_vars, metrics, *, tx, skip_nonfinite=False):
   """The backward half of `train_step`, and the update."""
   (grads,) = backward(jnp.ones((), jnp.float32))
-  return _apply_gradients(state, grads, new_vars, tx)
+  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite)
 
 
 def batch_args(model, config, mesh):
@@ -114,16 +133,17 @@ def jit_train_step(model, tx, config, mesh):
   """
   replicated = NamedSharding(mesh, P())
   batch_kw = batch_args(model, config, mesh)
+  skip = config.train.get('skip_nonfinite', False)
   if not config.train.get('split_backward', False):
-    return jax.jit(functools.partial(train_step, tx=tx, **batch_kw),
+    return jax.jit(functools.partial(train_step, tx=tx, skip_nonfinite=skip, **batch_kw),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   forward = jax.jit(functools.partial(train_forward, **batch_kw))
-  backward = jax.jit(functools.partial(train_backward, tx=tx), out_shardings=replicated,
-                     donate_argnums=(0,))
+  backward = jax.jit(functools.partial(train_backward, tx=tx, skip_nonfinite=skip),
+                     out_shardings=replicated, donate_argnums=(0,))
 
   def step(state, data, indices, rng):
     vjp, metrics, new_vars = forward(state, data, indices, rng)
-    return backward(state, vjp, new_vars), metrics
+    return backward(state, vjp, new_vars, metrics)
   return step
 
 
@@ -193,14 +213,46 @@ def steps_for(config, num_train):
 
 
 def check_config(config, num_devices):
+  """Rejects values the loop would misread, before the run writes anything."""
+  t = config.train
   for key in ('batch_size', 'eval_batch_size'):
-    b = config.train[key]
+    b = t[key]
     if b <= 0 or b % num_devices:
       raise UserError(f'train.{key}={b} must be a positive multiple of the {num_devices} '
                       'devices the batch is split over.')
-  if config.train.compute_dtype not in ('float32', 'bfloat16'):
-    raise UserError(f'train.compute_dtype={config.train.compute_dtype!r}; expected float32 or '
-                    'bfloat16.')
+  if t.compute_dtype not in ('float32', 'bfloat16'):
+    raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32 or bfloat16.')
+  at_least = {'log_every_steps': (1, 'log every N steps'), 'keep_checkpoints': (
+      1, 'how many of the latest checkpoints to keep'), 'checkpoint_every_steps': (
+          0, 'save every N steps; 0: only at the end and on preemption'), 'eval_every_steps': (
+              0, 'evaluate every N steps; 0: once per epoch'), 'grad_norm_every_steps': (
+                  0, 'log gradient norms every N steps; 0: off')}
+  for key, (low, meaning) in at_least.items():
+    value = t.get(key, low)
+    if not isinstance(value, int) or value < low:
+      raise UserError(f'train.{key}={value!r}; expected an integer >= {low} ({meaning}).')
+  if t.num_steps is not None and t.num_steps <= 0:
+    raise UserError(f'train.num_steps={t.num_steps}; expected a positive number of steps (or '
+                    'leave it unset and set train.num_epochs).')
+  if t.num_steps is None and not t.num_epochs > 0:
+    raise UserError(f'train.num_epochs={t.num_epochs}; expected a positive number (or set '
+                    'train.num_steps).')
+
+
+def check_finite(acc, mngr):
+  """Stops the run when a step since the last check was non-finite, naming the first one;
+  the state is then never saved, so the newest checkpoint stays the last good one."""
+  count, first = jax.device_get((acc['nonfinite'], acc['first_nonfinite']))
+  if count:
+    mngr.wait_until_finished()
+    last = mngr.latest_step()
+    raise UserError(
+        f'the training loss or gradients became non-finite (nan or inf) at step {first}, and '
+        f'the run stopped there without saving that state. '
+        + (f'The newest checkpoint (step {last}) is good; a re-run resumes from it. ' if last
+           else 'No checkpoint was saved before it; a re-run starts over. ')
+        + 'Try a lower optimizer.learning_rate, or train.skip_nonfinite=True to skip such '
+        'updates.')
 
 
 def _fmt_time(seconds):
@@ -239,7 +291,7 @@ class Setup:
   total_steps: int
   init: Any  # rng -> TrainState.
   abstract_state: Any
-  identity: dict  # What a checkpoint must match: the model, classes and input shape.
+  identity: dict  # What a checkpoint must match: the model, the data and its input shape.
 
 
 def setup(config, devices=None) -> Setup:
@@ -261,7 +313,8 @@ def setup(config, devices=None) -> Setup:
   init = state_initializer(model, tx, input_shape, dtype)
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   identity = {'model': config.model.to_dict(), 'num_classes': data.num_classes,
-              'input_shape': list(input_shape)}
+              'input_shape': list(input_shape), 'dataset': input_pipeline.identity(
+                  data.class_names, data.train_labels, data.test_labels)}
   return Setup(config, mesh, data, train_images, test_images, mean, std, model, schedule, tx,
                steps_per_epoch, total_steps, init, abstract_state, identity)
 
@@ -297,17 +350,25 @@ def hparams(config):
 
 def train_and_evaluate(config, workdir, *, devices=None):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
-  (final train state, final test metrics)."""
+  (final train state, final test metrics). Raises preemption.Preempted, after saving a
+  checkpoint, when SIGTERM or SIGINT asked the run to stop."""
   run_dir = epath.Path(workdir)  # A local path or gs://... (any etils.epath path).
   if run_dir.exists() and not run_dir.is_dir():
     raise UserError(f'--workdir={workdir} exists and is not a directory.')
-  s = setup(config, devices)
+  s = setup(config, devices)  # Checks the config and the data; nothing is written before.
+  with run_lock.hold(workdir), preemption.watch() as stop_requested:
+    return train_loop(s, workdir, stop_requested)
+
+
+def train_loop(s: Setup, workdir, stop_requested):
+  config = s.config
   replicated = NamedSharding(s.mesh, P())
   batch_sharding = NamedSharding(s.mesh, P('data'))
   batch_size = config.train.batch_size
 
   # --- Train state: restored, or built directly in place. ---
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  run_dir = epath.Path(workdir)
   run_dir.mkdir(parents=True, exist_ok=True)
   checkpointing.check_shared_workdir(workdir)
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
@@ -344,6 +405,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
   log_every = config.train.log_every_steps
   eval_every = config.train.eval_every_steps or s.steps_per_epoch
   ckpt_every = config.train.checkpoint_every_steps
+  skip_nonfinite = config.train.get('skip_nonfinite', False)
+  p_accumulate = jax.jit(accumulate)
   acc, test_metrics, predictions, perm, epoch = None, {}, None, None, -1
   t_last, step_last, excluded = None, start_step, 0.0
   for step in range(start_step, s.total_steps):
@@ -358,7 +421,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
       writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, indices,
                                                              train_rng)))
     state, metrics = p_train_step(state, device_data, indices, train_rng)
-    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+    acc = metrics if acc is None else p_accumulate(acc, metrics)
     done = step + 1
 
     if t_last is None:  # Compilation and the first step: kept out of images/s.
@@ -366,21 +429,23 @@ def train_and_evaluate(config, workdir, *, devices=None):
       t_last, step_last = time.perf_counter(), done
       logging.info('First step (with compilation) done.')
 
-    if done % log_every == 0 or done == s.total_steps:
+    log_now = done % log_every == 0 or done == s.total_steps
+    eval_now = done % eval_every == 0 or done == s.total_steps
+    if (log_now or eval_now) and not skip_nonfinite:
+      check_finite(acc, mngr)  # A non-finite state is never logged, evaluated or saved.
+
+    if log_now:
       sums = jax.device_get(acc)  # The only host pull of train metrics: once per log.
       acc = None
-      if not np.isfinite(sums['loss']):
-        mngr.wait_until_finished()
-        raise UserError(f'the training loss became {sums["loss"]} between steps '
-                        f'{done - log_every} and {done}; try a lower optimizer.learning_rate '
-                        '(checkpoints written so far are intact).')
       now = time.perf_counter()
       elapsed = now - t_last - excluded
       ips = (done - step_last) * batch_size / elapsed if done > step_last else 0.0
-      scalars = {'train/loss': sums['loss'] / sums['count'],
-                 'train/error': sums['errors'] / sums['count'],
+      count = sums['count'] or np.nan  # 0 when train.skip_nonfinite skipped every step.
+      scalars = {'train/loss': sums['loss'] / count, 'train/error': sums['errors'] / count,
                  'train/learning_rate': float(s.schedule(step)),
                  'train/images_per_second': ips}
+      if skip_nonfinite:
+        scalars['train/skipped_nonfinite'] = sums['nonfinite']
       writer.write_scalars(done, scalars)
       eta = (s.total_steps - done) * batch_size / ips if ips else 0
       logging.info('step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  ETA %s', done,
@@ -388,7 +453,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
                    scalars['train/learning_rate'], ips, _fmt_time(eta))
       t_last, step_last, excluded = now, done, 0.0
 
-    if done % eval_every == 0 or done == s.total_steps:
+    if eval_now:
       t0 = time.perf_counter()
       test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
                                            len(s.test_images), s.data.num_classes)
@@ -399,16 +464,18 @@ def train_and_evaluate(config, workdir, *, devices=None):
                    if 'test/top5_error' in test_metrics else '')
       excluded += time.perf_counter() - t0
 
-    if (ckpt_every and done % ckpt_every == 0) or done == s.total_steps or \
-        mngr.reached_preemption(done):
+    stop = stop_requested(done)  # SIGTERM or SIGINT: save this step and stop.
+    if (ckpt_every and done % ckpt_every == 0) or done == s.total_steps or stop:
+      if acc is not None and not skip_nonfinite:
+        check_finite(acc, mngr)
       t0 = time.perf_counter()
       checkpointing.save(mngr, done, state, s.identity)
       writer.sync()  # Logs up to here reach a remote workdir with each checkpoint.
       excluded += time.perf_counter() - t0
-      if mngr.reached_preemption(done):
-        mngr.wait_until_finished()
-        logging.warning('Preempted at step %d; re-run the same command to resume.', done)
-        break
+    if stop and done < s.total_steps:
+      mngr.wait_until_finished()
+      writer.close()
+      raise preemption.Preempted(done, stop)
 
   mngr.wait_until_finished()
   if int(state.step) >= s.total_steps:

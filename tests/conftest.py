@@ -54,6 +54,7 @@ def tiny_config(data_path, **overrides):
   from configs import resnet  # pylint: disable=g-import-not-at-top
   c = resnet.get_config('resnet8')
   c.dataset.path = data_path
+  c.dataset.name = ''  # Unnamed data at dataset.path.
   c.input.crop_padding = 2
   c.train.batch_size = 16
   c.train.eval_batch_size = 16

@@ -140,6 +140,8 @@ def test_bad_input_gives_a_clear_error(idx_dir, tmp_path, overrides, message):
   import re  # pylint: disable=g-import-not-at-top
   assert re.search(message, out.stderr), out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
+  # Printed once: not also as an absl error line.
+  assert out.stderr.count('cvjax: error:') == 1 and not re.search(r'^E\d{4} ', out.stderr, re.M)
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):

@@ -1,0 +1,80 @@
+"""Stopping a run cleanly when asked to: SIGTERM (a preempted VM, a scheduler) or SIGINT (Ctrl-C).
+
+The run finishes the step it is in, saves a checkpoint, flushes its logs and exits with
+`EXIT_CODE`; re-running the same command resumes there. A second signal stops it at once.
+
+One process: a signal handler sets a flag, read once per step (no device sync). Several
+processes (jax.distributed): all must stop after the same step, so the decision is JAX's
+preemption sync point, which hears SIGTERM through JAX's own handler and agrees on a step
+with the other processes; SIGINT is passed on to it as SIGTERM.
+"""
+
+import contextlib
+import os
+import signal
+import threading
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+
+from cvjax import errors
+
+EXIT_CODE = errors.PREEMPTED_EXIT_CODE
+
+
+class Preempted(Exception):
+  """Raised by the training loop after it saved the checkpoint at `step`."""
+
+  def __init__(self, step, signal_name):
+    super().__init__(f'stopped by {signal_name} after step {step}; the checkpoint at step '
+                     f'{step} is saved.')
+    self.step = step
+    self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def watch():
+  """Yields `stop_requested(step) -> signal name or None`, to call once after every step."""
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: None  # Signals reach only the main thread; nothing to watch.
+    return
+  received = []
+
+  def on_signal(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if multi:  # JAX's preemption service listens for SIGTERM.
+      received.append(name)
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    if received:  # The second signal: stop now, as if no handler were installed.
+      restore()
+      os.kill(os.getpid(), signum)
+      return
+    received.append(name)
+    logging.warning('%s received: finishing this step, then saving a checkpoint and stopping '
+                    '(send it again to stop at once and lose the steps since the last '
+                    'checkpoint).', name)
+
+  # Without JAX's preemption service (jax_enable_preemption_service=False), each process
+  # stops on its own signal.
+  multi = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+  ours = (signal.SIGINT,) if multi else (signal.SIGINT, signal.SIGTERM)
+  previous = {s: signal.signal(s, on_signal) for s in ours}
+
+  def restore():
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+  def stop_requested(step):
+    if multi:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return received[0] if received else 'SIGTERM'
+      return None
+    return received[0] if received else None
+
+  try:
+    yield stop_requested
+  finally:
+    restore()

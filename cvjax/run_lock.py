@@ -1,0 +1,115 @@
+"""One run per workdir: a lock file that names its holder.
+
+Two runs on one workdir would interleave metrics.jsonl, write two event files and keep
+more checkpoints than asked. The lock is `WORKDIR/lock` (JSON: host, pid, start time),
+created atomically and removed when the run ends, however it ends short of SIGKILL. A
+lock left by a killed process is stale: on the same host, a pid that no longer runs (or
+now runs a process started at another time) is taken over, with a warning. A lock from
+another host cannot be checked from here: the error says how to remove it.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+from absl import logging
+import jax
+
+from cvjax.errors import UserError
+
+LOCK_FILE = 'lock'
+
+
+def _start_time(pid):
+  """When `pid` started (clock ticks since boot; Linux), to tell a reused pid apart."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _alive(holder):
+  """Whether the process a lock names still runs (a lock of another host counts as alive)."""
+  if holder.get('host') != socket.gethostname():
+    return True
+  pid = holder.get('pid')
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, TypeError):
+    return True
+  started = _start_time(pid)
+  return started is None or holder.get('started') in (None, started)
+
+
+def _read(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}  # Torn (the writer was killed between create and write) or gone.
+
+
+def acquire(workdir):
+  """Creates `workdir` and its lock; raises UserError when another live run holds it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create --workdir={workdir}: {e.strerror or e}. Choose a folder '
+                    'this user can write.') from e
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': _start_time(os.getpid()),
+        'since': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+  for _ in range(3):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read(path)
+      if holder and _alive(holder):
+        where = ('this host' if holder.get('host') == socket.gethostname()
+                 else f'host {holder.get("host")!r}')
+        raise UserError(
+            f'--workdir={workdir} is in use by another run (pid {holder.get("pid")} on {where}, '
+            f'since {holder.get("since")}). Two runs on one workdir would mix their logs and '
+            'checkpoints: wait for it to end, or use another --workdir. If that run is dead '
+            f'(e.g. its machine is gone), delete {path}.') from None
+      if not holder and time.time() - os.path.getmtime(path) < 10:
+        time.sleep(1)  # Perhaps being written by a run starting right now: look again.
+        continue
+      logging.warning('Removing the stale lock of a run that no longer runs (%s): %s.',
+                      holder or 'unreadable', path)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+      continue
+    except OSError as e:
+      raise UserError(f'cannot write to --workdir={workdir}: {e.strerror or e}. Choose a '
+                      'folder this user can write.') from e
+    with os.fdopen(fd, 'w') as f:
+      json.dump(me, f)
+    return path
+  raise UserError(f'could not take the lock {path}: another run keeps creating it.')
+
+
+def release(path):
+  """Removes the lock if it is still ours."""
+  if _read(path).get('pid') == os.getpid():
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+@contextlib.contextmanager
+def hold(workdir):
+  """The lock for the duration of a run. In a multi-process run, process 0 holds it. A
+  remote workdir (gs://...) has no atomic create-if-absent here: no lock there."""
+  if jax.process_index() != 0 or '://' in os.fspath(workdir):
+    yield
+    return
+  path = acquire(workdir)
+  try:
+    yield
+  finally:
+    release(path)

@@ -1,0 +1,460 @@
+"""Runs that survive: preemption, bad checkpoints, non-finite steps, a second run on the
+workdir, bad config files and bad data. Each README failure-mode row names its test here."""
+
+import glob
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import ROOT, tiny_config
+from cvjax import run_lock, train
+from cvjax.errors import UserError
+
+
+def run_main(workdir, *overrides, config='configs/resnet.py:resnet8', **kw):
+  return subprocess.run(
+      [sys.executable, '-m', 'cvjax.main', f'--config={config}', f'--workdir={workdir}',
+       *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.parametrize('field,value', [
+    ('log_every_steps', 0), ('keep_checkpoints', 0), ('checkpoint_every_steps', -1),
+    ('eval_every_steps', -2), ('num_steps', -5), ('grad_norm_every_steps', -1),
+])
+def test_bad_config_values_are_refused_before_anything_is_written(idx_dir, tmp_path, field,
+                                                                  value):
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError, match=f'train.{field}={value}'):
+    train.train_and_evaluate(tiny_config(idx_dir, **{f'train.{field}': value}), str(workdir))
+  assert not workdir.exists()
+
+
+CONFIG_FILES = {
+    'syntax.py': ('def get_config(:\n', r'syntax.py, line 1: SyntaxError'),
+    'name.py': ('def get_config():\n  return foo\n', r"name.py, line 2 .*NameError: name 'foo'"),
+    'imports.py': ('import no_such_module\n', r"imports.py, line 1 .*No module named"),
+    'raises.py': ('def get_config(arg=None):\n  raise ValueError("no " + str(arg))\n',
+                  r'raises.py, line 2: ValueError: no None'),
+    'empty.py': ('X = 1\n', r'empty.py has no get_config\(\)'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CONFIG_FILES))
+def test_config_file_that_fails_to_load_names_file_and_line(tmp_path, name):
+  text, message = CONFIG_FILES[name]
+  (tmp_path / name).write_text(text)
+  out = run_main(tmp_path / 'run', config=str(tmp_path / name))
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert re.search('cvjax: error: config file .*' + message, out.stderr), out.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  lock = workdir / run_lock.LOCK_FILE
+  # A live holder: this very process, as if another run were going on.
+  holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+            'started': run_lock._start_time(os.getpid()), 'since': 'earlier'}
+  lock.write_text(json.dumps(holder))
+  config = tiny_config(idx_dir, **{'train.num_steps': 2})
+  with pytest.raises(UserError, match=f'in use by another run \\(pid {os.getpid()}'):
+    train.train_and_evaluate(config, str(workdir))
+  assert json.loads(lock.read_text()) == holder and not (workdir / 'checkpoints').exists()
+  # The same pid started at another time (a reused pid) and a pid that is gone: stale.
+  for stale in ({**holder, 'started': '1'}, {**holder, 'pid': dead_pid()}):
+    lock.write_text(json.dumps(stale))
+    train.train_and_evaluate(config, str(workdir))
+    assert not lock.exists()  # Released at the end.
+  assert os.listdir(workdir / 'checkpoints') == ['2']
+
+
+def dead_pid():
+  p = subprocess.Popen(['true'])
+  p.wait()
+  return p.pid
+
+
+def test_unwritable_workdir_is_a_clear_error(idx_dir, tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(UserError, match='cannot create --workdir=.*file/run: Not a directory'):
+    train.train_and_evaluate(tiny_config(idx_dir), str(tmp_path / 'file' / 'run'))
+
+
+# --- Bad data ----------------------------------------------------------------------------
+
+def test_idx_label_outside_the_classes_is_an_error(tmp_path):
+  from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
+  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  images, labels = bars(30)
+  labels[7] = 200
+  write_idx(tmp_path, images, labels, 'train')
+  write_idx(tmp_path, *bars(10, seed=1), 't10k')
+  with pytest.raises(UserError, match='train example 7 has label 200, but only 1[01] distinct'):
+    input_pipeline.load_local(str(tmp_path))
+  labels[7] = 10  # Eleven classes, where the name says ten.
+  write_idx(tmp_path, images, labels, 'train')
+  with pytest.raises(UserError, match="label 10, but dataset.name='mnist' has 10 classes"):
+    input_pipeline.load_local(str(tmp_path), 'mnist')
+
+
+def _png(value, size=(6, 5)):
+  buf = io.BytesIO()
+  Image.fromarray(np.full((*size, 3), value, np.uint8)).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+def test_empty_class_folder_and_unreadable_images_are_errors(tmp_path):
+  import tarfile  # pylint: disable=g-import-not-at-top
+  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  for split in ('train', 'test'):
+    for c in ('ant', 'bee'):
+      (root / split / c).mkdir(parents=True)
+      (root / split / c / '0.png').write_bytes(_png(1))
+  (root / 'train' / 'cat').mkdir()  # Empty: would drop a class and shift the labels.
+  with tarfile.open(tmp_path / 'data.tar.gz', 'w:gz') as tar:
+    tar.add(root, arcname='data')
+  for path in (root, tmp_path / 'data.tar.gz'):
+    with pytest.raises(UserError, match='class folder.* train/cat hold no images'):
+      input_pipeline.load_local(str(path))
+  (root / 'train' / 'cat').rmdir()
+  bad = root / 'train' / 'ant' / '1.png'
+  bad.write_bytes(b'not an image at all')
+  with pytest.raises(UserError, match=r'1.png: its 19 bytes are not in an image format') as e:
+    input_pipeline.load_local(str(root))
+  noise = np.random.default_rng(0).integers(0, 255, (6, 5, 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(noise).save(buf, 'PNG')
+  bad.write_bytes(buf.getvalue()[:80])  # Truncated.
+  with pytest.raises(UserError, match=r'1.png \(80 bytes\): .*truncated') as e:
+    input_pipeline.load_local(str(root))
+  assert 'BytesIO' not in str(e.value)
+
+
+def test_dataset_name_that_contradicts_the_path_is_reported(idx_dir, tmp_path, caplog):
+  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_config(idx_dir)  # 12x12 grey images in 10 classes.
+  config.dataset.name = 'cifar10'
+  input_pipeline.load(config.dataset)
+  assert "dataset.name='cifar10' disagrees" in caplog.text and '(12, 12, 1)' in caplog.text
+  caplog.clear()
+  os.symlink(idx_dir, tmp_path / 'fashion-mnist')
+  config.dataset.update(name='mnist', path=str(tmp_path / 'fashion-mnist'))
+  input_pipeline.load(config.dataset)
+  assert 'the path names fashion_mnist' in caplog.text
+  caplog.clear()
+  config.dataset.name = ''
+  input_pipeline.load(config.dataset)
+  assert 'disagrees' not in caplog.text
+
+
+def test_checkpoint_of_another_dataset_is_refused(idx_dir, tmp_path):
+  from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'other'  # Same shapes and classes, other images and labels.
+  write_idx(other, *bars(96, seed=5), 'train')
+  write_idx(other, *bars(40, seed=6), 't10k')
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 2}), workdir)
+  with pytest.raises(UserError, match='different model or dataset.*labels_sha256'):
+    train.train_and_evaluate(tiny_config(str(other), **{'train.num_steps': 4}), workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+
+
+# --- Preemption: real signals to real `cvjax.main` processes ------------------------------
+
+# 24 steps, checkpoints every 4 (all kept), evaluation every 6, logs every 4.
+LONG = {'train.num_steps': 24, 'train.keep_checkpoints': 6}
+
+
+@pytest.fixture(scope='module')
+def reference(idx_dir, tmp_path_factory):
+  """An uninterrupted run of tiny_config(**LONG): (final state, workdir)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  state, _ = train.train_and_evaluate(tiny_config(idx_dir, **LONG), workdir)
+  return state, workdir
+
+
+def assert_same_state(a, b):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               (a.params, a.model_state), (b.params, b.model_state))
+WRAPPER = '''
+import os, signal, sys
+from absl import app
+from cvjax import checkpointing, main, train
+moment, sig = sys.argv.pop(1), getattr(signal, sys.argv.pop(1))
+owner, name = (train, 'evaluate') if moment == 'eval' else (checkpointing, 'save')
+original = getattr(owner, name)
+
+calls = []
+
+
+def wrapped(*args, **kwargs):  # Signals the first call only.
+  calls.append(1)
+  if moment != 'after_save' and len(calls) == 1:  # Inside the call: mid-eval, mid-save.
+    os.kill(os.getpid(), sig)
+  out = original(*args, **kwargs)
+  if moment == 'after_save' and len(calls) == 1:  # The asynchronous write is under way.
+    os.kill(os.getpid(), sig)
+  return out
+
+setattr(owner, name, wrapped)
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+def main_args(idx_dir, workdir):
+  return [f'--workdir={workdir}', '--config=configs/resnet.py:resnet8',
+          *(f'--config.{k}={v}' for k, v in {**TINY, **LONG, 'dataset.path': idx_dir}.items())]
+
+
+TINY = {'dataset.name': '', 'input.crop_padding': 2, 'train.batch_size': 16, 'train.eval_batch_size': 16,
+        'train.num_steps': 12, 'train.log_every_steps': 4, 'train.eval_every_steps': 6,
+        'train.checkpoint_every_steps': 4}  # tiny_config() as flags.
+
+
+def interrupted(args, moment=None, sig='SIGTERM'):
+  """Runs cvjax.main; with `moment`, it signals itself at that point of its first
+  evaluation or checkpoint save."""
+  cmd = [sys.executable, '-c', WRAPPER, moment, sig] if moment else [sys.executable, '-m',
+                                                                       'cvjax.main']
+  return subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def latest_checkpoint(workdir):
+  return max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+
+
+def test_signals_at_any_moment_resume_to_the_uninterrupted_parameters(idx_dir, tmp_path,
+                                                                     reference):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  config = tiny_config(idx_dir, **LONG)
+  workdir = tmp_path / 'run'
+  args = main_args(idx_dir, workdir)
+
+  # SIGTERM from outside, mid-training: right after the first step.
+  proc = subprocess.Popen([sys.executable, '-m', 'cvjax.main', *args], cwd=ROOT, text=True,
+                          stderr=subprocess.PIPE)
+  log = []
+  for line in proc.stderr:
+    log.append(line)
+    if 'First step' in line:
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait() == 75, ''.join(log)[-3000:]
+  stopped = latest_checkpoint(workdir)
+  assert 1 <= stopped < 24 and 'Re-run the same command to resume' in ''.join(log)
+  assert not (workdir / run_lock.LOCK_FILE).exists()
+
+  # SIGINT during an evaluation: the evaluation ends, then the checkpoint at that step.
+  out = interrupted(args, 'eval', 'SIGINT')
+  assert out.returncode == 75, out.stderr[-3000:]
+  at_eval = latest_checkpoint(workdir)
+  assert at_eval % 6 == 0 and at_eval > stopped
+  assert f'Resuming from the checkpoint at step {stopped}.' in out.stderr
+
+  # SIGTERM during a checkpoint save: that save completes, the next step is saved too.
+  out = interrupted(args, 'save', 'SIGTERM')
+  assert out.returncode == 75, out.stderr[-3000:]
+  at_save = latest_checkpoint(workdir)
+  assert at_save == (at_eval // 4 + 1) * 4 + 1, (at_eval, at_save)
+
+  # SIGKILL while the asynchronous save is writing: no handler runs; that step may be lost.
+  out = interrupted(args, 'after_save', 'SIGKILL')
+  assert out.returncode == -9, out.stderr[-3000:]
+  assert (workdir / run_lock.LOCK_FILE).exists()  # Stale now: the next run takes it over.
+
+  resumed, _ = train.train_and_evaluate(config, str(workdir))
+  assert int(resumed.step) == 24
+  assert_same_state(reference[0], resumed)
+  # Each logged step once, none missing: metrics.jsonl and TensorBoard alike.
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in records if 'train/loss' in r] == [4, 8, 12, 16, 20, 24]
+  assert [r['step'] for r in records if 'test/loss' in r] == [6, 12, 18, 24]
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  assert [e.step for e in events.Scalars('train/loss')] == [4, 8, 12, 16, 20, 24]
+  assert [e.step for e in events.Scalars('test/error')] == [6, 12, 18, 24]
+
+
+MULTI_PROCESS = '''
+import os, signal, sys, time
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from cvjax import preemption
+with preemption.watch() as stop_requested:
+  for step in range(1, 100000):
+    time.sleep(0.01)  # A training step.
+    if step == 20 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches one process only.
+    stop = stop_requested(step)
+    if stop:
+      print('STOPPED', step, stop, flush=True)
+      break
+'''
+
+
+def test_processes_of_a_multi_process_run_stop_after_the_same_step():
+  with socket.socket() as sock:  # A free port for the coordinator.
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, '-c', MULTI_PROCESS, f'localhost:{port}', str(i)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  stops = [re.findall(r'STOPPED (\d+) (\w+)', out) for out, _ in outs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  assert len(stops[0]) == len(stops[1]) == 1 and stops[0][0][0] == stops[1][0][0], stops
+  assert int(stops[0][0][0]) > 20
+
+
+# --- Non-finite steps ----------------------------------------------------------------------
+
+# A constant learning rate of 30 sends tiny ResNet-8 to nan at step 14 (between the
+# checkpoints at 12 and 16, logs every 100 steps): the check must not wait for a log.
+DIVERGES = {'optimizer.learning_rate': 30.0, 'schedule.name': 'constant', 'train.num_steps': 24,
+            'train.log_every_steps': 100}
+
+
+def test_nonfinite_state_is_never_saved_and_the_run_stops_at_its_true_step(idx_dir, tmp_path):
+  # Logging every step, the host sees every loss: the first non-finite step, found directly.
+  with pytest.raises(UserError, match=r'non-finite \(nan or inf\) at step (\d+)') as every:
+    train.train_and_evaluate(tiny_config(idx_dir, **{**DIVERGES, 'train.log_every_steps': 1}),
+                             str(tmp_path / 'every'))
+  first = int(re.search(r'at step (\d+)', str(every.value)).group(1))
+  assert first % 4, first  # Between checkpoints, so "the newest good one" means something.
+
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(tiny_config(idx_dir, **DIVERGES), str(workdir))
+  last_good = first // 4 * 4
+  assert f'at step {first},' in str(e.value)
+  assert f'The newest checkpoint (step {last_good}) is good' in str(e.value)
+  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints'))[-1] == last_good
+  # After a resume the message still names the true step.
+  with pytest.raises(UserError, match=f'at step {first},'):
+    train.train_and_evaluate(tiny_config(idx_dir, **DIVERGES), str(workdir))
+  # A saner learning rate resumes from the last good checkpoint and finishes.
+  state, _ = train.train_and_evaluate(
+      tiny_config(idx_dir, **{**DIVERGES, 'optimizer.learning_rate': 0.1}), str(workdir))
+  assert int(state.step) == 24 and checkpointing_finite(state)
+  steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))]
+  assert steps == sorted(steps)
+
+
+def checkpointing_finite(state):
+  from cvjax import checkpointing  # pylint: disable=g-import-not-at-top
+  return bool(checkpointing.all_finite(state))
+
+
+def test_skip_nonfinite_skips_and_counts_such_updates(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  state, _ = train.train_and_evaluate(
+      tiny_config(idx_dir, **{**DIVERGES, 'train.skip_nonfinite': True,
+                              'train.log_every_steps': 4}), str(workdir))
+  assert int(state.step) == 24 and checkpointing_finite(state)
+  skipped = [r['train/skipped_nonfinite'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))
+             if 'train/skipped_nonfinite' in r]
+  assert len(skipped) == 6 and skipped[:3] == [0, 0, 0] and sum(skipped) > 0, skipped
+
+
+def test_skipped_update_leaves_the_state_unchanged(idx_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = tiny_config(idx_dir, **{'train.skip_nonfinite': True})
+  s = train.setup(config)
+  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  state = s.init(jax.random.key(0))
+  state = state.replace(params={**state.params, 'head': {
+      **state.params['head'], 'bias': state.params['head']['bias'].at[3].set(jnp.nan)}})
+  data = jax.device_put({'train_images': s.train_images, 'train_labels': s.data.train_labels,
+                         'mean': s.mean, 'std': s.std}, replicated)
+  before = jax.device_get(state)
+  step = train.jit_train_step(s.model, s.tx, config, s.mesh)
+  after, metrics = step(state, data, jnp.arange(16), jax.random.key(1))
+  after = jax.device_get(after)
+  assert int(after.step) == 1 and int(metrics['nonfinite']) == 1
+  assert int(metrics['first_nonfinite']) == 1 and float(metrics['count']) == 0
+  jax.tree.map(np.testing.assert_array_equal, (before.params, before.opt_state),
+               (after.params, after.opt_state))
+
+
+# --- Checkpoints that fail to restore --------------------------------------------------------
+
+def corrupt(checkpoint, kind):
+  """Damages one checkpoint folder the way disks, copies and killed writers do."""
+  state = os.path.join(checkpoint, 'state')
+  if kind in ('truncated', 'zeroed'):
+    data = glob.glob(os.path.join(state, 'ocdbt.process_0', 'd', '*'))
+    biggest = max(data, key=os.path.getsize)  # The one holding the arrays.
+    size = os.path.getsize(biggest)
+    with open(biggest, 'r+b') as f:
+      if kind == 'truncated':
+        f.truncate(size // 3)
+      else:
+        f.write(bytes(size))
+  elif kind == 'garbage _METADATA':
+    with open(os.path.join(state, '_METADATA'), 'w') as f:
+      f.write('{"tree_metadata": [garbage')
+  elif kind == 'no state/':
+    shutil.rmtree(state)
+
+
+def test_checkpoints_that_fail_to_restore_are_set_aside_and_the_run_falls_back(
+    idx_dir, tmp_path, reference, caplog):
+  from cvjax import checkpointing  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[1], workdir)
+  os.remove(workdir / 'results.json')
+  # Step 20 holds nan values, as an older cvjax could save them.
+  mngr = checkpointing.manager(str(tmp_path / 'nan'), 6)
+  s = train.setup(tiny_config(idx_dir, **LONG))
+  nan_state = reference[0].replace(params=jax.tree.map(lambda x: x * np.nan, reference[0].params))
+  checkpointing.save(mngr, 20, nan_state, s.identity)
+  mngr.close()
+  shutil.rmtree(workdir / 'checkpoints' / '20')
+  shutil.move(tmp_path / 'nan' / 'checkpoints' / '20', workdir / 'checkpoints' / '20')
+  damage = {24: 'truncated', 16: 'garbage _METADATA', 12: 'zeroed', 8: 'no state/'}
+  for step, kind in damage.items():
+    corrupt(str(workdir / 'checkpoints' / str(step)), kind)
+  why = {24: 'OUT_OF_RANGE', 20: 'nan or inf', 16: 'JSONDecodeError', 12: 'ZSTD', 8: 'state'}
+
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 25, "train/lo')  # A line torn by a crash.
+  caplog.set_level('INFO', logger='absl')
+  resumed, _ = train.train_and_evaluate(tiny_config(idx_dir, **LONG), str(workdir))
+  assert 'Resuming from the checkpoint at step 4.' in caplog.text
+  assert_same_state(reference[0], resumed)
+  for step, reason in why.items():  # Each reported with its step and cause, and kept.
+    assert re.search(f'checkpoint at step {step} cannot be restored \\(.*{reason}', caplog.text)
+    kept = workdir / 'bad_checkpoints' / str(step)
+    assert reason in (kept / 'WHY.txt').read_text() and (kept / '_CHECKPOINT_METADATA').exists()
+  assert sorted(map(int, os.listdir(workdir / 'checkpoints'))) == [4, 8, 12, 16, 20, 24]
+  # The torn line is dropped with a warning; the resumed steps are logged once each.
+  assert re.search(r'metrics.jsonl: dropped unreadable line\(s\) \[\d+\]', caplog.text)
+  steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))]
+  assert steps == [4, 6, 8, 12, 12, 16, 18, 20, 24, 24]
+
+
+def test_a_sweep_stops_when_its_trial_was_stopped_by_a_signal(tmp_path, monkeypatch):
+  from cvjax import sweep  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'two.py').write_text('def get_trials(arg=None):\n  return [("a", {}), ("b", {})]\n')
+  ran = []
+
+  def trial(config, workdir, name, overrides, extra):  # Trial "a" is preempted.
+    ran.append(name)
+    return [sys.executable, '-c', f'import sys; sys.exit({75 if name == "a" else 0})']
+  monkeypatch.setattr(sweep, 'trial_command', trial)
+  status = sweep.run_sweep('configs/resnet.py', str(tmp_path / 'two.py'), str(tmp_path / 'w'))
+  assert status == {'a': 'stopped'} and ran == ['a']
