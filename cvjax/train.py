@@ -222,11 +222,13 @@ def check_config(config, num_devices):
                       'devices the batch is split over.')
   if t.compute_dtype not in ('float32', 'bfloat16'):
     raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32 or bfloat16.')
-  at_least = {'log_every_steps': (1, 'log every N steps'), 'keep_checkpoints': (
-      1, 'how many of the latest checkpoints to keep'), 'checkpoint_every_steps': (
-          0, 'save every N steps; 0: only at the end and on preemption'), 'eval_every_steps': (
-              0, 'evaluate every N steps; 0: once per epoch'), 'grad_norm_every_steps': (
-                  0, 'log gradient norms every N steps; 0: off')}
+  at_least = {
+      'log_every_steps': (1, 'log every N steps'),
+      'keep_checkpoints': (1, 'how many of the latest checkpoints to keep'),
+      'checkpoint_every_steps': (0, 'save every N steps; 0: only at the end and on preemption'),
+      'eval_every_steps': (0, 'evaluate every N steps; 0: once per epoch'),
+      'grad_norm_every_steps': (0, 'log gradient norms every N steps; 0: off'),
+  }
   for key, (low, meaning) in at_least.items():
     value = t.get(key, low)
     if not isinstance(value, int) or value < low:
