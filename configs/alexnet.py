@@ -6,7 +6,7 @@
 Arg `imagenet` (default) records the paper's recipe: 227x227 crops, batch 128, SGD momentum
 0.9, weight decay 5e-4, lr 0.01 divided by 10 three times (the paper divides when the
 validation error plateaus; here at epochs 30, 60 and 80), 90 epochs, dropout 0.5, two
-towers. ImageNet needs a streaming input pipeline that cvjax does not have yet.
+towers; the data streams from disk (configs/resnet.py:imagenet_config says how).
 Arg `cifar10`: the same net with a 3x3 stride-1 first conv for 32x32 images (see
 cvjax/models/alexnet.py), random crops and flips, 30 epochs.
 """
@@ -27,8 +27,7 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 5e-4
   c.schedule.boundaries = (30 / 90, 60 / 90, 80 / 90)
   if arg == 'imagenet':
-    c.dataset.name = 'imagenet2012'
-    c.input.crop_padding = 0
+    resnet.imagenet_input(c, image_size=227)
     c.train.num_epochs = 90.0
   else:
     c.input.normalization = 'per_channel'

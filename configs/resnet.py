@@ -35,12 +35,24 @@ def get_config(arg=None):
   c.dataset.data_dir = ''  # tfds data_dir ('' = tfds default).
   c.dataset.path = ''  # Local raw files instead of tfds: IDX folder or image folder/.tar.gz.
   c.dataset.download = True  # Let tfds download when the data is not in data_dir.
+  # memory: the whole dataset on the device; streaming: decoded and augmented by host
+  # workers from disk (ImageNet); auto: streaming for imagenet* and large image folders.
+  c.dataset.pipeline = 'auto'
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = 0  # Zero-pad images to this size (0: keep as is).
   c.input.normalization = 'per_pixel_mean'  # per_pixel_mean | per_channel | none.
   c.input.crop_padding = 4  # Random crops from images zero-padded by this (0: off).
   c.input.flip = True  # Random horizontal flips.
+  # Streaming input only: Inception-style random-resized crops to image_size, decoded by
+  # this many grain worker processes (0: threads of the training process).
+  c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
+  c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
+  c.input.workers = 0
+  c.input.threads = 2  # Reading threads per process.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'resnet_cifar'
@@ -98,16 +110,20 @@ def imagenet_config(arg):
 
   He et al. 2015, section 3.4: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1
   divided by 10 at epochs 30 and 60, 90 epochs (the paper divides on plateaus, ~60e4
-  iterations); 224x224 crops. ImageNet does not fit in memory: it needs the streaming
-  input pipeline, which cvjax does not have yet, so this config records the recipe and
-  builds the model (see `python -m cvjax.summary`) but does not train yet.
+  iterations); 224x224 random-resized crops and flips, ImageNet's per-channel mean and std;
+  evaluation on the centre 224 of the image resized to 256 (`eval.crops=10`: the paper's
+  10-crop testing). The data streams from disk (cvjax/streaming.py):
+
+    python -m cvjax.main --config=configs/resnet.py:imagenet_resnet18 --workdir=runs/r18 \
+        --config.dataset.path=/data/imagenet   # train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+    python -m cvjax.main --config=configs/resnet.py:imagenet_resnet50 --workdir=runs/r50 \
+        --config.dataset.data_dir=~/tensorflow_datasets   # tfds imagenet2012
   """
   match = re.fullmatch(r'imagenet(?:_(resnet|plain)(\d+))?', arg)
   if not match:
     raise ValueError(f'configs/resnet.py:{arg}: expected imagenet or imagenet_resnetN.')
   c = get_config('resnet20')
-  c.dataset.name = 'imagenet2012'
-  c.input.crop_padding = 0
+  imagenet_input(c)
   c.model.name = 'resnet'
   c.model.depth = int(match.group(2) or 50)  # 18, 34, 50, 101, 152.
   c.model.residual = match.group(1) != 'plain'
@@ -117,3 +133,15 @@ def imagenet_config(arg):
   c.schedule.boundaries = (30 / 90, 60 / 90)
   c.schedule.warmup_steps = 0
   return c
+
+
+def imagenet_input(c, image_size=224):
+  """ImageNet through the streaming pipeline (shared by the ImageNet configs)."""
+  c.dataset.name = 'imagenet2012'
+  c.input.image_size = image_size
+  c.input.normalization = 'imagenet'
+  c.input.crop_padding = 0
+  c.input.workers = -1  # -1: one per CPU core but one, at most 16 (README: images/s per core).
+  c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000

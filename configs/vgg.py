@@ -6,8 +6,8 @@
 Arg `imagenet_vggN` (default VGG-16) records the paper's recipe: 224x224 crops, batch 256,
 SGD momentum 0.9, weight decay 5e-4, dropout 0.5 in the first two dense layers, lr 0.01
 divided by 10 three times (the paper divides on validation plateaus; here at 40%, 70% and
-90% of the run), 74 epochs. ImageNet needs a streaming input pipeline that cvjax does not
-have yet. Arg `cifar10_vggN`: the same net with BatchNorm on 32x32 images (five pools leave
+90% of the run), 74 epochs; the data streams from disk (configs/resnet.py:imagenet_config
+says how). Arg `cifar10_vggN`: the same net with BatchNorm on 32x32 images (five pools leave
 1x1x512), lr 0.05, 60 epochs.
 """
 
@@ -30,8 +30,7 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 5e-4
   c.schedule.boundaries = (0.4, 0.7, 0.9)
   if imagenet:
-    c.dataset.name = 'imagenet2012'
-    c.input.crop_padding = 0
+    resnet.imagenet_input(c)
     c.optimizer.learning_rate = 0.01
     c.train.batch_size = 256
     c.train.num_epochs = 74.0

@@ -97,8 +97,9 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
       'train_labels': rng.integers(0, num_classes, n).astype(np.int32),
       'mean': np.full((1, 1, 1, 1), 0.5, np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)},
       replicated)
-  batches = [jax.device_put(np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32),
-                            NamedSharding(mesh, P('data'))) for i in range(4)]
+  batches = [{'indices': jax.device_put(np.arange(i * batch_size, (i + 1) * batch_size,
+                                                 dtype=np.int32), NamedSharding(mesh, P('data')))}
+             for i in range(4)]
   key = jax.random.key(1)
 
   step = train.jit_train_step(model, tx, config, mesh)
@@ -119,8 +120,8 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
   test = dict(images=data['train_images'], labels=data['train_labels'],
               mask=jnp.ones(n, bool), mean=data['mean'], std=data['std'])
   eval_step = jax.jit(lambda s, t: train.eval_step(
-      s, t, 0, model=model, batch_size=n, batch_sharding=NamedSharding(mesh, P('data')),
-      dtype=jnp.dtype(dtype)))
+      s, t, {'index': 0}, model=model, batch_size=n,
+      batch_sharding=NamedSharding(mesh, P('data')), dtype=jnp.dtype(dtype)))
   jax.block_until_ready(eval_step(state, test))
   t0 = time.perf_counter()
   for _ in range(3):

@@ -130,13 +130,13 @@ def main(argv):
       mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
   if state is None:
     raise app.UsageError(f'no checkpoint in {workdir}/checkpoints.')
-  p_eval_step, test_data, num_batches = train.jit_evaluation(s, replicated)
-  metrics, predictions = train.evaluate(p_eval_step, state, test_data, num_batches,
-                                        len(s.test_images), s.data.num_classes)
+  p_eval_step, test_data = train.jit_evaluation(s, replicated)
+  metrics, predictions = train.evaluate(p_eval_step, state, test_data, s.input.eval_batches(),
+                                        s.input.num_test, s.input.num_classes)
   from cvjax import metric_writer  # pylint: disable=g-import-not-at-top
   events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
-  summary = write(workdir, s.test_images, s.data.test_labels, predictions, s.data.class_names,
-                  step=int(state.step), writer=events.tb)
+  summary = write(workdir, s.input.test_images, s.input.test_labels, predictions,
+                  s.input.class_names, step=int(state.step), writer=events.tb)
   events.close()
   print(f'step {summary["step"]}: {summary["num_mistakes"]} of {summary["num_test"]} test images '
         f'misclassified ({100 * metrics["test/error"]:.2f}%); wrote {workdir}/error_analysis/')

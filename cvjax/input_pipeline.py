@@ -1,24 +1,30 @@
-"""Datasets held in memory as uint8 NHWC arrays, and augmentation that runs inside jit.
+"""The input the training loop sees, and the in-memory pipeline: datasets held as uint8
+NHWC arrays on the device, with augmentation that runs inside jit.
 
-Three sources give the same `Dataset`: tensorflow-datasets by name, a folder of
-MNIST-style IDX files, and an image folder (`train/<class>/*`, `test/<class>/*`,
-as a directory or a .tar.gz). MNIST/CIFAR-sized data fits in memory many times
-over, so the whole split lives on the device and each step gathers its batch
-there: the input can never starve the step.
+`make_input` picks the pipeline from the dataset (`dataset.pipeline` forces it): ImageNet
+and large or mixed-size image folders stream from disk (cvjax/streaming.py); the rest is
+loaded here. Three sources give the same in-memory `Dataset`: tensorflow-datasets by name, a
+folder of MNIST-style IDX files, and an image folder (`train/<class>/*`, `test/<class>/*`,
+as a directory or a .tar.gz). MNIST/CIFAR-sized data fits in memory many times over, so the
+whole split lives on the device and each step gathers its batch there: the input can never
+starve the step.
 """
 
 import dataclasses
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import struct
 import tarfile
+from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,6 +51,119 @@ KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
                 'kmnist': ((28, 28, 1), 10), 'emnist/digits': ((28, 28, 1), 10),
                 'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100),
                 'svhn_cropped': ((32, 32, 3), 10)}
+# Image folders whose decoded images would take more than this stream from disk.
+MEMORY_BUDGET_BYTES = 4 << 30
+
+
+@dataclasses.dataclass
+class Input:
+  """What the training loop sees of either pipeline: device-resident arrays put once, and
+  the batch arguments of the jitted train and eval steps."""
+  pipeline: str  # 'memory' | 'streaming'
+  num_train: int
+  class_names: list
+  image_shape: tuple  # One model input, HWC.
+  train_data: dict  # numpy; the train step's `data` (the whole split, or only mean/std).
+  test_data: dict  # numpy; the eval step's `data`.
+  train_batches: Callable  # start_step -> iterator of the train step's batch argument.
+  eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
+  test_labels: Any  # int array [num_test].
+  test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
+  identity: dict  # What a checkpoint records of its data (see `identity`).
+  eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+  @property
+  def num_test(self):
+    return len(self.test_labels)
+
+
+def pipeline_for(cfg):
+  """'memory' or 'streaming' for the config's `dataset` block."""
+  mode = cfg.get('pipeline', 'auto')
+  if mode not in ('auto', 'memory', 'streaming'):
+    raise UserError(f'dataset.pipeline={mode!r}; expected auto, memory or streaming.')
+  if mode != 'auto':
+    return mode
+  if cfg.name.startswith('imagenet'):
+    return 'streaming'
+  path = os.path.expanduser(cfg.path) if cfg.path else ''
+  if not os.path.isdir(path) or any(f.startswith(('train-images', 't10k-images'))
+                                    for f in os.listdir(path)):
+    return 'memory'
+  from cvjax import streaming  # pylint: disable=g-import-not-at-top
+  files = streaming.list_image_folder(path)
+  if 'test' not in files:  # The ILSVRC layout (train/, val/) is streamed.
+    return 'streaming' if 'val' in files else 'memory'
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sample = [items[int(i)] for items in files.values()
+            for i in np.linspace(0, len(items) - 1, 8)]
+  sizes = {Image.open(os.path.join(path, p)).size for _, p in sample}
+  count = sum(len(items) for items in files.values())
+  w, h = max(sizes)
+  return 'streaming' if len(sizes) > 1 or count * w * h * 3 > MEMORY_BUDGET_BYTES else 'memory'
+
+
+def make_input(config, mesh) -> Input:
+  if pipeline_for(config.dataset) == 'streaming':
+    from cvjax import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.make_input(config, mesh)
+  return in_memory_input(config, mesh)
+
+
+def eval_crops(config):
+  crops = config.get('eval', {}).get('crops', 1)
+  if crops not in (1, 10):
+    raise UserError(f'eval.crops={crops}; expected 1 (centre) or 10 (corners, centre and their '
+                    'flips, logits averaged).')
+  return crops
+
+
+def in_memory_input(config, mesh) -> Input:
+  """The whole dataset on the device; each train batch is a device array of indices into it,
+  each eval batch the index of a slice of the padded test set."""
+  data = load(config.dataset)
+  train_images = pad_to(data.train_images, config.input.image_size)
+  test_images = pad_to(data.test_images, config.input.image_size)
+  mean, std = normalization_stats(train_images, config.input.normalization)
+  if eval_crops(config) == 10 and not config.input.crop_padding:
+    raise UserError('eval.crops=10 on in-memory data crops from test images padded by '
+                    'input.crop_padding, as in training; set input.crop_padding > 0.')
+  batch_size, n = config.train.batch_size, len(train_images)
+  eval_batch = config.train.eval_batch_size
+  num_eval_batches = -(-len(test_images) // eval_batch)
+  padded = num_eval_batches * eval_batch - len(test_images)  # Padded, then masked out.
+  batch_sharding = NamedSharding(mesh, P('data'))
+
+  def train_batches(start_step):
+    per_epoch, epoch = n // batch_size, -1
+    for step in itertools.count(start_step):
+      if step // per_epoch != epoch:
+        epoch = step // per_epoch
+        perm = epoch_permutation(config.seed, epoch, n)
+      i = step % per_epoch
+      # Every process computes the same global indices; device_put keeps the rows of its own
+      # devices, so the batch and its order do not depend on the number of processes.
+      yield {'indices': jax.device_put(perm[i * batch_size:(i + 1) * batch_size], batch_sharding)}
+
+  def eval_batches():
+    return ({'index': np.int32(i)} for i in range(num_eval_batches))
+
+  return Input(
+      'memory', n, data.class_names, train_images.shape[1:],
+      train_data={'train_images': train_images, 'train_labels': data.train_labels,
+                  'mean': mean, 'std': std},
+      test_data={'images': np.pad(test_images, ((0, padded), (0, 0), (0, 0), (0, 0))),
+                 'labels': np.pad(data.test_labels, (0, padded)),
+                 'mask': np.pad(np.ones(len(test_images), np.bool_), (0, padded)),
+                 'mean': mean, 'std': std},
+      train_batches=train_batches, eval_batches=eval_batches, test_labels=data.test_labels,
+      test_images=test_images,
+      identity=identity(data.class_names, data.train_labels, data.test_labels),
+      eval_padding=config.input.crop_padding)
 
 
 @dataclasses.dataclass
@@ -114,10 +233,8 @@ def identity(class_names, train_labels, test_labels):
 
 def load_tfds(name, data_dir=None, download=True) -> Dataset:
   if name.startswith('imagenet'):
-    raise UserError(f'dataset.name={name!r} is too large to hold in memory, and cvjax has no '
-                    'streaming input pipeline for it yet. The ImageNet configs record the '
-                    'papers\' recipes and build the models (python -m cvjax.summary); train the '
-                    'same networks on 32x32 data with the :cifar10 config args.')
+    raise UserError(f'dataset.name={name!r} is too large to hold in memory: set '
+                    'dataset.pipeline=streaming (or auto).')
   if name not in TFDS_DATASETS:
     raise UserError(f'unknown dataset.name={name!r}. Supported tfds datasets (held in memory): '
                     f'{", ".join(TFDS_DATASETS)}. For other data set dataset.path to a folder of '
@@ -412,10 +529,17 @@ def normalization_stats(train_images, mode):
   if mode == 'per_channel':  # Standardise each channel.
     return (x.mean(axis=(0, 1, 2), keepdims=True).astype(np.float32),
             x.std(axis=(0, 1, 2), keepdims=True).astype(np.float32))
+  if mode == 'imagenet':  # ImageNet's per-channel statistics (torchvision's).
+    return imagenet_stats()
   if mode == 'none':
     return 0 * ones, ones
   raise UserError(f'unknown input.normalization={mode!r}; expected per_pixel_mean, '
-                  'per_channel or none.')
+                  'per_channel, imagenet or none.')
+
+
+def imagenet_stats():
+  return (np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 1, 1, 3),
+          np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 1, 1, 3))
 
 
 def normalize(images_u8, mean, std, dtype=jnp.float32):
@@ -439,6 +563,16 @@ def augment(images, rng, *, crop_padding, flip):
     flips = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
     images = jnp.where(flips, images[:, :, ::-1, :], images)
   return images
+
+
+def ten_crop(images, size):
+  """The four corner crops, the centre crop and their horizontal flips of a batch of
+  images: [10, B, size, size, C] (Krizhevsky et al. 2012; He et al. 2015's 10-crop test)."""
+  _, h, w, _ = images.shape
+  corners = ((0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+             ((h - size) // 2, (w - size) // 2))
+  crops = [images[:, y:y + size, x:x + size] for y, x in corners]
+  return jnp.stack(crops + [c[:, :, ::-1] for c in crops])
 
 
 def epoch_permutation(seed, epoch, n):

@@ -55,16 +55,21 @@ def classification_metrics(logits, labels, mask=None):
   }
 
 
-def _batch_and_loss(state, data, indices, rng, *, model, input_cfg, batch_sharding, dtype):
-  """Gathers, normalises and augments the batch `indices` of the device-resident training
-  set; returns the loss as a function of the parameters."""
-  images = jax.lax.with_sharding_constraint(data['train_images'][indices], batch_sharding)
-  labels = data['train_labels'][indices]
+def _batch_and_loss(state, data, batch, rng, *, model, input_cfg, batch_sharding, dtype):
+  """Builds the normalised batch (see `input_pipeline.Input`); returns the loss as a function
+  of the parameters."""
   # fold_in the step: a resumed run draws the same numbers.
   augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-  x = input_pipeline.normalize(images, data['mean'], data['std'])
-  x = input_pipeline.augment(x, augment_rng, crop_padding=input_cfg.crop_padding,
-                             flip=input_cfg.flip).astype(dtype)
+  if 'indices' in batch:  # In memory: gather from the device-resident split, augment here.
+    images = jax.lax.with_sharding_constraint(data['train_images'][batch['indices']],
+                                              batch_sharding)
+    labels = data['train_labels'][batch['indices']]
+    x = input_pipeline.normalize(images, data['mean'], data['std'])
+    x = input_pipeline.augment(x, augment_rng, crop_padding=input_cfg.crop_padding,
+                               flip=input_cfg.flip).astype(dtype)
+  else:  # Streamed: already cropped and flipped by the host workers.
+    labels = batch['labels']
+    x = input_pipeline.normalize(batch['images'], data['mean'], data['std'], dtype)
 
   def loss_fn(params):
     logits, new_vars = model.apply({'params': params, **state.model_state}, x, train=True,
@@ -97,17 +102,17 @@ def accumulate(acc, metrics):
           for k, v in acc.items()}
 
 
-def train_step(state, data, indices, rng, *, tx, skip_nonfinite=False, **batch_kw):
-  """One SGD step on the examples `indices` of the device-resident training set."""
-  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+def train_step(state, data, batch, rng, *, tx, skip_nonfinite=False, **batch_kw):
+  """One SGD step on `batch` (indices into `data`, or streamed images and labels)."""
+  loss_fn = _batch_and_loss(state, data, batch, rng, **batch_kw)
   grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
   return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite)
 
 
-def train_forward(state, data, indices, rng, **batch_kw):
+def train_forward(state, data, batch, rng, **batch_kw):
   """The forward half of `train_step`: returns the backward pass as a function whose
   residuals (the saved activations) are arrays, so it can leave this jitted program."""
-  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+  loss_fn = _batch_and_loss(state, data, batch, rng, **batch_kw)
   _, backward, (metrics, new_vars) = jax.vjp(loss_fn, state.params, has_aux=True)
   return backward, metrics, new_vars
 
@@ -125,7 +130,7 @@ def batch_args(model, config, mesh):
 
 
 def jit_train_step(model, tx, config, mesh):
-  """The train step `(state, data, indices, rng) -> (state, metrics)`, jit-compiled.
+  """The train step `(state, data, batch, rng) -> (state, metrics)`, jit-compiled.
 
   With `train.split_backward`, forward and backward are two XLA programs: XLA:CPU then
   cannot fuse (and so re-compute) forward work into the backward pass, which made the
@@ -141,8 +146,8 @@ def jit_train_step(model, tx, config, mesh):
   backward = jax.jit(functools.partial(train_backward, tx=tx, skip_nonfinite=skip),
                      out_shardings=replicated, donate_argnums=(0,))
 
-  def step(state, data, indices, rng):
-    vjp, metrics, new_vars = forward(state, data, indices, rng)
+  def step(state, data, batch, rng):
+    vjp, metrics, new_vars = forward(state, data, batch, rng)
     return backward(state, vjp, new_vars, metrics)
   return step
 
@@ -164,20 +169,33 @@ def init_state(init, rng, sharding):
   return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})(rng)
 
 
-def eval_step(state, test, index, *, model, batch_size, batch_sharding, dtype):
-  """Metric sums over the `index`-th batch of the padded, device-resident test set."""
-  take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * batch_size, batch_size)
-  images = jax.lax.with_sharding_constraint(take(test['images']), batch_sharding)
+def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, crops=1,
+              crop_size=None, padding=0):
+  """Metric sums over one test batch: `{'index': i}`, the i-th slice of the padded
+  device-resident test set, or streamed `{'images', 'labels', 'mask'}`. With `crops=10`
+  the logits are averaged over `input_pipeline.ten_crop` views of size `crop_size`, cut
+  from the images zero-padded (after normalisation) by `padding`."""
+  if 'index' in batch:
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
+    images, labels, mask = take(test['images']), take(test['labels']), take(test['mask'])
+  else:
+    images, labels, mask = batch['images'], batch['labels'], batch['mask']
+  images = jax.lax.with_sharding_constraint(images, batch_sharding)
   x = input_pipeline.normalize(images, test['mean'], test['std']).astype(dtype)
-  logits = model.apply({'params': state.params, **state.model_state}, x, train=False)
-  metrics = classification_metrics(logits, take(test['labels']), take(test['mask']))
+  apply = lambda x: model.apply({'params': state.params, **state.model_state}, x, train=False)
+  if crops == 1:
+    logits = apply(x)
+  else:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    logits = jnp.mean(jax.lax.map(apply, input_pipeline.ten_crop(x, crop_size)), axis=0)
+  metrics = classification_metrics(logits, labels, mask)
   return metrics, jnp.argmax(logits, -1)
 
 
-def evaluate(p_eval_step, state, test_data, num_batches, num_test, num_classes):
+def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes):
   """Test metrics over every example exactly once (the padding is masked out), and the
-  top-1 prediction for each test example."""
-  outs = [p_eval_step(state, test_data, i) for i in range(num_batches)]
+  top-1 prediction for each test example; `batches` from `Input.eval_batches()`."""
+  outs = [p_eval_step(state, test_data, batch) for batch in batches]
   sums, predictions = jax.device_get(([o[0] for o in outs], [o[1] for o in outs]))
   sums = jax.tree.map(lambda *x: sum(x), *sums)
   out = {'test/loss': sums['loss'] / sums['count'], 'test/error': sums['errors'] / sums['count'],
@@ -187,10 +205,10 @@ def evaluate(p_eval_step, state, test_data, num_batches, num_test, num_classes):
   return out, np.concatenate(predictions)[:num_test]
 
 
-def grad_norms(state, data, indices, rng, **batch_kw):
+def grad_norms(state, data, batch, rng, **batch_kw):
   """Gradient norm of every layer's kernel, in forward order, and the global norm, on one
   batch (a diagnostic: run every `train.grad_norm_every_steps`, it leaves the state alone)."""
-  loss_fn = _batch_and_loss(state, data, indices, rng, **batch_kw)
+  loss_fn = _batch_and_loss(state, data, batch, rng, **batch_kw)
   grads, _ = jax.grad(loss_fn, has_aux=True)(state.params)
   norms = {'train/grad_norm': optax.global_norm(grads)}
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -281,11 +299,7 @@ class Setup:
   """Everything a run builds from its config before touching the workdir."""
   config: Any
   mesh: Any
-  data: input_pipeline.Dataset
-  train_images: np.ndarray  # Padded to input.image_size.
-  test_images: np.ndarray
-  mean: np.ndarray
-  std: np.ndarray
+  input: input_pipeline.Input
   model: Any
   schedule: Any
   tx: Any
@@ -299,14 +313,11 @@ class Setup:
 def setup(config, devices=None) -> Setup:
   mesh = make_mesh(devices)
   check_config(config, mesh.size)
-  data = input_pipeline.load(config.dataset)
-  train_images = input_pipeline.pad_to(data.train_images, config.input.image_size)
-  test_images = input_pipeline.pad_to(data.test_images, config.input.image_size)
-  mean, std = input_pipeline.normalization_stats(train_images, config.input.normalization)
-  input_shape = train_images.shape[1:]
-  steps_per_epoch, total_steps = steps_for(config, len(train_images))
+  inp = input_pipeline.make_input(config, mesh)
+  input_shape = tuple(inp.image_shape)
+  steps_per_epoch, total_steps = steps_for(config, inp.num_train)
   dtype = jnp.dtype(config.train.compute_dtype)
-  model = models.create_model(config.model, num_classes=data.num_classes, dtype=dtype,
+  model = models.create_model(config.model, num_classes=inp.num_classes, dtype=dtype,
                               remat=config.train.get('remat'))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
@@ -314,29 +325,23 @@ def setup(config, devices=None) -> Setup:
   tx = optim.make_optimizer(config.optimizer, schedule)
   init = state_initializer(model, tx, input_shape, dtype)
   abstract_state = jax.eval_shape(init, jax.random.key(0))
-  identity = {'model': config.model.to_dict(), 'num_classes': data.num_classes,
-              'input_shape': list(input_shape), 'dataset': input_pipeline.identity(
-                  data.class_names, data.train_labels, data.test_labels)}
-  return Setup(config, mesh, data, train_images, test_images, mean, std, model, schedule, tx,
-               steps_per_epoch, total_steps, init, abstract_state, identity)
+  identity = {'model': config.model.to_dict(), 'num_classes': inp.num_classes,
+              'input_shape': list(input_shape), 'dataset': inp.identity}
+  return Setup(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
+               abstract_state, identity)
 
 
 def jit_evaluation(s: Setup, state_sharding):
-  """(jitted eval step, device-resident padded test set, number of batches)."""
-  eval_batch = s.config.train.eval_batch_size
-  num_batches = -(-len(s.test_images) // eval_batch)
-  padded = num_batches * eval_batch - len(s.test_images)  # Padded, then masked out.
-  test_data = jax.device_put(
-      {'images': np.pad(s.test_images, ((0, padded), (0, 0), (0, 0), (0, 0))),
-       'labels': np.pad(s.data.test_labels, (0, padded)),
-       'mask': np.pad(np.ones(len(s.test_images), np.bool_), (0, padded)),
-       'mean': s.mean, 'std': s.std}, state_sharding)
+  """(jitted eval step, the eval step's device-resident `test` data)."""
+  test_data = jax.device_put(s.input.test_data, state_sharding)
   p_eval_step = jax.jit(
-      functools.partial(eval_step, model=s.model, batch_size=eval_batch,
+      functools.partial(eval_step, model=s.model, batch_size=s.config.train.eval_batch_size,
                         batch_sharding=NamedSharding(s.mesh, P('data')),
-                        dtype=jnp.dtype(s.config.train.compute_dtype)),
+                        dtype=jnp.dtype(s.config.train.compute_dtype),
+                        crops=input_pipeline.eval_crops(s.config),
+                        crop_size=s.input.image_shape[0], padding=s.input.eval_padding),
       out_shardings=state_sharding)
-  return p_eval_step, test_data, num_batches
+  return p_eval_step, test_data
 
 
 def hparams(config):
@@ -365,7 +370,6 @@ def train_and_evaluate(config, workdir, *, devices=None):
 def train_loop(s: Setup, workdir, stop_requested):
   config = s.config
   replicated = NamedSharding(s.mesh, P())
-  batch_sharding = NamedSharding(s.mesh, P('data'))
   batch_size = config.train.batch_size
 
   # --- Train state: restored, or built directly in place. ---
@@ -386,18 +390,16 @@ def train_loop(s: Setup, workdir, stop_requested):
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   writer = metric_writer.create(workdir, resume_step=start_step)
   num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
-  logging.info('%s: %d parameters, %d train / %d test examples %s, %d classes, %d steps '
-               '(%d per epoch), %d device(s) in %d process(es).', config.model.name, num_params,
-               len(s.train_images), len(s.test_images), s.train_images.shape[1:],
-               s.data.num_classes, s.total_steps, s.steps_per_epoch, s.mesh.size,
-               jax.process_count())
+  logging.info('%s: %d parameters, %d train / %d test examples %s (%s input), %d classes, '
+               '%d steps (%d per epoch), %d device(s) in %d process(es).', config.model.name,
+               num_params, s.input.num_train, s.input.num_test, s.input.image_shape,
+               s.input.pipeline, s.input.num_classes, s.total_steps, s.steps_per_epoch,
+               s.mesh.size, jax.process_count())
 
   # --- Data on the device, and the jitted steps. ---
-  device_data = jax.device_put({'train_images': s.train_images,
-                                'train_labels': s.data.train_labels, 'mean': s.mean,
-                                'std': s.std}, replicated)
+  device_data = jax.device_put(s.input.train_data, replicated)
   p_train_step = jit_train_step(s.model, s.tx, config, s.mesh)
-  p_eval_step, test_data, num_eval_batches = jit_evaluation(s, replicated)
+  p_eval_step, test_data = jit_evaluation(s, replicated)
   grad_norm_every = config.train.get('grad_norm_every_steps', 0)
   if grad_norm_every:
     p_grad_norms = jax.jit(functools.partial(grad_norms, **batch_args(s.model, config, s.mesh)),
@@ -409,26 +411,23 @@ def train_loop(s: Setup, workdir, stop_requested):
   ckpt_every = config.train.checkpoint_every_steps
   skip_nonfinite = config.train.get('skip_nonfinite', False)
   p_accumulate = jax.jit(accumulate)
-  acc, test_metrics, predictions, perm, epoch = None, {}, None, None, -1
-  t_last, step_last, excluded = None, start_step, 0.0
+  acc, test_metrics, predictions = None, {}, None
+  t_last, step_last, excluded, waited = None, start_step, 0.0, 0.0
+  batches = s.input.train_batches(start_step)  # The batches from start_step on, as uninterrupted.
   for step in range(start_step, s.total_steps):
-    if step // s.steps_per_epoch != epoch:
-      epoch = step // s.steps_per_epoch
-      perm = input_pipeline.epoch_permutation(config.seed, epoch, len(s.train_images))
-    i = step % s.steps_per_epoch
-    # Every process computes the same global indices; device_put keeps the rows of its own
-    # devices, so the batch and its order do not depend on the number of processes.
-    indices = jax.device_put(perm[i * batch_size:(i + 1) * batch_size], batch_sharding)
+    t0 = time.perf_counter()
+    batch = next(batches)
+    waited += time.perf_counter() - t0  # Time the step waits on the input.
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
-      writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, indices,
+      writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, batch,
                                                              train_rng)))
-    state, metrics = p_train_step(state, device_data, indices, train_rng)
+    state, metrics = p_train_step(state, device_data, batch, train_rng)
     acc = metrics if acc is None else p_accumulate(acc, metrics)
     done = step + 1
 
     if t_last is None:  # Compilation and the first step: kept out of images/s.
       jax.block_until_ready(state)
-      t_last, step_last = time.perf_counter(), done
+      t_last, step_last, waited = time.perf_counter(), done, 0.0
       logging.info('First step (with compilation) done.')
 
     log_now = done % log_every == 0 or done == s.total_steps
@@ -445,20 +444,23 @@ def train_loop(s: Setup, workdir, stop_requested):
       count = sums['count'] or np.nan  # 0 when train.skip_nonfinite skipped every step.
       scalars = {'train/loss': sums['loss'] / count, 'train/error': sums['errors'] / count,
                  'train/learning_rate': float(s.schedule(step)),
-                 'train/images_per_second': ips}
+                 'train/images_per_second': ips,
+                 'train/input_wait_fraction': waited / elapsed if elapsed > 0 else 0.0}
       if skip_nonfinite:
         scalars['train/skipped_nonfinite'] = sums['nonfinite']
       writer.write_scalars(done, scalars)
       eta = (s.total_steps - done) * batch_size / ips if ips else 0
-      logging.info('step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  ETA %s', done,
-                   s.total_steps, scalars['train/loss'], 100 * scalars['train/error'],
-                   scalars['train/learning_rate'], ips, _fmt_time(eta))
-      t_last, step_last, excluded = now, done, 0.0
+      logging.info('step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  input wait '
+                   '%.0f%%  ETA %s', done, s.total_steps, scalars['train/loss'],
+                   100 * scalars['train/error'], scalars['train/learning_rate'], ips,
+                   100 * scalars['train/input_wait_fraction'], _fmt_time(eta))
+      t_last, step_last, excluded, waited = now, done, 0.0, 0.0
 
     if eval_now:
       t0 = time.perf_counter()
-      test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
-                                           len(s.test_images), s.data.num_classes)
+      test_metrics, predictions = evaluate(p_eval_step, state, test_data,
+                                           s.input.eval_batches(), s.input.num_test,
+                                           s.input.num_classes)
       writer.write_scalars(done, test_metrics)
       logging.info('step %d/%d  test loss %.4f  error %.2f%%%s', done, s.total_steps,
                    test_metrics['test/loss'], 100 * test_metrics['test/error'],
@@ -479,11 +481,13 @@ def train_loop(s: Setup, workdir, stop_requested):
       writer.close()
       raise preemption.Preempted(done, stop)
 
+  batches.close()  # Stops the streaming workers.
   mngr.wait_until_finished()
   if int(state.step) >= s.total_steps:
     if predictions is None:  # Nothing left to train: evaluate the restored state.
-      test_metrics, predictions = evaluate(p_eval_step, state, test_data, num_eval_batches,
-                                           len(s.test_images), s.data.num_classes)
+      test_metrics, predictions = evaluate(p_eval_step, state, test_data,
+                                           s.input.eval_batches(), s.input.num_test,
+                                           s.input.num_classes)
     if is_main:
       finish(workdir, s, state, test_metrics, predictions, writer)
   writer.close()
@@ -492,15 +496,16 @@ def train_loop(s: Setup, workdir, stop_requested):
 
 def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
   """End of a run: error analysis, HParams, and results.json (which marks the run done)."""
-  analysis = error_analysis.write(workdir, s.test_images, s.data.test_labels, predictions,
-                                  s.data.class_names, step=int(state.step), writer=writer.tb)
+  analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels,
+                                  predictions, s.input.class_names, step=int(state.step),
+                                  writer=writer.tb)
   final = {k: float(v) for k, v in test_metrics.items()}
   train_records = [r for r in writer.records() if 'train/error' in r]
   if train_records:
     final['train/error'] = train_records[-1]['train/error']
     final['train/loss'] = train_records[-1]['train/loss']
   writer.write_hparams(hparams(s.config), final)
-  example = jax.ShapeDtypeStruct((1, *s.train_images.shape[1:]),
+  example = jax.ShapeDtypeStruct((1, *s.input.image_shape),
                                  jnp.dtype(s.config.train.compute_dtype))
   variables = {'params': s.abstract_state.params, **s.abstract_state.model_state}
   results = {'step': int(state.step), **final, 'num_mistakes': analysis['num_mistakes'],

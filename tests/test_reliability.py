@@ -378,11 +378,10 @@ def test_skipped_update_leaves_the_state_unchanged(idx_dir):
   state = s.init(jax.random.key(0))
   state = state.replace(params={**state.params, 'head': {
       **state.params['head'], 'bias': state.params['head']['bias'].at[3].set(jnp.nan)}})
-  data = jax.device_put({'train_images': s.train_images, 'train_labels': s.data.train_labels,
-                         'mean': s.mean, 'std': s.std}, replicated)
+  data = jax.device_put(s.input.train_data, replicated)
   before = jax.device_get(state)
   step = train.jit_train_step(s.model, s.tx, config, s.mesh)
-  after, metrics = step(state, data, jnp.arange(16), jax.random.key(1))
+  after, metrics = step(state, data, {'indices': jnp.arange(16)}, jax.random.key(1))
   after = jax.device_get(after)
   assert int(after.step) == 1 and int(metrics['nonfinite']) == 1
   assert int(metrics['first_nonfinite']) == 1 and float(metrics['count']) == 0
