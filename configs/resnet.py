@@ -41,11 +41,12 @@ def get_config(arg=None):
 
   c.input = ml_collections.ConfigDict()
   c.input.image_size = 0  # Zero-pad images to this size (0: keep as is).
-  c.input.normalization = 'per_pixel_mean'  # per_pixel_mean | per_channel | none.
+  c.input.normalization = 'per_pixel_mean'  # per_pixel_mean | per_channel | imagenet | none.
   c.input.crop_padding = 4  # Random crops from images zero-padded by this (0: off).
   c.input.flip = True  # Random horizontal flips.
   # Streaming input only: Inception-style random-resized crops to image_size, decoded by
-  # this many grain worker processes (0: threads of the training process).
+  # this many grain worker processes (0: threads of the training process; -1: one per
+  # CPU core but one, at most 16).
   c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
   c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
   c.input.workers = 0
