@@ -22,6 +22,11 @@ from cvjax import run_lock, train
 from cvjax.errors import UserError
 
 
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
 def run_main(workdir, *overrides, config='configs/resnet.py:resnet8', **kw):
   return subprocess.run(
       [sys.executable, '-m', 'cvjax.main', f'--config={config}', f'--workdir={workdir}',
@@ -279,7 +284,7 @@ def test_signals_at_any_moment_resume_to_the_uninterrupted_parameters(idx_dir, t
   assert int(resumed.step) == 24
   assert_same_state(reference[0], resumed)
   # Each logged step once, none missing: metrics.jsonl and TensorBoard alike.
-  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  records = read_jsonl(workdir)
   assert [r['step'] for r in records if 'train/loss' in r] == [4, 8, 12, 16, 20, 24]
   assert [r['step'] for r in records if 'test/loss' in r] == [6, 12, 18, 24]
   events = event_accumulator.EventAccumulator(str(workdir))
@@ -349,7 +354,7 @@ def test_nonfinite_state_is_never_saved_and_the_run_stops_at_its_true_step(idx_d
   state, _ = train.train_and_evaluate(
       tiny_config(idx_dir, **{**DIVERGES, 'optimizer.learning_rate': 0.1}), str(workdir))
   assert int(state.step) == 24 and checkpointing_finite(state)
-  steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))]
+  steps = [r['step'] for r in read_jsonl(workdir)]
   assert steps == sorted(steps)
 
 
@@ -364,7 +369,7 @@ def test_skip_nonfinite_skips_and_counts_such_updates(idx_dir, tmp_path):
       tiny_config(idx_dir, **{**DIVERGES, 'train.skip_nonfinite': True,
                               'train.log_every_steps': 4}), str(workdir))
   assert int(state.step) == 24 and checkpointing_finite(state)
-  skipped = [r['train/skipped_nonfinite'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))
+  skipped = [r['train/skipped_nonfinite'] for r in read_jsonl(workdir)
              if 'train/skipped_nonfinite' in r]
   assert len(skipped) == 6 and skipped[:3] == [0, 0, 0] and sum(skipped) > 0, skipped
 
@@ -375,7 +380,7 @@ def test_skipped_update_leaves_the_state_unchanged(idx_dir):
   config = tiny_config(idx_dir, **{'train.skip_nonfinite': True})
   s = train.setup(config)
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  state = s.init(jax.random.key(0))
+  state = train.init_state(s.init, jax.random.key(0), replicated)
   state = state.replace(params={**state.params, 'head': {
       **state.params['head'], 'bias': state.params['head']['bias'].at[3].set(jnp.nan)}})
   data = jax.device_put(s.input.train_data, replicated)
@@ -442,7 +447,7 @@ def test_checkpoints_that_fail_to_restore_are_set_aside_and_the_run_falls_back(
   assert sorted(map(int, os.listdir(workdir / 'checkpoints'))) == [4, 8, 12, 16, 20, 24]
   # The torn line is dropped with a warning; the resumed steps are logged once each.
   assert re.search(r'metrics.jsonl: dropped unreadable line\(s\) \[\d+\]', caplog.text)
-  steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))]
+  steps = [r['step'] for r in read_jsonl(workdir)]
   assert steps == [4, 6, 8, 12, 12, 16, 18, 20, 24, 24]
 
 
