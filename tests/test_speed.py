@@ -73,7 +73,7 @@ def test_benchmark_counts_flops_of_the_whole_network_when_blocks_are_scanned():
   data = {'train_images': np.zeros((8, 32, 32, 3), np.uint8),
           'train_labels': np.zeros(8, np.int32),
           'mean': np.zeros((1, 1, 1, 1), np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)}
-  args = (data, jnp.arange(4), jax.random.key(0))
+  args = (data, {'indices': jnp.arange(4)}, jax.random.key(0))
   flops = {}
   for depth in (20, 32):
     for scan in (False, True):
