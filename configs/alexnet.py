@@ -7,7 +7,10 @@ Arg `imagenet` (default) records the paper's recipe: 227x227 crops, batch 128, S
 0.9, weight decay 5e-4, lr 0.01 divided by 10 three times (the paper divides when the
 validation error plateaus; here at epochs 30, 60 and 80), 90 epochs, dropout 0.5, two
 towers; the data streams from disk (configs/resnet.py:imagenet_config says how).
-Arg `cifar10`: the same net with a 3x3 stride-1 first conv for 32x32 images (see
+Arg `imagenet_torchvision`: the same recipe for torchvision's one-tower AlexNet
+(`model.variant='torchvision'`: 64-192-384-256-256 channels, no LRN, an adaptive 6x6 pool,
+224x224 crops), the net whose published weights `python -m cvjax.import_weights --model=alexnet`
+reads. Arg `cifar10`: the paper's net with a 3x3 stride-1 first conv for 32x32 images (see
 cvjax/models/alexnet.py), random crops and flips, 30 epochs.
 """
 
@@ -18,16 +21,19 @@ from configs import resnet
 
 def get_config(arg=None):
   arg = arg or 'imagenet'
-  if arg not in ('imagenet', 'cifar10'):
-    raise ValueError(f'configs/alexnet.py:{arg}: expected imagenet or cifar10.')
+  if arg not in ('imagenet', 'imagenet_torchvision', 'cifar10'):
+    raise ValueError(f'configs/alexnet.py:{arg}: expected imagenet, imagenet_torchvision or '
+                     'cifar10.')
   c = resnet.get_config()
+  torchvision = arg == 'imagenet_torchvision'
   c.model = ml_collections.ConfigDict(dict(
-      name='alexnet', groups=2, activation='relu', dropout_rate=0.5))
+      name='alexnet', variant='torchvision' if torchvision else 'paper',
+      groups=1 if torchvision else 2, activation='relu', dropout_rate=0.5))
   c.optimizer.learning_rate = 0.01
   c.optimizer.weight_decay = 5e-4
   c.schedule.boundaries = (30 / 90, 60 / 90, 80 / 90)
-  if arg == 'imagenet':
-    resnet.imagenet_input(c, image_size=227)
+  if arg.startswith('imagenet'):
+    resnet.imagenet_input(c, image_size=224 if torchvision else 227)
     c.train.num_epochs = 90.0
   else:
     c.input.normalization = 'per_channel'

@@ -107,7 +107,9 @@ def get_config(arg=None):
 
 
 def imagenet_config(arg):
-  """`imagenet`, `imagenet_resnet18`, `imagenet_plain34`, ... (default ResNet-50).
+  """`imagenet`, `imagenet_resnet18`, `imagenet_plain34`, ... (default ResNet-50);
+  `imagenet_resnet50_v1.5`: torchvision's bottleneck (stride in the 3x3 conv), the net whose
+  published weights `python -m cvjax.import_weights --model=resnet50` reads.
 
   He et al. 2015, section 3.4: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1
   divided by 10 at epochs 30 and 60, 90 epochs (the paper divides on plateaus, ~60e4
@@ -120,14 +122,17 @@ def imagenet_config(arg):
     python -m cvjax.main --config=configs/resnet.py:imagenet_resnet50 --workdir=runs/r50 \
         --config.dataset.data_dir=~/tensorflow_datasets   # tfds imagenet2012
   """
-  match = re.fullmatch(r'imagenet(?:_(resnet|plain)(\d+))?', arg)
+  match = re.fullmatch(r'imagenet(?:_(resnet|plain)(\d+))?(_v1\.5)?', arg)
   if not match:
-    raise ValueError(f'configs/resnet.py:{arg}: expected imagenet or imagenet_resnetN.')
+    raise ValueError(f'configs/resnet.py:{arg}: expected imagenet, imagenet_resnetN or '
+                     'imagenet_resnetN_v1.5.')
   c = get_config('resnet20')
   imagenet_input(c)
   c.model.name = 'resnet'
   c.model.depth = int(match.group(2) or 50)  # 18, 34, 50, 101, 152.
   c.model.residual = match.group(1) != 'plain'
+  # Where bottlenecks (50/101/152) downsample: '1x1' the paper (v1), '3x3' torchvision (v1.5).
+  c.model.stride_in_bottleneck = '3x3' if match.group(3) else '1x1'
   del c.model['batch_norm']
   c.train.batch_size = 256
   c.train.num_epochs = 90.0

@@ -38,6 +38,8 @@ ZOO = {
                      60_000, '60,000'),
     'alexnet': (_cfg('alexnet'), (227, 227, 3), 1000, 60_965_224, '60M'),
     'alexnet_1tower': (_cfg('alexnet', groups=1), (227, 227, 3), 1000, 62_378_344, '-'),
+    'alexnet_torchvision': (_cfg('alexnet', variant='torchvision', groups=1), (224, 224, 3),
+                            1000, 61_100_840, '-'),
     **{f'vgg{d}': (_cfg('vgg', depth=d, batch_norm=False), (224, 224, 3), 1000, ref, paper)
        for d, ref, paper in ((11, 132_863_336, '133M'), (13, 133_047_848, '133M'),
                              (16, 138_357_544, '138M'), (19, 143_667_240, '144M'))},
@@ -45,6 +47,8 @@ ZOO = {
     **{f'resnet{d}': (_cfg('resnet', depth=d), (224, 224, 3), 1000, ref, '-')
        for d, ref in ((18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
                       (101, 44_549_160), (152, 60_192_808))},
+    'resnet50_v1.5': (_cfg('resnet', depth=50, stride_in_bottleneck='3x3'), (224, 224, 3), 1000,
+                      25_557_032, '-'),
     **{f'plain{d}': (_cfg('resnet', depth=d, residual=False), (224, 224, 3), 1000, None, '-')
        for d in (18, 34, 50)},
     **{f'cifar_resnet{d}': (_cfg('resnet_cifar', depth=d), (32, 32, 3), 10, None, paper)

@@ -1,3 +1,6 @@
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +9,7 @@ from ml_collections import ConfigDict
 
 from cvjax import models
 from cvjax.errors import UserError
+from cvjax.models import common, resnet_cifar, resnet_imagenet
 from cvjax.models.lenet import LeNet5
 from cvjax.models.resnet_cifar import CifarResNet
 
@@ -139,3 +143,97 @@ def test_scanned_blocks_and_remat_compute_the_same_function():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                  other_grads, expected)
   assert count_params(CifarResNet(depth=20, scan_blocks=True), (1, 8, 8, 3)) == 269_722
+
+
+def identity_like(variables):
+  """Every conv kernel an identity: centre tap, input channel c -> output channel c."""
+  def kernel(path, x):
+    if jax.tree_util.keystr(path[-1:]) != "['kernel']" or x.ndim != 4:
+      return x
+    k = np.zeros(x.shape, np.float32)
+    c = np.arange(min(x.shape[2:]))
+    k[x.shape[0] // 2, x.shape[1] // 2, c, c] = 1.0
+    return jnp.asarray(k)
+  return {**variables, 'params': jax.tree_util.tree_map_with_path(kernel, variables['params'])}
+
+
+def intermediates(model, variables, x):
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  return state['intermediates']
+
+
+def test_cifar_stride_two_branch_samples_the_shortcuts_pixels():
+  """With identity kernels, the stride-2 block's branch must equal the option-A shortcut's
+  subsampling x[::2, ::2]: with 'SAME' padding it takes x[1::2, 1::2] instead."""
+  model = CifarResNet(depth=8, residual=False, batch_norm=False)
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))  # >= 0: ReLU is the identity.
+  variables = identity_like(model.init(jax.random.key(0), x))
+  out = intermediates(model, variables, x)
+  block_in = out['stage1_block1']['__call__'][0]
+  branch = out['stage2_block1']['__call__'][0]
+  assert branch.shape == (2, 8, 8, 32)
+  expected = resnet_cifar.shortcut_a(block_in, block_in.shape[-1], 2)
+  np.testing.assert_allclose(branch[..., :16], expected, atol=1e-6)
+  assert np.abs(expected).min() < np.abs(expected).max()  # Not a constant image.
+
+
+@pytest.mark.parametrize('bottleneck,stride_in_bottleneck',
+                         [(False, '1x1'), (True, '1x1'), (True, '3x3')])
+def test_imagenet_stride_two_branch_and_projection_sample_the_same_pixels(bottleneck,
+                                                                         stride_in_bottleneck):
+  """With identity kernels and BatchNorm at its initial statistics, the branch of a stride-2
+  block and its strided 1x1 projection must see the same input pixels (2i, 2j)."""
+  norm = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=1e-5)
+  block = resnet_imagenet.Block(32, 2, bottleneck, True, resnet_imagenet.conv_layer, norm,
+                                lambda y: y, stride_in_bottleneck=stride_in_bottleneck)
+  x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 64))
+  variables = identity_like(block.init(jax.random.key(0), x))
+  out = intermediates(block, variables, x)
+  branch = out['bn3' if bottleneck else 'bn2']['__call__'][0]
+  projection = out['projection_bn']['__call__'][0]
+  assert branch.shape == projection.shape == (1, 8, 8, 128 if bottleneck else 32)
+  # BatchNorm at mean 0, variance 1 scales by 1/sqrt(1 + 1e-5) once per layer.
+  np.testing.assert_allclose(branch[..., :32], projection[..., :32], rtol=1e-4)
+  assert np.abs(projection[..., :32]).min() < np.abs(projection[..., :32]).max()
+
+
+def test_v1_5_moves_the_stride_to_the_3x3_conv():
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = {}
+  for stride in ('1x1', '3x3'):
+    model = resnet_imagenet.ResNet(depth=50, stride_in_bottleneck=stride)
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x))
+    out = jax.eval_shape(lambda v, m=model: intermediates(m, v, x), variables)['conv3_1']
+    shapes[stride] = (out['bn1']['__call__'][0].shape, out['bn2']['__call__'][0].shape)
+  assert shapes['1x1'] == ((1, 8, 8, 128), (1, 8, 8, 128))
+  assert shapes['3x3'] == ((1, 16, 16, 128), (1, 8, 8, 128))
+  cfg = ConfigDict(dict(name='resnet', depth=50, residual=True, activation='relu',
+                        bn_momentum=0.9, zero_init_residual=False, stride_in_bottleneck='2x2'))
+  with pytest.raises(UserError, match='stride_in_bottleneck'):
+    models.create_model(cfg, num_classes=10, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize('size,out', [((6, 6), (6, 6)), ((13, 9), (6, 6)), ((1, 1), (6, 6)),
+                                      ((7, 7), (7, 7)), ((3, 5), (7, 7))])
+def test_adaptive_avg_pool_matches_pytorch(size, out):
+  torch = pytest.importorskip('torch')
+  x = np.random.default_rng(0).normal(size=(2, *size, 4)).astype(np.float32)
+  expected = torch.nn.functional.adaptive_avg_pool2d(
+      torch.from_numpy(x).permute(0, 3, 1, 2), out).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(common.adaptive_avg_pool(jnp.asarray(x), out), expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_alexnet_variants():
+  cfg = ConfigDict(dict(name='alexnet', variant='torchvision', groups=2, activation='relu',
+                        dropout_rate=0.5))
+  with pytest.raises(UserError, match='groups=1'):
+    models.create_model(cfg, num_classes=10, dtype=jnp.float32)
+  cfg.groups = 1
+  model = models.create_model(cfg, num_classes=10, dtype=jnp.float32)
+  for size in (63, 224):  # The adaptive pool takes any map to 6x6.
+    variables = jax.eval_shape(lambda s=size: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))
+    assert variables['params']['fc6']['kernel'].shape == (6 * 6 * 256, 4096)
+  cfg.variant = 'caffe'
+  with pytest.raises(UserError, match='paper or torchvision'):
+    models.create_model(cfg, num_classes=10, dtype=jnp.float32)

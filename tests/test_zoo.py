@@ -12,6 +12,7 @@ from cvjax.models import lenet
 # Exact counts of the published architectures (227/224 inputs, 1000 classes).
 EXACT = {
     'lenet5_paper': 60_000, 'alexnet': 60_965_224, 'alexnet_1tower': 62_378_344,
+    'alexnet_torchvision': 61_100_840, 'resnet50_v1.5': 25_557_032,
     'vgg11': 132_863_336, 'vgg13': 133_047_848, 'vgg16': 138_357_544, 'vgg19': 143_667_240,
     'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
     'resnet101': 44_549_160, 'resnet152': 60_192_808,
@@ -107,7 +108,8 @@ def test_summary_table_rows():
 
 
 CONFIGS = [('lenet', None), ('lenet', 'paper'), ('resnet', 'plain56'), ('resnet', 'imagenet'),
-           ('resnet', 'imagenet_plain18'), ('alexnet', None), ('alexnet', 'cifar10'),
+           ('resnet', 'imagenet_plain18'), ('alexnet', None), ('alexnet', 'imagenet_torchvision'),
+           ('alexnet', 'cifar10'),
            ('vgg', None), ('vgg', 'cifar10_vgg19')]
 
 

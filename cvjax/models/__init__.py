@@ -38,15 +38,27 @@ def _resnet(cfg, **kw):
   if cfg.depth not in STAGES:
     raise UserError(f'model.depth={cfg.depth} is not an ImageNet ResNet depth; expected one of '
                     f'{sorted(STAGES)}.')
+  stride = cfg.get('stride_in_bottleneck', '1x1')
+  if stride not in ('1x1', '3x3'):
+    raise UserError(f'model.stride_in_bottleneck={stride!r}; expected 1x1 (the paper, v1) or '
+                    '3x3 (torchvision, v1.5).')
   return ResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
-                bn_momentum=cfg.bn_momentum, zero_init_residual=cfg.zero_init_residual, **kw)
+                bn_momentum=cfg.bn_momentum, zero_init_residual=cfg.zero_init_residual,
+                stride_in_bottleneck=stride, **kw)
 
 
 def _alexnet(cfg, **kw):
+  variant = cfg.get('variant', 'paper')
+  if variant not in ('paper', 'torchvision'):
+    raise UserError(f'unknown model.variant={variant!r} for alexnet; expected paper or '
+                    'torchvision.')
   if cfg.groups not in (1, 2):
     raise UserError(f'model.groups={cfg.groups}: AlexNet has 1 (one tower) or 2 (the paper).')
-  return AlexNet(groups=cfg.groups, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
-                 **kw)
+  if variant == 'torchvision' and cfg.groups != 1:
+    raise UserError('model.variant=torchvision is a one-tower net: set model.groups=1 '
+                    '(configs/alexnet.py:imagenet_torchvision does).')
+  return AlexNet(variant=variant, groups=cfg.groups, activation=cfg.activation,
+                 dropout_rate=cfg.dropout_rate, **kw)
 
 
 def _vgg(cfg, **kw):

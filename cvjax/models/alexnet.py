@@ -26,8 +26,14 @@ class AlexNet(nn.Module):
   60,965,224 parameters at 227x227x3 -> 1000; `groups=1` is the one-tower net (62,378,344).
   Inputs smaller than 64x64 (CIFAR) get a 3x3 stride-1 first conv instead of 11x11 stride 4,
   so that 32x32 images keep 3x3 maps after the three pools; the rest is unchanged.
+
+  `variant='torchvision'` is torchvision's AlexNet (after Krizhevsky's "one weird trick"
+  paper, 2014), whose published weights `cvjax.import_weights` reads: one tower of
+  64-192-384-256-256 channels, conv1 11x11/4 with padding 2, no LRN, and an adaptive average
+  pool to 6x6 before fc6, so any input of at least 63x63 works (61,100,840 parameters).
   """
   num_classes: int = 1000
+  variant: str = 'paper'  # paper | torchvision.
   groups: int = 2
   activation: str = 'relu'
   dropout_rate: float = 0.5
@@ -40,15 +46,23 @@ class AlexNet(nn.Module):
         f, (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype, name=name)
     pool = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2))
     x = x.astype(self.dtype)
-    if x.shape[1] >= 64:
-      x = act(conv(96, 11, 4, 'VALID', name='conv1')(x))
+    if self.variant == 'torchvision':
+      x = pool(act(conv(64, 11, 4, ((2, 2), (2, 2)), name='conv1')(x)))
+      x = pool(act(conv(192, 5, name='conv2')(x)))
+      x = act(conv(384, 3, name='conv3')(x))
+      x = act(conv(256, 3, name='conv4')(x))
+      x = pool(act(conv(256, 3, name='conv5')(x)))
+      x = common.adaptive_avg_pool(x, (6, 6))
     else:
-      x = act(conv(96, 3, name='conv1')(x))
-    x = pool(local_response_norm(x))
-    x = pool(local_response_norm(act(conv(256, 5, g=self.groups, name='conv2')(x))))
-    x = act(conv(384, 3, name='conv3')(x))
-    x = act(conv(384, 3, g=self.groups, name='conv4')(x))
-    x = pool(act(conv(256, 3, g=self.groups, name='conv5')(x)))
+      if x.shape[1] >= 64:
+        x = act(conv(96, 11, 4, 'VALID', name='conv1')(x))
+      else:
+        x = act(conv(96, 3, name='conv1')(x))
+      x = pool(local_response_norm(x))
+      x = pool(local_response_norm(act(conv(256, 5, g=self.groups, name='conv2')(x))))
+      x = act(conv(384, 3, name='conv3')(x))
+      x = act(conv(384, 3, g=self.groups, name='conv4')(x))
+      x = pool(act(conv(256, 3, g=self.groups, name='conv5')(x)))
     x = x.reshape((x.shape[0], -1))
     for i in (6, 7):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

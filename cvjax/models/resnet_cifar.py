@@ -89,8 +89,10 @@ class CifarResNet(nn.Module):
       raise ValueError(f'CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}')
     n = (self.depth - 2) // 6
     act = common.activation_fn(self.activation)
-    # Without BatchNorm the convolutions get biases instead.
-    conv = functools.partial(nn.Conv, padding='SAME', use_bias=not self.batch_norm,
+    # Without BatchNorm the convolutions get biases instead. Every conv is 3x3 and pads 1 on
+    # every side, as the paper: 'SAME' would pad a stride-2 conv 0 before and 1 after on
+    # even sizes, so the branch would sample pixels 2i+1 and the shortcut 2i.
+    conv = functools.partial(nn.Conv, padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
                              kernel_init=common.he_normal, dtype=self.dtype,
                              conv_general_dilated=convolution.conv_general_dilated)
     if self.batch_norm:
