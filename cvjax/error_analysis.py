@@ -1,15 +1,14 @@
 """Which test examples a model gets wrong, and as what.
 
-At the end of a run (and on demand: `python -m cvjax.error_analysis --workdir=DIR`, for the
-latest checkpoint) writes into WORKDIR/error_analysis/: confusion.png, mistakes.png (a grid
-of misclassified test images captioned "true -> predicted", as the lecture shows LeNet's
-mistakes) and error_analysis.json (confusion matrix, per-class error), and the two figures
-as TensorBoard images.
+Turns predictions into figures and tables: at the end of a run, and for any saved
+checkpoint through `python -m cvjax.evaluate`, writes into WORKDIR/error_analysis/:
+confusion.png, mistakes.png (a grid of misclassified test images captioned "true ->
+predicted", as the lecture shows LeNet's mistakes) and error_analysis.json (confusion
+matrix, per-class error), and the two figures as TensorBoard images.
 """
 
 import json
 
-from absl import app
 from etils import epath
 import numpy as np
 
@@ -110,40 +109,3 @@ def write(workdir, images, labels, predictions, class_names, *, step, writer=Non
              'per_class_error': {c: float(e) for c, e in zip(class_names, per_class_error(cm))}}
   (out / 'error_analysis.json').write_text(json.dumps(summary, indent=1))
   return summary
-
-
-def main(argv):
-  """On demand: the error analysis of the latest checkpoint in --workdir."""
-  del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise app.UsageError(f'{path} not found: --workdir must be a cvjax run directory.')
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  s = train.setup(config)
-  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
-  state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
-  if state is None:
-    raise app.UsageError(f'no checkpoint in {workdir}/checkpoints.')
-  p_eval_step, test_data = train.jit_evaluation(s, replicated)
-  metrics, predictions = train.evaluate(p_eval_step, state, test_data, s.input.eval_batches(),
-                                        s.input.num_test, s.input.num_classes)
-  from cvjax import metric_writer  # pylint: disable=g-import-not-at-top
-  events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
-  summary = write(workdir, s.input.test_images, s.input.test_labels, predictions,
-                  s.input.class_names, step=int(state.step), writer=events.tb)
-  events.close()
-  print(f'step {summary["step"]}: {summary["num_mistakes"]} of {summary["num_test"]} test images '
-        f'misclassified ({100 * metrics["test/error"]:.2f}%); wrote {workdir}/error_analysis/')
-
-
-if __name__ == '__main__':
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory with checkpoints.')
-  flags.mark_flag_as_required('workdir')
-  app.run(main)

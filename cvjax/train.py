@@ -174,7 +174,8 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
   """Metric sums over one test batch: `{'index': i}`, the i-th slice of the padded
   device-resident test set, or streamed `{'images', 'labels', 'mask'}`. With `crops=10`
   the logits are averaged over `input_pipeline.ten_crop` views of size `crop_size`, cut
-  from the images zero-padded (after normalisation) by `padding`."""
+  from the images zero-padded (after normalisation) by `padding`. Returns the metric sums
+  and the top-5 classes of each example, best first."""
   if 'index' in batch:
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
     images, labels, mask = take(test['images']), take(test['labels']), take(test['mask'])
@@ -189,12 +190,13 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     logits = jnp.mean(jax.lax.map(apply, input_pipeline.ten_crop(x, crop_size)), axis=0)
   metrics = classification_metrics(logits, labels, mask)
-  return metrics, jnp.argmax(logits, -1)
+  return metrics, jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
 
 
 def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes):
   """Test metrics over every example exactly once (the padding is masked out), and the
-  top-1 prediction for each test example; `batches` from `Input.eval_batches()`."""
+  top-5 predictions for each test example ([examples, 5], best first); `batches` from
+  `Input.eval_batches()`."""
   outs = [p_eval_step(state, test_data, batch) for batch in batches]
   sums, predictions = jax.device_get(([o[0] for o in outs], [o[1] for o in outs]))
   sums = jax.tree.map(lambda *x: sum(x), *sums)
@@ -310,23 +312,39 @@ class Setup:
   identity: dict  # What a checkpoint must match: the model, the data and its input shape.
 
 
-def setup(config, devices=None) -> Setup:
-  mesh = make_mesh(devices)
-  check_config(config, mesh.size)
-  inp = input_pipeline.make_input(config, mesh)
-  input_shape = tuple(inp.image_shape)
-  steps_per_epoch, total_steps = steps_for(config, inp.num_train)
+def build_state(config, num_classes, input_shape, total_steps):
+  """(model, schedule, optimizer, initializer, abstract train state) of `config` for
+  `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
+  data (cvjax.import_weights writes checkpoints with it)."""
   dtype = jnp.dtype(config.train.compute_dtype)
-  model = models.create_model(config.model, num_classes=inp.num_classes, dtype=dtype,
+  model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))
   tx = optim.make_optimizer(config.optimizer, schedule)
   init = state_initializer(model, tx, input_shape, dtype)
-  abstract_state = jax.eval_shape(init, jax.random.key(0))
-  identity = {'model': config.model.to_dict(), 'num_classes': inp.num_classes,
-              'input_shape': list(input_shape), 'dataset': inp.identity}
+  return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
+
+
+def run_identity(config, num_classes, input_shape, dataset=None):
+  """What a checkpoint must match to be restored: the model, the data and its input shape.
+  Without `dataset` (imported weights) it matches any data of that input shape and number of
+  classes: checkpointing.check_identity compares the fields both identities record."""
+  identity = {'model': config.model.to_dict(), 'num_classes': num_classes,
+              'input_shape': list(input_shape)}
+  return identity if dataset is None else {**identity, 'dataset': dataset}
+
+
+def setup(config, devices=None) -> Setup:
+  mesh = make_mesh(devices)
+  check_config(config, mesh.size)
+  inp = input_pipeline.make_input(config, mesh)
+  input_shape = tuple(inp.image_shape)
+  steps_per_epoch, total_steps = steps_for(config, inp.num_train)
+  model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
+                                                          total_steps)
+  identity = run_identity(config, inp.num_classes, input_shape, inp.identity)
   return Setup(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
                abstract_state, identity)
 
@@ -497,7 +515,7 @@ def train_loop(s: Setup, workdir, stop_requested):
 def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
   """End of a run: error analysis, HParams, and results.json (which marks the run done)."""
   analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels,
-                                  predictions, s.input.class_names, step=int(state.step),
+                                  predictions[:, 0], s.input.class_names, step=int(state.step),
                                   writer=writer.tb)
   final = {k: float(v) for k, v in test_metrics.items()}
   train_records = [r for r in writer.records() if 'train/error' in r]

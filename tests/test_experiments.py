@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from cvjax import error_analysis, report, sweep
+from cvjax import error_analysis, input_pipeline, report, sweep
 
 TINY = ['--config.train.batch_size=16', '--config.train.eval_batch_size=8',
         '--config.train.num_steps=6', '--config.train.log_every_steps=3',
@@ -151,12 +151,29 @@ def test_mistakes_grid_has_one_tile_per_mistake_shown():
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)
 
 
-def test_error_analysis_on_demand_for_a_checkpoint(tiny_sweep):
+def test_evaluate_a_checkpoint_write_predictions_and_score_them(tiny_sweep, idx_dir):
+  """cvjax.evaluate on a finished run: the error analysis again, and a predictions file
+  that --score checks against the labels to the same top-1 error."""
   trial = os.path.join(tiny_sweep['workdir'], 'plain8')
   shutil.rmtree(os.path.join(trial, 'error_analysis'))
-  out = subprocess.run([sys.executable, '-m', 'cvjax.error_analysis', f'--workdir={trial}'],
+  predictions = os.path.join(trial, 'predictions.txt')
+  out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={trial}',
+                        f'--predictions={predictions}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'of 40 test images misclassified' in out.stdout
   analysis = json.load(open(os.path.join(trial, 'error_analysis', 'error_analysis.json')))
   assert analysis['step'] == 6 and analysis['num_test'] == 40
+  lines = open(predictions).read().splitlines()
+  assert len(lines) == 40 and all(len(set(line.split())) == 5 for line in lines)
+
+  labels = os.path.join(trial, 'labels.txt')
+  test_labels = input_pipeline.load_local(idx_dir).test_labels
+  with open(labels, 'w') as f:
+    f.writelines(f'{int(y) + 1}\n' for y in test_labels)
+  out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--score={predictions}',
+                        f'--labels={labels}'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  top1 = 100 * analysis['num_mistakes'] / 40
+  assert f'40 images: top-1 error {top1:.2f}%' in out.stdout, (out.stdout, top1)

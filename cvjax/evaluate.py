@@ -1,0 +1,169 @@
+"""Evaluates a saved checkpoint, trained or imported, and scores prediction files:
+
+  python -m cvjax.evaluate --workdir=DIR                  # the config the run saved
+  python -m cvjax.evaluate --config=configs/resnet.py:imagenet_resnet50_v1.5 --workdir=DIR \
+      --config.dataset.path=... [--predictions=FILE]
+  python -m cvjax.evaluate --score=FILE --labels=FILE
+
+The first two print the test top-1 and top-5 error of the latest checkpoint in DIR and write
+its error analysis (WORKDIR/error_analysis/); `--predictions=FILE` also writes the top-5
+classes of every test image, the challenge's submission format. `--score` checks such a file
+against labels held by someone else, without the model.
+
+Prediction file (the ILSVRC2012 devkit's classification format): one line per test image, in
+the order the evaluation reads the test split (for an image folder: sorted by path), five
+space-separated class labels, best first, numbered from 1 (label = cvjax class index + 1).
+The labels file has one label per line, numbered the same way, as the devkit's
+ILSVRC2012_validation_ground_truth.txt. cvjax's class indices follow the sorted class names
+(WordNet IDs for ImageNet, as torchvision's); the devkit's ILSVRC2012_IDs (data/meta.mat)
+number the synsets in another order, so files for the official server need that mapping.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from cvjax.errors import UserError
+
+TOP_K = 5
+
+
+def restore(s, workdir):
+  """The latest checkpoint in `workdir` for the run `s` (a train.Setup)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing  # pylint: disable=g-import-not-at-top
+  if not checkpointing.directory(workdir).is_dir():
+    raise UserError(f'{workdir}/checkpoints does not exist: --workdir must hold a training run '
+                    'or an import (python -m cvjax.import_weights).')
+  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  mngr = checkpointing.manager(workdir, s.config.train.keep_checkpoints)
+  state = checkpointing.restore_latest(
+      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
+  if state is None:
+    raise UserError(f'no checkpoint in {workdir}/checkpoints.')
+  return state
+
+
+def evaluate_checkpoint(config, workdir, predictions_file=None):
+  """Test metrics of the latest checkpoint; writes the error analysis (and predictions)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cvjax import error_analysis, metric_writer, train  # pylint: disable=g-import-not-at-top
+  s = train.setup(config)
+  state = restore(s, workdir)
+  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  p_eval_step, test_data = train.jit_evaluation(s, replicated)
+  metrics, top5 = train.evaluate(p_eval_step, state, test_data, s.input.eval_batches(),
+                                 s.input.num_test, s.input.num_classes)
+  events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
+  analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels, top5[:, 0],
+                                  s.input.class_names, step=int(state.step), writer=events.tb)
+  events.close()
+  if predictions_file:
+    write_predictions(predictions_file, top5)
+  return {k: float(v) for k, v in metrics.items()}, analysis
+
+
+def write_predictions(path, top5):
+  """One line per image: its top-5 class indices + 1, best first."""
+  with open(path, 'w') as f:
+    f.writelines(' '.join(str(int(c) + 1) for c in row) + '\n' for row in np.asarray(top5))
+
+
+def _read_lines(path, what):
+  if not os.path.isfile(path):
+    raise UserError(f'the {what} file {path} does not exist.')
+  with open(path) as f:
+    lines = f.read().splitlines()
+  while lines and not lines[-1].strip():
+    lines.pop()  # A trailing empty line is not an image.
+  if not lines:
+    raise UserError(f'the {what} file {path} is empty.')
+  return lines
+
+
+def _labels(tokens, path, line):
+  try:
+    values = [int(t) for t in tokens]
+  except ValueError:
+    raise UserError(f'{path}, line {line}: {" ".join(tokens)!r} is not a list of integer '
+                    'labels.') from None
+  if any(v < 1 for v in values):
+    raise UserError(f'{path}, line {line}: labels are numbered from 1, got {values}.')
+  return values
+
+
+def score(predictions_path, labels_path):
+  """Top-1 and top-5 error of a predictions file against a labels file (formats above)."""
+  labels = [_labels(line.split(), labels_path, i + 1)
+            for i, line in enumerate(_read_lines(labels_path, 'labels'))]
+  if any(len(l) != 1 for l in labels):
+    i = next(i for i, l in enumerate(labels) if len(l) != 1)
+    raise UserError(f'{labels_path}, line {i + 1}: expected one label per line, got '
+                    f'{len(labels[i])}.')
+  predictions = [_labels(line.split(), predictions_path, i + 1)
+                 for i, line in enumerate(_read_lines(predictions_path, 'predictions'))]
+  if len(predictions) != len(labels):
+    raise UserError(f'{predictions_path} has {len(predictions)} lines and {labels_path} '
+                    f'{len(labels)}: one line per test image in both, in the same order.')
+  for i, p in enumerate(predictions):
+    if not 1 <= len(p) <= TOP_K:
+      raise UserError(f'{predictions_path}, line {i + 1}: expected 1 to {TOP_K} labels, got '
+                      f'{len(p)}.')
+  truth = np.array([l[0] for l in labels])
+  top1 = np.array([p[0] for p in predictions])
+  in_top5 = np.array([t in p for t, p in zip(truth, predictions)])
+  return {'count': len(truth), 'top1_error': float(np.mean(top1 != truth)),
+          'top5_error': float(np.mean(~in_top5))}
+
+
+def main(argv):
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO.
+  try:
+    if _SCORE.value or _LABELS.value:
+      if not (_SCORE.value and _LABELS.value) or _WORKDIR.value:
+        raise UserError('scoring takes --score=PREDICTIONS --labels=LABELS and nothing else.')
+      result = score(_SCORE.value, _LABELS.value)
+      print(f'{result["count"]} images: top-1 error {100 * result["top1_error"]:.2f}%, '
+            f'top-5 error {100 * result["top5_error"]:.2f}%')
+      return
+    if not _WORKDIR.value:
+      raise UserError('pass --workdir=DIR (a run or an import) to evaluate, or --score=FILE '
+                      '--labels=FILE to score predictions.')
+    config = _CONFIG.value
+    if config is None:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      import ml_collections  # pylint: disable=g-import-not-at-top
+      path = epath.Path(_WORKDIR.value) / 'config.json'
+      if not path.exists():
+        raise UserError(f'{path} not found: pass --config, or a --workdir written by cvjax.')
+      config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value)
+  except UserError as e:
+    logging.error('%s', e)
+    print(f'\ncvjax: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  top5 = (f', top-5 error {100 * metrics["test/top5_error"]:.2f}%'
+          if 'test/top5_error' in metrics else '')
+  print(f'step {analysis["step"]}: {analysis["num_mistakes"]} of {analysis["num_test"]} test '
+        f'images misclassified (top-1 error {100 * metrics["test/error"]:.2f}%{top5}); wrote '
+        f'{_WORKDIR.value}/error_analysis/'
+        + (f' and {_PREDICTIONS.value}' if _PREDICTIONS.value else ''))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'The run\'s config (default: WORKDIR/config.json).', lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run or an import.')
+  _PREDICTIONS = flags.DEFINE_string('predictions', None,
+                                     'Also write the top-5 classes per test image here.')
+  _SCORE = flags.DEFINE_string('score', None, 'A predictions file to score against --labels.')
+  _LABELS = flags.DEFINE_string('labels', None, 'The true labels, one per line, from 1.')
+  app.run(main)

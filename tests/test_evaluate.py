@@ -1,0 +1,46 @@
+"""Scoring prediction files in the challenge format (cvjax.evaluate --score)."""
+
+import pytest
+
+from cvjax import evaluate
+from cvjax.errors import UserError
+
+
+def write(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def test_score_counts_top1_and_top5(tmp_path):
+  labels = write(tmp_path, 'labels.txt', '3\n1\n7\n2\n')
+  predictions = write(tmp_path, 'p.txt', '3 1 2 4 5\n2 1 3 4 5\n1 2 3 4 5\n9 8 6 5 4\n')
+  # Image 1 right at top-1; image 2 in the top 5; image 3 and 4 wrong in all five.
+  assert evaluate.score(predictions, labels) == {'count': 4, 'top1_error': 0.75,
+                                                 'top5_error': 0.5}
+
+
+def test_written_predictions_are_one_based_best_first(tmp_path):
+  path = str(tmp_path / 'p.txt')
+  evaluate.write_predictions(path, [[0, 4, 2, 1, 3], [9, 8, 7, 6, 5]])
+  assert open(path).read() == '1 5 3 2 4\n10 9 8 7 6\n'
+  labels = write(tmp_path, 'labels.txt', '1\n8\n')
+  assert evaluate.score(path, labels)['top1_error'] == 0.5
+
+
+@pytest.mark.parametrize('predictions,labels,message', [
+    ('1 2 3 4 5\n', '1\n2\n', 'has 1 lines and .* 2'),
+    ('1 2 3 4 5 6\n', '1\n', 'expected 1 to 5 labels, got 6'),
+    ('1 2 x\n', '1\n', "line 1: '1 2 x' is not a list of integer labels"),
+    ('0 1 2 3 4\n', '1\n', 'numbered from 1'),
+    ('1\n', '1 2\n', 'expected one label per line'),
+    ('\n', '1\n', 'is empty'),
+])
+def test_malformed_files_are_refused_with_the_line(tmp_path, predictions, labels, message):
+  with pytest.raises(UserError, match=message):
+    evaluate.score(write(tmp_path, 'p.txt', predictions), write(tmp_path, 'l.txt', labels))
+
+
+def test_missing_files_are_refused(tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    evaluate.score(str(tmp_path / 'nope.txt'), write(tmp_path, 'l.txt', '1\n'))
