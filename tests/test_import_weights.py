@@ -12,13 +12,13 @@ from cvjax import import_weights, weights_parity  # pylint: disable=g-import-not
 from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
-# scale (measured: README, Pretrained weights). A wrong mapping is off by O(1).
-TOLERANCE = 1e-4
+# largest magnitude (measured: README, Pretrained weights). A wrong mapping is off by O(1).
+TOLERANCE = 1e-4  # Of the largest |logit|.
 
 
 def assert_parity(row):
   assert row['max_abs_logit'] > 0.1, row  # Non-trivial logits.
-  assert row['max_abs_diff'] <= TOLERANCE * max(1.0, row['max_abs_logit']), row
+  assert row['max_abs_diff'] <= TOLERANCE * row['max_abs_logit'], row
   assert row['argmax_agree'] == row['batch'], row
 
 
@@ -43,7 +43,7 @@ def test_a_wrong_mapping_is_caught(monkeypatch, tmp_path):
   for model, wrong in (('alexnet', no_fc6_permutation), ('resnet18', kernels_transposed)):
     monkeypatch.setattr(import_weights, 'to_cvjax_layout', wrong)
     row = weights_parity.compare(model, folder=str(tmp_path))
-    assert row['max_abs_diff'] > 100 * TOLERANCE * max(1.0, row['max_abs_logit']), row
+    assert row['max_abs_diff'] > 100 * TOLERANCE * row['max_abs_logit'], row
 
 
 @pytest.fixture(scope='module')
@@ -144,6 +144,7 @@ def test_an_import_with_new_classes_evaluates_and_fine_tunes(resnet18_pth, tmp_p
   state, _ = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 2
   assert not np.allclose(state.params['fc']['kernel'], 0)
-  kernel = np.asarray(imported.params['conv1']['kernel'])
-  np.testing.assert_allclose(  # The imported stem, moved by two SGD steps only.
-      state.params['conv1']['kernel'], kernel, atol=0.1 * np.abs(kernel).max())
+  before = np.asarray(imported.params['conv1']['kernel']).ravel()
+  after = np.asarray(state.params['conv1']['kernel']).ravel()
+  # Training started from the imported stem (a fresh initialisation would be uncorrelated).
+  assert not np.array_equal(before, after) and np.corrcoef(before, after)[0, 1] > 0.9
