@@ -90,14 +90,14 @@ def compare(model, image_size=None, batch=2, seed=0, folder=None):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO.
-  rows = [compare(m, batch=_BATCH.value) for m in _MODELS.value]
-  print('| model | input | max abs logit difference | max abs logit | argmax agreement |')
-  print('|---|---|---:|---:|---:|')
-  for r in rows:
+  print('| model | input | max abs logit difference | max abs logit | argmax agreement | '
+        'seconds |', flush=True)
+  print('|---|---|---:|---:|---:|---:|', flush=True)
+  for model in _MODELS.value:  # A row as soon as it is measured.
+    r = compare(model, batch=_BATCH.value)
     print(f'| {r["model"]} | {r["input"]} | {r["max_abs_diff"]:.2e} | {r["max_abs_logit"]:.3g} | '
-          f'{r["argmax_agree"]}/{r["batch"]} |')
-  print('seconds per model (build, save, import, restore, both forwards): '
-        + ', '.join(f'{r["model"]} {r["seconds"]:.0f}' for r in rows))
+          f'{r["argmax_agree"]}/{r["batch"]} | {r["seconds"]:.0f} |', flush=True)
+  print('seconds: building, saving, importing, restoring and running both nets.')
 
 
 if __name__ == '__main__':
