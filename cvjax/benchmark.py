@@ -13,6 +13,7 @@ The step is the real one (`train.jit_train_step`: gather from a device-resident 
 augmentation, forward, backward, SGD update) on random images.
 """
 
+import itertools
 import json
 import platform
 import re
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax import convolution
 from cvjax import models
 from cvjax import optim
 from cvjax import train
@@ -40,6 +42,9 @@ _BASELINE = flags.DEFINE_enum('baseline', '', ['', 'torch'], 'Also run PyTorch e
 _REMAT = flags.DEFINE_bool('remat', None, 'train.remat: re-compute activations in backward '
                            '(default: the config\'s).')
 _SCAN = flags.DEFINE_bool('scan_blocks', None, 'model.scan_blocks (default: the config\'s).')
+_CONV = flags.DEFINE_list('conv', ['native', 'xla'],
+                          'Convolution backends to time: native (oneDNN FFI calls, '
+                          'train.native_conv=True) and/or xla (XLA\'s own).')
 _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
                               'Step variants: one_program (forward+backward in one XLA '
                               'program), split (train.split_backward=True).')
@@ -72,8 +77,10 @@ def matmul_peak_gflops(dtype, n=4096, reps=5):
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def run_jax(name, variant, batch_size, steps, warmup, dtype):
+def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   config = model_config(name)
+  config.train.native_conv = conv == 'native'
+  convolution.use_native(config.train.native_conv)
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
   config.train.split_backward = variant == 'split'
@@ -128,7 +135,7 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype):
     jax.block_until_ready(eval_step(state, test))
   eval_ips = 3 * n / (time.perf_counter() - t0)
   flops = step_flops(config, tx, mesh, shape, num_classes, (data, batches[0], key))
-  return {'model': name, 'variant': variant, 'train_images_per_s': batch_size / median,
+  return {'model': name, 'variant': variant, 'conv': conv, 'train_images_per_s': batch_size / median,
           'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
           'compile_s': first - median, 'first_step_s': first, 'eval_images_per_s': eval_ips,
           'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
@@ -140,6 +147,8 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
   scan (the analysis counts a loop body once) or remat (re-computation is not model work)."""
   one = config.copy_and_resolve_references()
   one.train.split_backward = False
+  one.train.native_conv = False  # XLA counts its own convolutions, not custom calls.
+  convolution.use_native(False)
   one.train.remat = False
   if 'scan_blocks' in one.model:
     one.model.scan_blocks = False
@@ -151,6 +160,7 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
   if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  convolution.use_native(config.train.native_conv)
   return cost['flops']
 
 
@@ -164,17 +174,17 @@ def main(argv):
         f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
         + ', '.join(f'{d} {r:.0f} GFLOP/s' for d, r in rates.items()))
   results = []
-  header = (f'{"model":<18} {"dtype":<8} {"variant":<12} {"img/s":>8} {"step ms":>8} '
+  header = (f'{"model":<18} {"dtype":<8} {"variant":<12} {"conv":<6} {"img/s":>8} {"step ms":>8} '
             f'{"p90 ms":>8} {"compile s":>9} {"1st step s":>10} {"eval img/s":>10} '
             f'{"GFLOP/s":>8} {"MFU":>6} {"peak MiB":>8}')
   print(header)
   for name in _MODEL.value:
     for dtype in dict.fromkeys(_DTYPE.value):
-      for variant in _VARIANTS.value:
-        r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype)
+      for variant, conv in itertools.product(_VARIANTS.value, _CONV.value):
+        r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype, conv)
         r.update(dtype=dtype, mfu=r['achieved_gflops_per_s'] / peaks[dtype])
         results.append(r)
-        print(f'{name:<18} {dtype:<8} {variant:<12} {r["train_images_per_s"]:>8.0f} '
+        print(f'{name:<18} {dtype:<8} {variant:<12} {conv:<6} {r["train_images_per_s"]:>8.0f} '
               f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
               f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
               f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
@@ -200,13 +210,13 @@ def run_torch(name, dtype, results):
       input_shape_and_classes(name)[0], _BATCH.value, _STEPS.value,
       _WARMUP.value, dtype)
   t.update(model=name, dtype=dtype, variant=f'torch {torch.__version__} eager')
-  print(f'{name:<18} {dtype:<8} {"torch eager":<12} {t["train_images_per_s"]:>8.0f} '
+  print(f'{name:<18} {dtype:<8} {"torch eager":<12} {"onednn":<6} {t["train_images_per_s"]:>8.0f} '
         f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
         f'{t["eval_images_per_s"]:>10.0f}')
   for r in results:
     if r['model'] == name and r['dtype'] == dtype and not r['variant'].startswith('torch'):
       r['ratio_vs_torch'] = r['train_images_per_s'] / t['train_images_per_s']
-      print(f'  {name} {dtype} {r["variant"]}: {r["ratio_vs_torch"]:.2f}x PyTorch eager '
+      print(f'  {name} {dtype} {r["variant"]} {r["conv"]}: {r["ratio_vs_torch"]:.2f}x PyTorch eager '
             '(train images/s)')
   return t
 

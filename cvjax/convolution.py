@@ -1,4 +1,13 @@
-"""A 2-D convolution whose backward pass is written out in the form XLA:CPU runs fast.
+"""2-D convolutions on CPU: oneDNN's kernels where available, else XLA's in a fast form.
+
+On CPU, float32 NHWC/HWIO convolutions go to oneDNN through XLA FFI custom calls
+(cvjax.native_conv: forward, and one call for the input and weight gradients), 2.2x faster
+than XLA:CPU's own kernels on ResNet-20's shapes (README). `use_native(False)`
+(`train.native_conv=False`, or CVJAX_NATIVE=0) keeps XLA's convolutions, as does any
+convolution the oneDNN kernel does not take (bfloat16, dilation, negative padding).
+
+XLA's path is `conv2d` below, a convolution whose backward pass is written out in the form
+XLA:CPU runs fast.
 
 Autodiff of `lax.conv_general_dilated` gives XLA two convolutions with permuted
 dimension labels (input gradient: kernel `01oi`; weight gradient: `f01b_i01o->01bf`).
@@ -21,7 +30,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cvjax import native_conv
+
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+_NATIVE = {'enabled': True}
+
+
+def use_native(enabled):
+  """oneDNN convolutions on (where available) or off, for programs traced after the call."""
+  _NATIVE['enabled'] = bool(enabled)
+
+
+def native_enabled():
+  return _NATIVE['enabled'] and jax.default_backend() == 'cpu' and native_conv.available()
 
 
 def _conv(x, w, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
@@ -61,22 +82,45 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def onednn_conv2d(x, w, strides, padding, groups):
+  """`conv2d` on oneDNN (float32; `groups` input-channel groups)."""
+  return native_conv.forward(x, w, strides, padding, groups)
+
+
+def _onednn_fwd(x, w, strides, padding, groups):
+  return native_conv.forward(x, w, strides, padding, groups), (x, w)
+
+
+def _onednn_bwd(strides, padding, groups, residuals, dy):
+  x, w = residuals
+  return native_conv.backward(x, w, dy, strides, padding, groups)
+
+
+onednn_conv2d.defvjp(_onednn_fwd, _onednn_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, routed to `conv2d` where it applies."""
+  """`lax.conv_general_dilated`, routed to `onednn_conv2d` or `conv2d` where it applies."""
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   plain = (jax.default_backend() == 'cpu' and lhs.ndim == 4
            and dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
-           and feature_group_count == 1 and batch_group_count == 1
+           and batch_group_count == 1
            and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and precision is None and preferred_element_type is None)
-  if not plain:
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return conv2d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+  if plain:
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
+    if native_enabled() and native_conv.supports(lhs, rhs, strides, padding,
+                                                 feature_group_count):
+      return onednn_conv2d(lhs, rhs, strides, padding, feature_group_count)
+    if feature_group_count == 1:
+      return conv2d(lhs, rhs, strides, padding)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from cvjax import checkpointing
+from cvjax import convolution
 from cvjax import error_analysis
 from cvjax import input_pipeline
 from cvjax import models
@@ -317,6 +318,7 @@ def build_state(config, num_classes, input_shape, total_steps):
   `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
   data (cvjax.import_weights writes checkpoints with it)."""
   dtype = jnp.dtype(config.train.compute_dtype)
+  convolution.use_native(config.train.get('native_conv', True))
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).

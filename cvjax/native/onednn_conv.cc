@@ -1,0 +1,224 @@
+// 2-D convolutions (NHWC input, HWIO kernel, float32) as XLA FFI custom calls into oneDNN.
+//
+// XLA's own buffers are wrapped as oneDNN memory (nhwc / hwio strides): no copies of
+// activations. The kernel is reordered into the blocked layout oneDNN picks (`any`), a small
+// copy per call. Primitives are built once per shape and kept in a cache behind a mutex.
+// Every oneDNN error becomes an FFI error (a Python exception), never a crash; the Python
+// side (cvjax/native_conv.py) only sends shapes oneDNN supports.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+struct Shape {
+  int64_t n, h, w, c;    // Input, NHWC.
+  int64_t kh, kw, o;     // Kernel HWIO: kh, kw, c / groups, o.
+  int64_t oh, ow;        // Output spatial size.
+  int64_t sh, sw, pt, pb, pl, pr, groups;
+  auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups); }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::desc Act(int64_t n, int64_t h, int64_t w, int64_t c) {
+  return memory::desc({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+}
+
+// The HWIO kernel as oneDNN's (groups, O/g, I/g, KH, KW) weights, by strides.
+memory::desc Hwio(const Shape& s) {
+  int64_t ig = s.c / s.groups, og = s.o / s.groups;
+  if (s.groups == 1)
+    return memory::desc({s.o, ig, s.kh, s.kw}, memory::data_type::f32,
+                        memory::dims{1, s.o, s.kw * ig * s.o, ig * s.o});
+  return memory::desc({s.groups, og, ig, s.kh, s.kw}, memory::data_type::f32,
+                      memory::dims{og, 1, s.o, s.kw * ig * s.o, ig * s.o});
+}
+
+memory::desc AnyWeights(const Shape& s) {
+  int64_t ig = s.c / s.groups, og = s.o / s.groups;
+  if (s.groups == 1) return memory::desc({s.o, ig, s.kh, s.kw}, memory::data_type::f32, tag::any);
+  return memory::desc({s.groups, og, ig, s.kh, s.kw}, memory::data_type::f32, tag::any);
+}
+
+struct Primitives {
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_forward fwd;
+  std::unique_ptr<dnnl::reorder> fwd_w;  // HWIO -> fwd_pd's weights layout, if they differ.
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_data bwd_data;
+  std::unique_ptr<dnnl::reorder> bwd_data_w;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::convolution_backward_weights bwd_weights;
+  std::unique_ptr<dnnl::reorder> bwd_weights_w;  // Its weights layout -> HWIO.
+};
+
+std::unique_ptr<dnnl::reorder> ReorderIfNeeded(const memory::desc& from, const memory::desc& to) {
+  if (from == to) return nullptr;
+  return std::make_unique<dnnl::reorder>(
+      dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
+
+std::unique_ptr<Primitives> Build(const Shape& s) {
+  auto& eng = Engine();
+  auto p = std::make_unique<Primitives>();
+  memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
+  auto src = Act(s.n, s.h, s.w, s.c), dst = Act(s.n, s.oh, s.ow, s.o);
+  auto hwio = Hwio(s), any = AnyWeights(s);
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any, dst,
+      strides, pad_l, pad_r);
+  p->fwd = dnnl::convolution_forward(p->fwd_pd);
+  p->fwd_w = ReorderIfNeeded(hwio, p->fwd_pd.weights_desc());
+  p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd);
+  p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
+  p->bwd_data_w = ReorderIfNeeded(hwio, p->bwd_data_pd.weights_desc());
+  p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd);
+  p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
+  p->bwd_weights_w = ReorderIfNeeded(p->bwd_weights_pd.diff_weights_desc(), hwio);
+  return p;
+}
+
+// Primitives are built once per shape; entries are never removed, so a pointer handed out
+// stays valid. oneDNN primitives may execute concurrently from several threads.
+const Primitives& Get(const Shape& s) {
+  static std::mutex mu;
+  static std::map<decltype(s.key()), std::unique_ptr<Primitives>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[s.key()];
+  if (!slot) slot = Build(s);
+  return *slot;
+}
+
+dnnl::stream& Stream() {
+  thread_local dnnl::stream stream(Engine());
+  return stream;
+}
+
+ffi::Error ShapeOf(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y, int64_t sh, int64_t sw,
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups, Shape* out) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("cvjax onednn conv: expected rank-4 NHWC/HWIO/NHWC");
+  if (x.element_type() != ffi::F32 || w.element_type() != ffi::F32 ||
+      y.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("cvjax onednn conv: expected float32");
+  Shape& s = *out;
+  s = Shape{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2],
+          sh, sw, pt, pb, pl, pr, groups};
+  if (groups < 1 || s.c != wd[2] * groups || s.o % groups || yd[0] != s.n || yd[3] != s.o)
+    return ffi::Error::InvalidArgument("cvjax onednn conv: inconsistent shapes");
+  return ffi::Error::Success();
+}
+
+memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
+
+// Reorders `from` into a new buffer of `to_desc` when `r` is set, else returns `from`.
+memory Reordered(const std::unique_ptr<dnnl::reorder>& r, memory from,
+                 const memory::desc& to_desc) {
+  if (!r) return from;
+  memory to(to_desc, Engine());
+  r->execute(Stream(), from, to);
+  return to;
+}
+
+ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                           int64_t pr, int64_t groups) {
+  Shape s;
+  if (auto e = ShapeOf(x, w, *y, sh, sw, pt, pb, pl, pr, groups, &s); e.failure()) return e;
+  try {
+    const Primitives& p = Get(s);
+    memory wm = Reordered(p.fwd_w, Wrap(Hwio(s), w.untyped_data()), p.fwd_pd.weights_desc());
+    p.fwd.execute(Stream(), {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c), x.untyped_data())},
+                             {DNNL_ARG_WEIGHTS, wm},
+                             {DNNL_ARG_DST, Wrap(Act(s.n, s.oh, s.ow, s.o),
+                                                 y->untyped_data())}});
+    Stream().wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("cvjax onednn conv forward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// Input and weight gradients in one call; `need_dx` = 0 skips the input gradient (its
+// output is then left unwritten: the caller does not use it).
+ffi::Error ConvBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
+                            ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw,
+                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                            int64_t pr, int64_t groups, int64_t need_dx) {
+  Shape s;
+  if (auto e = ShapeOf(x, w, dy, sh, sw, pt, pb, pl, pr, groups, &s); e.failure()) return e;
+  try {
+    const Primitives& p = Get(s);
+    auto src = Act(s.n, s.h, s.w, s.c), dst = Act(s.n, s.oh, s.ow, s.o);
+    memory dy_m = Wrap(dst, dy.untyped_data());
+    if (need_dx) {
+      memory wm = Reordered(p.bwd_data_w, Wrap(Hwio(s), w.untyped_data()),
+                            p.bwd_data_pd.weights_desc());
+      p.bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, dy_m}, {DNNL_ARG_WEIGHTS, wm},
+                                    {DNNL_ARG_DIFF_SRC, Wrap(src, dx->untyped_data())}});
+    }
+    memory dw_out = Wrap(Hwio(s), dw->untyped_data());
+    memory dw_m = p.bwd_weights_w ? memory(p.bwd_weights_pd.diff_weights_desc(), Engine())
+                                  : dw_out;
+    p.bwd_weights.execute(Stream(), {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
+                                     {DNNL_ARG_DIFF_DST, dy_m}, {DNNL_ARG_DIFF_WEIGHTS, dw_m}});
+    if (p.bwd_weights_w) p.bwd_weights_w->execute(Stream(), dw_m, dw_out);
+    Stream().wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("cvjax onednn conv backward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define CONV_ATTRS                                                                   \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")      \
+      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right") \
+      .Attr<int64_t>("groups")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CvjaxConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CvjaxConvBackward, ConvBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() CONV_ATTRS
+                                  .Attr<int64_t>("need_dx"));
+
+// The oneDNN version the library runs with, for the log.
+extern "C" const char* CvjaxOnednnVersion() {
+  static std::string v = [] {
+    auto* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." +
+           std::to_string(ver->patch) +
+           (ver->cpu_runtime == DNNL_RUNTIME_OMP   ? " OpenMP"
+            : ver->cpu_runtime == DNNL_RUNTIME_TBB ? " TBB"
+                                                   : " other threading");
+  }();
+  return v.c_str();
+}
