@@ -89,15 +89,23 @@ def onednn_conv2d(x, w, strides, padding, groups):
 
 
 def _onednn_fwd(x, w, strides, padding, groups):
-  return native_conv.forward(x, w, strides, padding, groups), (x, w)
+  # With symbolic zeros, x.perturbed says whether the input gradient is wanted at all (not
+  # for the stem, whose input is the image); it travels as the residuals' structure,
+  # which is static in the backward rule.
+  y = native_conv.forward(x.value, w.value, strides, padding, groups)
+  residuals = (x.value, w.value)
+  return y, residuals if x.perturbed else residuals + (None,)
 
 
 def _onednn_bwd(strides, padding, groups, residuals, dy):
-  x, w = residuals
-  return native_conv.backward(x, w, dy, strides, padding, groups)
+  x, w, need_dx = *residuals[:2], len(residuals) == 2
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros_like(x), jnp.zeros_like(w)
+  dx, dw = native_conv.backward(x, w, dy, strides, padding, groups, need_dx)
+  return dx if need_dx else None, dw
 
 
-onednn_conv2d.defvjp(_onednn_fwd, _onednn_bwd)
+onednn_conv2d.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -125,6 +125,21 @@ def test_donated_jit_matches(backend):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
 
 
+def test_weight_gradient_alone_skips_the_input_gradient():
+  # The stem's case: its input (the image) is not differentiated, so the backward call is
+  # told not to compute the input gradient; the weight gradient is unchanged.
+  require_native()
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 8)), jnp.float32)
+  grad = lambda conv: jax.grad(lambda w: jnp.sum(jnp.sin(
+      conv(x, w, (1, 1), 'SAME', dimension_numbers=DIMS))))
+  want = jax.jit(grad(lax.conv_general_dilated))(w)
+  np.testing.assert_allclose(jax.jit(grad(convolution.conv_general_dilated))(w), want,
+                             rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+  assert 'need_dx = 0' in jax.jit(grad(convolution.conv_general_dilated)).lower(w).as_text()
+
+
 def test_bad_shapes_raise_instead_of_crashing():
   # Shapes the Python side would never send: the handler answers with an error.
   require_native()

@@ -1,5 +1,6 @@
 """LeNet-5 (LeCun et al. 1998) with modern layers."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax import convolution
 from cvjax.models import common
 
 
@@ -26,9 +28,11 @@ class LeNet5(nn.Module):
     del train  # No dropout or BatchNorm.
     act = common.activation_fn(self.activation)
     x = x.astype(self.dtype)
-    x = act(nn.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='C1')(x))
+    conv = functools.partial(nn.Conv, padding='VALID', dtype=self.dtype,
+                             conv_general_dilated=convolution.conv_general_dilated)
+    x = act(conv(6, (5, 5), name='C1')(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = act(nn.Conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='C3')(x))
+    x = act(conv(16, (5, 5), name='C3')(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(120, dtype=self.dtype, name='C5')(x))
