@@ -3,7 +3,7 @@
 XLA:CPU's convolution kernels hold most of the gap to PyTorch on CPU; oneDNN's are the ones
 PyTorch uses. The C++ source is compiled on first use against oneDNN from PyPI
 (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and the FFI headers that ship with jaxlib, and
-cached in ~/.cache/cvjax (or $CVJAX_CACHE_DIR) under a hash of the source and the versions,
+cached in the cvjax cache folder (~/.cache/cvjax, or $CVJAX_CACHE_DIR) under a hash of the source and the versions,
 so a second process only loads it. Where it cannot be built or loaded (no compiler, no
 oneDNN, another OS), or when CVJAX_NATIVE=0, `available()` is False, the log says so once,
 and cvjax.convolution keeps XLA's own convolutions.
@@ -16,7 +16,6 @@ import importlib.metadata
 import os
 import pathlib
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cvjax import runtime
 
 SOURCE = pathlib.Path(__file__).parent / 'native' / 'onednn_conv.cc'
 _RUNTIME, _DEVEL = 'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'
@@ -39,12 +40,6 @@ def _dist_dir(dist, name):
   raise FileNotFoundError(f'{name} is not in the {dist} package')
 
 
-def cache_dir():
-  base = os.environ.get('CVJAX_CACHE_DIR') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'cvjax')
-  return pathlib.Path(base)
-
-
 def build():
   """Compiles the library if its cached copy is missing; returns its path.
 
@@ -56,7 +51,7 @@ def build():
   key = hashlib.sha256(b'\0'.join([
       source, importlib.metadata.version('jaxlib').encode(),
       importlib.metadata.version(_RUNTIME).encode(), str(lib_dir).encode()])).hexdigest()[:16]
-  out = cache_dir() / f'onednn_conv-{key}.so'
+  out = pathlib.Path(runtime.cache_dir()) / f'onednn_conv-{key}.so'
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,13 +76,9 @@ def unbuildable_reason():
   """Why the library cannot be built on this machine, or None if it can."""
   if sys.platform != 'linux' or platform.machine() != 'x86_64':
     return f'the oneDNN wheels are for Linux x86-64, not {sys.platform} {platform.machine()}'
-  if not shutil.which(os.environ.get('CXX', 'g++')):
-    return f'no C++ compiler ({os.environ.get("CXX", "g++")}) on the PATH'
-  for dist in (_RUNTIME, _DEVEL):
-    try:
-      importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      return f'{dist} is not installed (pip install -r requirements.txt)'
+  if not runtime.native_conv_buildable():
+    return (f'no C++ compiler ({os.environ.get("CXX", "g++")}) on the PATH, or no '
+            f'{_RUNTIME}/{_DEVEL} (pip install -r requirements.txt)')
   return None
 
 
@@ -99,7 +90,18 @@ def _load():
   if reason := unbuildable_reason():
     return False, reason
   try:
-    lib = ctypes.CDLL(str(build()))
+    path = build()
+    # oneDNN's OpenMP threads sleep between calls instead of spinning: XLA's own threads
+    # share the cores with them (and 8 simulated devices stalled with spinning teams).
+    # libgomp reads this when it loads; the setting is put back so that other OpenMP
+    # runtimes loaded later (PyTorch's) keep their own default.
+    saved = os.environ.get('OMP_WAIT_POLICY')
+    os.environ['OMP_WAIT_POLICY'] = saved or 'PASSIVE'
+    try:
+      lib = ctypes.CDLL(str(path))
+    finally:
+      if saved is None:
+        del os.environ['OMP_WAIT_POLICY']
     for name in ('CvjaxConvForward', 'CvjaxConvBackward'):
       jax.ffi.register_ffi_target(f'cvjax_{name}', jax.ffi.pycapsule(getattr(lib, name)),
                                   platform='cpu')

@@ -3,8 +3,10 @@
 XLA:CPU's "ynn" (YNNPACK) fusions help reductions and elementwise work but slow down
 convolution-heavy steps when they also take dots and convolutions. Keeping only the
 reduce and eltwise kinds made the ResNet-20 train step 1.28x faster than with ynn off
-(358 vs 279 img/s, cvjax.benchmark, README). Set CVJAX_XLA_DEFAULTS=0
-to leave XLA_FLAGS untouched.
+(358 vs 279 img/s, cvjax.benchmark, README). With the convolutions on oneDNN
+(cvjax.native_conv) XLA runs none of them and its default ynn fusions are faster, so the
+flags are set only where that backend will not run. Set CVJAX_XLA_DEFAULTS=0 to leave
+XLA_FLAGS untouched.
 
 Compiled programs are kept in JAX's persistent compilation cache under the cvjax cache
 folder, so a second run of the same model skips most of its compilation (README, "Speed").
@@ -25,13 +27,36 @@ def cache_dir():
 
 def set_xla_flags():
   enable_compilation_cache()
-  if os.environ.get('CVJAX_XLA_DEFAULTS', '1') == '0':
+  if os.environ.get('CVJAX_XLA_DEFAULTS', '1') == '0' or native_conv_expected():
     return
   flags = os.environ.get('XLA_FLAGS', '')
   for flag in CPU_FLAGS:
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
   os.environ['XLA_FLAGS'] = flags
+
+
+def native_conv_expected():
+  """Whether convolutions will run on oneDNN (cvjax.native_conv), decided without importing
+  JAX: then XLA's default ynn fusions are the faster ones (BatchNorm forward and backward
+  8.9 ms vs 25 ms with reduce,eltwise only, README) and CPU_FLAGS are left out."""
+  return os.environ.get('CVJAX_NATIVE', '1') != '0' and native_conv_buildable()
+
+
+def native_conv_buildable():
+  """Linux x86-64, a C++ compiler, and the oneDNN wheels of requirements.txt."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  if (sys.platform != 'linux' or platform.machine() != 'x86_64'
+      or not shutil.which(os.environ.get('CXX', 'g++'))):
+    return False
+  try:
+    importlib.metadata.version('onednn-cpu-gomp')
+    importlib.metadata.version('onednn-devel-cpu-gomp')
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
 
 
 def enable_compilation_cache():

@@ -96,7 +96,7 @@ class CifarResNet(nn.Module):
                              kernel_init=common.he_normal, dtype=self.dtype,
                              conv_general_dilated=convolution.conv_general_dilated)
     if self.batch_norm:
-      norm = functools.partial(common.BatchNorm, use_running_average=not train,
+      norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
     else:
       norm = lambda **kw: (lambda y: y)
