@@ -81,6 +81,8 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   config = model_config(name)
   config.train.native_conv = conv == 'native'
   convolution.use_native(config.train.native_conv)
+  if conv == 'native' and not convolution.native_enabled():
+    conv = 'xla'  # Not available here (the log says why): label the row with what ran.
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
   config.train.split_backward = variant == 'split'
