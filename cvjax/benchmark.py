@@ -80,9 +80,6 @@ def matmul_peak_gflops(dtype, n=4096, reps=5):
 def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   config = model_config(name)
   config.train.native_conv = conv == 'native'
-  convolution.use_native(config.train.native_conv)
-  if conv == 'native' and not convolution.native_enabled():
-    conv = 'xla'  # Not available here (the log says why): label the row with what ran.
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
   config.train.split_backward = variant == 'split'
@@ -95,6 +92,10 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   replicated = NamedSharding(mesh, P())
   model = models.create_model(config.model, num_classes=num_classes, dtype=jnp.dtype(dtype),
                               remat=config.train.get('remat', False))
+  # As train.setup: not with scanned blocks (yet).
+  convolution.use_native(config.train.native_conv and not getattr(model, 'scan_blocks', False))
+  if conv == 'native' and not convolution.native_enabled():
+    conv = 'xla'  # Not available or not used here: label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
   state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),

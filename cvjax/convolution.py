@@ -2,10 +2,10 @@
 
 On CPU, float32 NHWC/HWIO convolutions go to oneDNN through XLA FFI custom calls
 (cvjax.native_conv: forward, and one call for the input and weight gradients), the kernels
-PyTorch uses, faster than XLA:CPU's own (README, Speed). `use_native(False)`
+PyTorch uses, faster than XLA:CPU's own in most runs so far (README, Speed). `use_native(False)`
 (`train.native_conv=False`, or CVJAX_NATIVE=0) keeps XLA's convolutions, as do runs on
-several CPU devices and any convolution the oneDNN kernel does not take (bfloat16,
-dilation, negative padding).
+several CPU devices, models with scanned blocks (train.setup) and any convolution the
+oneDNN kernel does not take (bfloat16, dilation, negative padding).
 
 XLA's path is `conv2d` below, a convolution whose backward pass is written out in the form
 XLA:CPU runs fast.

@@ -173,16 +173,15 @@ def test_cifar_resnet_convolutions_take_the_explicit_gradients(monkeypatch):
   assert ((2, 2), ((0, 1), (0, 1))) in calls  # the stride-2 first block of a stage
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_train_steps_match_on_both_paths(idx_dir, tmp_path, scan):
-  # ResNet-14 (its repeated blocks in an nn.scan when `scan`), 6 SGD steps with BatchNorm,
-  # split forward/backward programs: the same parameters and statistics on oneDNN as on
-  # XLA's convolutions. Tolerance: float reassociation only.
+def test_train_steps_match_on_both_paths(idx_dir, tmp_path):
+  # ResNet-14, 6 SGD steps with BatchNorm, split forward/backward programs: the same
+  # parameters and statistics on oneDNN as on XLA's convolutions. Tolerance: float
+  # reassociation only. (With model.scan_blocks=True they differed by up to 50%: such
+  # models keep XLA's convolutions for now, see train.setup.)
   require_native()
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from cvjax import train  # pylint: disable=g-import-not-at-top
-  kw = {'model.depth': 14, 'model.scan_blocks': scan, 'train.num_steps': 6,
-        'train.eval_every_steps': 6}
+  kw = {'model.depth': 14, 'train.num_steps': 6, 'train.eval_every_steps': 6}
   states = {}
   for native in (True, False):
     config = tiny_config(idx_dir, **kw, **{'train.native_conv': native})
