@@ -170,7 +170,7 @@ def test_cifar_resnet_convolutions_take_the_explicit_gradients(monkeypatch):
   variables = model.init(jax.random.key(0), x)
   jax.grad(lambda p: jnp.sum(model.apply({**variables, 'params': p}, x)))(variables['params'])
   assert len(calls) == 2 * 7  # init and apply, 7 convolutions each
-  assert ((2, 2), ((0, 1), (0, 1))) in calls  # the stride-2 first block of a stage
+  assert ((2, 2), ((1, 1), (1, 1))) in calls  # the stride-2 first block of a stage: pad 1
 
 
 def test_train_steps_match_on_both_paths(idx_dir, tmp_path):
