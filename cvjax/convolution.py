@@ -38,8 +38,10 @@ _NATIVE = {'enabled': True}
 
 
 def use_native(enabled):
-  """oneDNN convolutions on (where available) or off, for programs traced after the call."""
-  _NATIVE['enabled'] = bool(enabled)
+  """oneDNN convolutions on (where available) or off, for programs traced after the call;
+  returns the previous setting."""
+  previous, _NATIVE['enabled'] = _NATIVE['enabled'], bool(enabled)
+  return previous
 
 
 def native_enabled():
