@@ -71,12 +71,13 @@ def run_rows(folder):
       with open(results) as f:
         r = json.load(f)
       row.update(steps=r['step'], test_error=r['test/error'], finished=True)
-    else:  # Stopped early: the last evaluation logged so far.
-      evals = []
+    else:  # Stopped early: the steps logged so far, and the last evaluation among them.
+      records = []
       if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
         with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-          evals = [r for r in map(json.loads, filter(str.strip, f)) if 'test/error' in r]
-      row.update(steps=evals[-1]['step'] if evals else 0,
+          records = [json.loads(line) for line in f if line.strip()]
+      evals = [r for r in records if 'test/error' in r]
+      row.update(steps=records[-1]['step'] if records else 0,
                  test_error=evals[-1]['test/error'] if evals else None, finished=False)
     rows.append(row)
   return rows
