@@ -11,7 +11,7 @@
 # Run it from the repository root. See README: "Running on Cloud TPU", "Running on Slurm".
 set -euo pipefail
 if [ $# -ge 1 ] && { [ "$1" = tpu ] || [ "$1" = slurm ]; }; then
-  exec python -m cvjax.launch "$@"
+  exec python -m cvjax.cluster.launch "$@"
 fi
 if [ $# -lt 2 ]; then
   echo "usage: $0 [tpu|slurm ...] CONFIG WORKDIR [--sweep=FILE[:arg]] [--config.field=value ...]" >&2

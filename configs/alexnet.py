@@ -1,7 +1,7 @@
 """AlexNet (Krizhevsky et al. 2012).
 
   python -m cvjax.main --config=configs/alexnet.py:cifar10 --workdir=runs/alexnet_cifar
-  python -m cvjax.summary --models=alexnet,alexnet_1tower
+  python -m cvjax.tools.summary --models=alexnet,alexnet_1tower
 
 Arg `imagenet` (default) records the paper's recipe: 227x227 crops, batch 128, SGD momentum
 0.9, weight decay 5e-4, lr 0.01 divided by 10 three times (the paper divides when the

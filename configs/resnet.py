@@ -118,7 +118,7 @@ def imagenet_config(arg):
   divided by 10 at epochs 30 and 60, 90 epochs (the paper divides on plateaus, ~60e4
   iterations); 224x224 random-resized crops and flips, ImageNet's per-channel mean and std;
   evaluation on the centre 224 of the image resized to 256 (`eval.crops=10`: the paper's
-  10-crop testing). The data streams from disk (cvjax/streaming.py):
+  10-crop testing). The data streams from disk (cvjax/data/streaming.py):
 
     python -m cvjax.main --config=configs/resnet.py:imagenet_resnet18 --workdir=runs/r18 \
         --config.dataset.path=/data/imagenet   # train/<wnid>/*.JPEG, val/<wnid>/*.JPEG

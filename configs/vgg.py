@@ -1,7 +1,7 @@
 """VGG A, B, D, E = VGG-11/13/16/19 (Simonyan & Zisserman 2014).
 
   python -m cvjax.main --config=configs/vgg.py:cifar10_vgg16 --workdir=runs/vgg16_cifar
-  python -m cvjax.summary --models=vgg11,vgg13,vgg16,vgg19
+  python -m cvjax.tools.summary --models=vgg11,vgg13,vgg16,vgg19
 
 Arg `imagenet_vggN` (default VGG-16; `imagenet_vggN_bn` with BatchNorm, as torchvision's
 `vggN_bn`) records the paper's recipe: 224x224 crops, batch 256,

@@ -4,7 +4,7 @@
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 Multi-process (one process per host or GPU): the same command on every process; see
-cvjax/distributed.py for when it joins the others and the flags that say how.
+cvjax/cluster/distributed.py for when it joins the others and the flags that say how.
 Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
 75 stopped by SIGTERM or SIGINT after saving a checkpoint: re-run the command to resume.
 """
@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cvjax import distributed
+from cvjax.cluster import distributed
 from cvjax import preemption
 from cvjax import train
 from cvjax.errors import UserError
@@ -30,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
-                                  'Join a multi-process run: auto, on or off (cvjax.distributed).')
+                                  'Join a multi-process run: auto, on or off (cvjax.cluster.distributed).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, where no cluster says it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')

@@ -27,7 +27,7 @@ _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file[:arg], e.g. experiments/
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one subfolder per trial.')
 _ONLY = flags.DEFINE_list('only', [], 'Run only these trials.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the trial commands, run nothing.')
-# Passed on to every trial: how a multi-process trial joins its peers (cvjax.distributed).
+# Passed on to every trial: how a multi-process trial joins its peers (cvjax.cluster.distributed).
 _DISTRIBUTED = flags.DEFINE_string('distributed', None, 'auto, on or off.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in each trial.')

@@ -19,12 +19,13 @@ import optax
 
 from cvjax import checkpointing
 from cvjax import convolution
+from cvjax import data as data_lib
 from cvjax import error_analysis
-from cvjax import input_pipeline
 from cvjax import models
 from cvjax import optim
 from cvjax import preemption
 from cvjax import run_lock
+from cvjax.data import memory
 from cvjax.errors import UserError
 from cvjax import metric_writer
 
@@ -57,7 +58,7 @@ def classification_metrics(logits, labels, mask=None):
 
 
 def _batch_and_loss(state, data, batch, rng, *, model, input_cfg, batch_sharding, dtype):
-  """Builds the normalised batch (see `input_pipeline.Input`); returns the loss as a function
+  """Builds the normalised batch (see `data.Input`); returns the loss as a function
   of the parameters."""
   # fold_in the step: a resumed run draws the same numbers.
   augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
@@ -65,12 +66,12 @@ def _batch_and_loss(state, data, batch, rng, *, model, input_cfg, batch_sharding
     images = jax.lax.with_sharding_constraint(data['train_images'][batch['indices']],
                                               batch_sharding)
     labels = data['train_labels'][batch['indices']]
-    x = input_pipeline.normalize(images, data['mean'], data['std'])
-    x = input_pipeline.augment(x, augment_rng, crop_padding=input_cfg.crop_padding,
+    x = memory.normalize(images, data['mean'], data['std'])
+    x = memory.augment(x, augment_rng, crop_padding=input_cfg.crop_padding,
                                flip=input_cfg.flip).astype(dtype)
   else:  # Streamed: already cropped and flipped by the host workers.
     labels = batch['labels']
-    x = input_pipeline.normalize(batch['images'], data['mean'], data['std'], dtype)
+    x = memory.normalize(batch['images'], data['mean'], data['std'], dtype)
 
   def loss_fn(params):
     logits, new_vars = model.apply({'params': params, **state.model_state}, x, train=True,
@@ -135,7 +136,7 @@ def jit_train_step(model, tx, config, mesh):
 
   With `train.split_backward`, forward and backward are two XLA programs: XLA:CPU then
   cannot fuse (and so re-compute) forward work into the backward pass, which made the
-  ResNet-20 step ~1.2x faster on CPU (cvjax.benchmark). Same result up to float rounding.
+  ResNet-20 step ~1.2x faster on CPU (cvjax.tools.benchmark). Same result up to float rounding.
   """
   replicated = NamedSharding(mesh, P())
   batch_kw = batch_args(model, config, mesh)
@@ -174,7 +175,7 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
               crop_size=None, padding=0):
   """Metric sums over one test batch: `{'index': i}`, the i-th slice of the padded
   device-resident test set, or streamed `{'images', 'labels', 'mask'}`. With `crops=10`
-  the logits are averaged over `input_pipeline.ten_crop` views of size `crop_size`, cut
+  the logits are averaged over `memory.ten_crop` views of size `crop_size`, cut
   from the images zero-padded (after normalisation) by `padding`. Returns the metric sums
   and the top-5 classes of each example, best first."""
   if 'index' in batch:
@@ -183,13 +184,13 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
   else:
     images, labels, mask = batch['images'], batch['labels'], batch['mask']
   images = jax.lax.with_sharding_constraint(images, batch_sharding)
-  x = input_pipeline.normalize(images, test['mean'], test['std']).astype(dtype)
+  x = memory.normalize(images, test['mean'], test['std']).astype(dtype)
   apply = lambda x: model.apply({'params': state.params, **state.model_state}, x, train=False)
   if crops == 1:
     logits = apply(x)
   else:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    logits = jnp.mean(jax.lax.map(apply, input_pipeline.ten_crop(x, crop_size)), axis=0)
+    logits = jnp.mean(jax.lax.map(apply, memory.ten_crop(x, crop_size)), axis=0)
   metrics = classification_metrics(logits, labels, mask)
   return metrics, jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
 
@@ -302,7 +303,7 @@ class Setup:
   """Everything a run builds from its config before touching the workdir."""
   config: Any
   mesh: Any
-  input: input_pipeline.Input
+  input: data_lib.Input
   model: Any
   schedule: Any
   tx: Any
@@ -344,7 +345,7 @@ def run_identity(config, num_classes, input_shape, dataset=None):
 def setup(config, devices=None) -> Setup:
   mesh = make_mesh(devices)
   check_config(config, mesh.size)
-  inp = input_pipeline.make_input(config, mesh)
+  inp = data_lib.make_input(config, mesh)
   input_shape = tuple(inp.image_shape)
   steps_per_epoch, total_steps = steps_for(config, inp.num_train)
   model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
@@ -361,7 +362,7 @@ def jit_evaluation(s: Setup, state_sharding):
       functools.partial(eval_step, model=s.model, batch_size=s.config.train.eval_batch_size,
                         batch_sharding=NamedSharding(s.mesh, P('data')),
                         dtype=jnp.dtype(s.config.train.compute_dtype),
-                        crops=input_pipeline.eval_crops(s.config),
+                        crops=data_lib.eval_crops(s.config),
                         crop_size=s.input.image_shape[0], padding=s.input.eval_padding),
       out_shardings=state_sharding)
   return p_eval_step, test_data

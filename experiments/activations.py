@@ -2,7 +2,7 @@
 
   python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/activations.py \
       --workdir=runs/activations --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
-  python -m cvjax.report runs/activations
+  python -m cvjax.tools.report runs/activations
 
 Plain CIFAR nets (no shortcuts, no BatchNorm, He-normal init) of depth 8, 20 and 44 with each
 activation, logging the gradient norm of every layer (`grad_norm/<layer>`) every 20 steps.

@@ -5,7 +5,7 @@
   python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/depth_ablation.py:quick \
       --workdir=runs/depth_quick --only=plain20,plain56,resnet20,resnet56 \
       --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
-  python -m cvjax.report runs/depth
+  python -m cvjax.tools.report runs/depth
 
 Trials: {plain, residual} x depth {20, 32, 44, 56}, plus ResNet-110, CIFAR-10, the paper's
 recipe (64k iterations, lr /10 at 32k and 48k; ResNet-110 warms up for 400 steps).

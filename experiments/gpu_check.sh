@@ -38,7 +38,7 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' || exit 1
 #    128 is bound by kernel launches, not by the GPU's arithmetic; the CIFAR step is also timed
 #    with XLA's command buffers off, to see what they give.
 bench() {  # The benchmark's last line is its JSON; the XLA flags it ran with are added to it.
-  python3 -m cvjax.benchmark --steps="$BENCH_STEPS" "$@" | tee -a "$OUT/benchmark.txt" \
+  python3 -m cvjax.tools.benchmark --steps="$BENCH_STEPS" "$@" | tee -a "$OUT/benchmark.txt" \
     | tail -n 1 | python3 -c 'import json, os, sys
 print(json.dumps({**json.load(sys.stdin), "xla_flags": os.environ.get("XLA_FLAGS", "")}))' \
     >> "$OUT/benchmark.jsonl"
@@ -66,13 +66,13 @@ train() {  # name, config arg
   echo $((SECONDS - start)) >> "$RUNS/$1/wall_seconds"
 }
 # Decode the JPEGs once, into cvjax's dataset cache, before both runs read them.
-python3 -c "from cvjax import input_pipeline as ip; ip.load_local('$CIFAR')" || exit 1
+python3 -c "from cvjax.data import memory; memory.load_local('$CIFAR')" || exit 1
 train resnet20 resnet20 & first=$!
 train plain20 plain20 & second=$!
 wait "$first" "$second"  # (A bare `wait` would also wait for the log's tee.)
 tail -n 3 "$OUT"/resnet20.log "$OUT"/plain20.log
 
 # 3. The results file, and the run folders (checkpoints included) to resume from.
-python3 experiments/gpu_results.py --benchmarks="$OUT/benchmark.jsonl" --runs="$RUNS" \
+python3 -m cvjax.tools.gpu_results --benchmarks="$OUT/benchmark.jsonl" --runs="$RUNS" \
   --out="$RESULTS" && cp "$RESULTS" "$OUT/gpu.json"
 tar -czf "$OUT/runs.tar.gz" -C "$RUNS" .

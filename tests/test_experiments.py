@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from cvjax import error_analysis, input_pipeline, report, sweep
+from cvjax import error_analysis, sweep
+from cvjax.data import memory
+from cvjax.tools import report
 
 TINY = ['--config.train.batch_size=16', '--config.train.eval_batch_size=8',
         '--config.train.num_steps=6', '--config.train.log_every_steps=3',
@@ -168,7 +170,7 @@ def test_evaluate_a_checkpoint_write_predictions_and_score_them(tiny_sweep, idx_
   assert len(lines) == 40 and all(len(set(line.split())) == 5 for line in lines)
 
   labels = os.path.join(trial, 'labels.txt')
-  test_labels = input_pipeline.load_local(idx_dir).test_labels
+  test_labels = memory.load_local(idx_dir).test_labels
   with open(labels, 'w') as f:
     f.writelines(f'{int(y) + 1}\n' for y in test_labels)
   out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--score={predictions}',

@@ -1,4 +1,4 @@
-"""The GPU check's results collector (experiments/gpu_results.py) on made-up inputs."""
+"""The GPU check's results collector (cvjax/tools/gpu_results.py) on made-up inputs."""
 
 import json
 import os
@@ -12,7 +12,7 @@ def _collect(tmp_path, bench_lines):
   (tmp_path / 'bench.jsonl').write_text(''.join(json.dumps(b) + '\n' for b in bench_lines))
   out = tmp_path / 'gpu.json'
   proc = subprocess.run(
-      [sys.executable, 'experiments/gpu_results.py', f'--benchmarks={tmp_path / "bench.jsonl"}',
+      [sys.executable, 'cvjax/tools/gpu_results.py', f'--benchmarks={tmp_path / "bench.jsonl"}',
        f'--runs={tmp_path / "runs"}', f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
       timeout=120)
   assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')
 
-from cvjax import import_weights, weights_parity  # pylint: disable=g-import-not-at-top
+from cvjax import import_weights  # pylint: disable=g-import-not-at-top
+from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
 from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from conftest import bars, write_idx
-from cvjax import input_pipeline as ip
+from cvjax.data import memory as ip
 from cvjax.errors import UserError
 
 

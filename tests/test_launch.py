@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from cvjax import distributed, launch
+from cvjax.cluster import distributed, launch
 
 TPU = ['tpu', '--name=depth', '--zone=us-central2-b', '--type=v4-32']
 SLURM = ['slurm', '--nodes=2', '--gpus_per_node=4', '--partition=gpu', '--time=12:00:00']

@@ -30,7 +30,8 @@ import jax
 jax.config.update('jax_num_cpu_devices', {devices})
 logging.set_verbosity(logging.INFO)  # As cvjax.main has it.
 from conftest import tiny_config
-from cvjax import distributed, train
+from cvjax import train
+from cvjax.cluster import distributed
 from cvjax.errors import UserError
 pid, nproc, port, workdir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 if nproc > 1:

@@ -101,17 +101,17 @@ def test_unwritable_workdir_is_a_clear_error(idx_dir, tmp_path):
 
 def test_idx_label_outside_the_classes_is_an_error(tmp_path):
   from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
-  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
   images, labels = bars(30)
   labels[7] = 200
   write_idx(tmp_path, images, labels, 'train')
   write_idx(tmp_path, *bars(10, seed=1), 't10k')
   with pytest.raises(UserError, match='train example 7 has label 200, but only 1[01] distinct'):
-    input_pipeline.load_local(str(tmp_path))
+    memory.load_local(str(tmp_path))
   labels[7] = 10  # Eleven classes, where the name says ten.
   write_idx(tmp_path, images, labels, 'train')
   with pytest.raises(UserError, match="label 10, but dataset.name='mnist' has 10 classes"):
-    input_pipeline.load_local(str(tmp_path), 'mnist')
+    memory.load_local(str(tmp_path), 'mnist')
 
 
 def _png(value, size=(6, 5)):
@@ -122,7 +122,7 @@ def _png(value, size=(6, 5)):
 
 def test_empty_class_folder_and_unreadable_images_are_errors(tmp_path):
   import tarfile  # pylint: disable=g-import-not-at-top
-  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'data'
   for split in ('train', 'test'):
     for c in ('ant', 'bee'):
@@ -133,35 +133,35 @@ def test_empty_class_folder_and_unreadable_images_are_errors(tmp_path):
     tar.add(root, arcname='data')
   for path in (root, tmp_path / 'data.tar.gz'):
     with pytest.raises(UserError, match='class folder.* train/cat hold no images'):
-      input_pipeline.load_local(str(path))
+      memory.load_local(str(path))
   (root / 'train' / 'cat').rmdir()
   bad = root / 'train' / 'ant' / '1.png'
   bad.write_bytes(b'not an image at all')
   with pytest.raises(UserError, match=r'1.png: its 19 bytes are not in an image format') as e:
-    input_pipeline.load_local(str(root))
+    memory.load_local(str(root))
   noise = np.random.default_rng(0).integers(0, 255, (6, 5, 3), np.uint8)
   buf = io.BytesIO()
   Image.fromarray(noise).save(buf, 'PNG')
   bad.write_bytes(buf.getvalue()[:80])  # Truncated.
   with pytest.raises(UserError, match=r'1.png \(80 bytes\): .*truncated') as e:
-    input_pipeline.load_local(str(root))
+    memory.load_local(str(root))
   assert 'BytesIO' not in str(e.value)
 
 
 def test_dataset_name_that_contradicts_the_path_is_reported(idx_dir, tmp_path, caplog):
-  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
   config = tiny_config(idx_dir)  # 12x12 grey images in 10 classes.
   config.dataset.name = 'cifar10'
-  input_pipeline.load(config.dataset)
+  memory.load(config.dataset)
   assert "dataset.name='cifar10' disagrees" in caplog.text and '(12, 12, 1)' in caplog.text
   caplog.clear()
   os.symlink(idx_dir, tmp_path / 'fashion-mnist')
   config.dataset.update(name='mnist', path=str(tmp_path / 'fashion-mnist'))
-  input_pipeline.load(config.dataset)
+  memory.load(config.dataset)
   assert 'the path names fashion_mnist' in caplog.text
   caplog.clear()
   config.dataset.name = ''
-  input_pipeline.load(config.dataset)
+  memory.load(config.dataset)
   assert 'disagrees' not in caplog.text
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from cvjax import checkpointing, metric_writer, report, sweep, train
+from cvjax import checkpointing, metric_writer, sweep, train
+from cvjax.tools import report
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def test_bfloat16_compute_trains(idx_dir, tmp_path):
 
 def test_benchmark_prints_its_json():
   out = subprocess.run(
-      [sys.executable, '-m', 'cvjax.benchmark', '--model=resnet8,lenet5', '--batch_size=16',
+      [sys.executable, '-m', 'cvjax.tools.benchmark', '--model=resnet8,lenet5', '--batch_size=16',
        '--steps=2', '--warmup=0'], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,7 +59,7 @@ def test_benchmark_prints_its_json():
 def test_benchmark_runs_an_imagenet_resnet():
   # The GPU/TPU recipe's model (224x224, 1000 classes); tiny batch here.
   out = subprocess.run(
-      [sys.executable, '-m', 'cvjax.benchmark', '--model=imagenet_resnet18', '--batch_size=2',
+      [sys.executable, '-m', 'cvjax.tools.benchmark', '--model=imagenet_resnet18', '--batch_size=2',
        '--steps=1', '--warmup=0', '--variants=split', '--dtype=bfloat16'], cwd=ROOT,
       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -72,7 +72,8 @@ def test_benchmark_runs_an_imagenet_resnet():
 def test_benchmark_counts_flops_of_the_whole_network_when_blocks_are_scanned():
   # XLA's cost analysis counts a loop body once; the benchmark counts the unscanned net.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cvjax import benchmark, optim  # pylint: disable=g-import-not-at-top
+  from cvjax import optim  # pylint: disable=g-import-not-at-top
+  from cvjax.tools import benchmark  # pylint: disable=g-import-not-at-top
   mesh = train.make_mesh()
   data = {'train_images': np.zeros((8, 32, 32, 3), np.uint8),
           'train_labels': np.zeros(8, np.int32),

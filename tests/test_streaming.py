@@ -13,7 +13,10 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from conftest import tiny_config
-from cvjax import input_pipeline, models, streaming, train
+from cvjax import data as data_lib
+from cvjax import models, train
+from cvjax.data import streaming
+from cvjax.data.input import imagenet_stats
 from cvjax.errors import UserError
 from test_train import assert_trees_close, read_jsonl
 
@@ -192,7 +195,7 @@ def test_tfds_imagenet_offline(tmp_path, monkeypatch):
 
 def test_pipeline_selection(tmp_path, idx_dir):
   cfg = lambda **kw: ConfigDict({'name': 'cifar10', 'path': '', 'pipeline': 'auto', **kw})
-  pick = input_pipeline.pipeline_for
+  pick = data_lib.pipeline_for
   assert pick(cfg()) == 'memory'
   assert pick(cfg(name='imagenet2012')) == 'streaming'
   assert pick(cfg(name='imagenet2012', pipeline='memory')) == 'memory'
@@ -248,7 +251,7 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   side, pad = (20, 0) if streamed else (16, 2)
   images = rng.integers(0, 256, (4, side, side, 3)).astype(np.uint8)
   labels = np.array([0, 1, 2, 3], np.int32)
-  mean, std = input_pipeline.imagenet_stats()
+  mean, std = imagenet_stats()
   test = {'mean': mean, 'std': std}
   if streamed:
     batch = {'images': images, 'labels': labels, 'mask': np.ones(4, bool)}

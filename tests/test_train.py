@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from cvjax import input_pipeline, models, train
+from cvjax import models, train
+from cvjax.data import memory
 
 
 def read_jsonl(workdir):
@@ -33,11 +34,11 @@ def test_training_drives_the_loss_down_and_eval_counts_each_example_once(idx_dir
   # 40 test examples in batches of 16: 48 slots, 8 of them padding, each example once.
   assert test['test/count'] == 40
   # The same error from one un-batched forward pass over the whole test set.
-  data = input_pipeline.load(config.dataset)
-  mean, std = input_pipeline.normalization_stats(data.train_images, config.input.normalization)
+  data = memory.load(config.dataset)
+  mean, std = memory.normalization_stats(data.train_images, config.input.normalization)
   model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
   logits = model.apply({'params': state.params, **state.model_state},
-                       input_pipeline.normalize(data.test_images, mean, std))
+                       memory.normalize(data.test_images, mean, std))
   np.testing.assert_allclose(test['test/error'], np.mean(np.argmax(logits, -1) != data.test_labels),
                              atol=1e-6)
   assert test['test/error'] < 0.5  # Bars are easy: chance is 0.9.

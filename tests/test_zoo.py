@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from cvjax import models, summary
+from cvjax import models
+from cvjax.tools import summary
 from cvjax.models import lenet
 
 # Exact counts of the published architectures (227/224 inputs, 1000 classes).

@@ -1,6 +1,6 @@
 """Training and evaluation throughput of cvjax's train step, optionally beside PyTorch.
 
-  python -m cvjax.benchmark --model=resnet20 --batch_size=128 [--steps=N]
+  python -m cvjax.tools.benchmark --model=resnet20 --batch_size=128 [--steps=N]
       [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
 
 Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (224x224x3,
@@ -205,10 +205,10 @@ def main(argv):
 
 def run_torch(name, dtype, results):
   """PyTorch eager on the same net; prints the cvjax/PyTorch ratio of each cvjax row."""
-  from cvjax import torch_baseline  # pylint: disable=g-import-not-at-top
+  from cvjax.tools import torch_baseline  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if name.startswith('imagenet_'):
-    print(f'  {name}: no PyTorch twin in cvjax.torch_baseline; skipped.')
+    print(f'  {name}: no PyTorch twin in cvjax.tools.torch_baseline; skipped.')
     return None
   cfg = model_config(name).model
   t = torch_baseline.benchmark(

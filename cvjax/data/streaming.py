@@ -279,10 +279,10 @@ class EvalImages:
 
 
 def make_input(config, mesh):
-  """The streaming `input_pipeline.Input` for `config`."""
+  """The streaming `Input` for `config`."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from cvjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvjax.data import input as data_input  # pylint: disable=g-import-not-at-top
   cfg, inp = config.dataset, config.input
   if cfg.path:
     path = os.path.expanduser(cfg.path)
@@ -300,9 +300,9 @@ def make_input(config, mesh):
     raise UserError(f'input.normalization={inp.normalization!r} needs statistics of the whole '
                     'training set, which streaming input does not hold; use imagenet '
                     '(ImageNet\'s per-channel mean and std) or none.')
-  mean, std = input_pipeline.imagenet_stats() if inp.normalization == 'imagenet' else (
+  mean, std = data_input.imagenet_stats() if inp.normalization == 'imagenet' else (
       np.zeros((1, 1, 1, 1), np.float32), np.ones((1, 1, 1, 1), np.float32))
-  crops = input_pipeline.eval_crops(config)
+  crops = data_input.eval_crops(config)
   process_count, process_index = jax.process_count(), jax.process_index()
   for key in ('batch_size', 'eval_batch_size'):
     if config.train[key] % process_count:
@@ -333,12 +333,12 @@ def make_input(config, mesh):
 
   stats = {'mean': mean, 'std': std}
   if isinstance(splits.train, FolderSource):
-    identity = input_pipeline.identity(splits.class_names, splits.train.labels,
+    identity = data_input.identity(splits.class_names, splits.train.labels,
                                        splits.test.labels)
   else:  # Hashing tfds labels would read the whole dataset: classes and sizes only.
     identity = {'class_names': splits.class_names, 'num_train': len(splits.train),
                 'num_test': len(splits.test)}
-  return input_pipeline.Input(
+  return data_input.Input(
       'streaming', len(splits.train), splits.class_names, (size, size, 3), train_data=stats,
       test_data=stats, train_batches=train_batches, eval_batches=eval_batches,
       test_labels=splits.test.labels, test_images=EvalImages(splits.test, size),

@@ -1,8 +1,8 @@
 """Throughput of the streaming input pipeline (host only: decode, crop, resize, batch).
 
-  python -m cvjax.input_benchmark --make_imagenet_like=/tmp/imagenet_like \
+  python -m cvjax.tools.input_benchmark --make_imagenet_like=/tmp/imagenet_like \
       --source=../shared/data/cifar10-jpeg.tar.gz
-  python -m cvjax.input_benchmark --data=/tmp/imagenet_like --workers=0,1,2
+  python -m cvjax.tools.input_benchmark --data=/tmp/imagenet_like --workers=0,1,2
 
 The first command writes an ImageNet-like folder (ILSVRC layout, real JPEGs): CIFAR-10's
 images upsampled to ImageNet's typical ~400x350 at random sizes, ten wnid-named classes. The
@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from cvjax import streaming
+from cvjax.data import streaming
 
 _DATA = flags.DEFINE_string('data', None, 'An image folder in the ILSVRC layout.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker-process counts to time.')

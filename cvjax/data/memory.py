@@ -1,13 +1,11 @@
-"""The input the training loop sees, and the in-memory pipeline: datasets held as uint8
-NHWC arrays on the device, with augmentation that runs inside jit.
+"""The in-memory pipeline: datasets held as uint8 NHWC arrays on the device, with
+augmentation that runs inside jit.
 
-`make_input` picks the pipeline from the dataset (`dataset.pipeline` forces it): ImageNet
-and large or mixed-size image folders stream from disk (cvjax/streaming.py); the rest is
-loaded here. Three sources give the same in-memory `Dataset`: tensorflow-datasets by name, a
-folder of MNIST-style IDX files, and an image folder (`train/<class>/*`, `test/<class>/*`,
-as a directory or a .tar.gz). MNIST/CIFAR-sized data fits in memory many times over, so the
-whole split lives on the device and each step gathers its batch there: the input can never
-starve the step.
+Three sources give the same in-memory `Dataset`: tensorflow-datasets by name, a folder of
+MNIST-style IDX files, and an image folder (`train/<class>/*`, `test/<class>/*`, as a
+directory or a .tar.gz). MNIST/CIFAR-sized data fits in memory many times over, so the whole
+split lives on the device and each step gathers its batch there: the input can never starve
+the step.
 """
 
 import dataclasses
@@ -20,7 +18,6 @@ import os
 import re
 import struct
 import tarfile
-from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -29,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvjax import runtime
+from cvjax.data.input import Input, eval_crops, identity, imagenet_stats
 from cvjax.errors import UserError
 
 # Datasets small enough to hold in memory, by tfds name.
@@ -51,75 +49,6 @@ KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
                 'kmnist': ((28, 28, 1), 10), 'emnist/digits': ((28, 28, 1), 10),
                 'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100),
                 'svhn_cropped': ((32, 32, 3), 10)}
-# Image folders whose decoded images would take more than this stream from disk.
-MEMORY_BUDGET_BYTES = 4 << 30
-
-
-@dataclasses.dataclass
-class Input:
-  """What the training loop sees of either pipeline: device-resident arrays put once, and
-  the batch arguments of the jitted train and eval steps."""
-  pipeline: str  # 'memory' | 'streaming'
-  num_train: int
-  class_names: list
-  image_shape: tuple  # One model input, HWC.
-  train_data: dict  # numpy; the train step's `data` (the whole split, or only mean/std).
-  test_data: dict  # numpy; the eval step's `data`.
-  train_batches: Callable  # start_step -> iterator of the train step's batch argument.
-  eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
-  test_labels: Any  # int array [num_test].
-  test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
-  identity: dict  # What a checkpoint records of its data (see `identity`).
-  eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
-
-  @property
-  def num_classes(self):
-    return len(self.class_names)
-
-  @property
-  def num_test(self):
-    return len(self.test_labels)
-
-
-def pipeline_for(cfg):
-  """'memory' or 'streaming' for the config's `dataset` block."""
-  mode = cfg.get('pipeline', 'auto')
-  if mode not in ('auto', 'memory', 'streaming'):
-    raise UserError(f'dataset.pipeline={mode!r}; expected auto, memory or streaming.')
-  if mode != 'auto':
-    return mode
-  if cfg.name.startswith('imagenet'):
-    return 'streaming'
-  path = os.path.expanduser(cfg.path) if cfg.path else ''
-  if not os.path.isdir(path) or any(f.startswith(('train-images', 't10k-images'))
-                                    for f in os.listdir(path)):
-    return 'memory'
-  from cvjax import streaming  # pylint: disable=g-import-not-at-top
-  files = streaming.list_image_folder(path)
-  if 'test' not in files:  # The ILSVRC layout (train/, val/) is streamed.
-    return 'streaming' if 'val' in files else 'memory'
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  sample = [items[int(i)] for items in files.values()
-            for i in np.linspace(0, len(items) - 1, 8)]
-  sizes = {Image.open(os.path.join(path, p)).size for _, p in sample}
-  count = sum(len(items) for items in files.values())
-  w, h = max(sizes)
-  return 'streaming' if len(sizes) > 1 or count * w * h * 3 > MEMORY_BUDGET_BYTES else 'memory'
-
-
-def make_input(config, mesh) -> Input:
-  if pipeline_for(config.dataset) == 'streaming':
-    from cvjax import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.make_input(config, mesh)
-  return in_memory_input(config, mesh)
-
-
-def eval_crops(config):
-  crops = config.get('eval', {}).get('crops', 1)
-  if crops not in (1, 10):
-    raise UserError(f'eval.crops={crops}; expected 1 (centre) or 10 (corners, centre and their '
-                    'flips, logits averaged).')
-  return crops
 
 
 def in_memory_input(config, mesh) -> Input:
@@ -217,16 +146,6 @@ def check_name_matches_path(name, path, data):
     logging.warning('dataset.name=%r disagrees with dataset.path=%r: %s. The data is read from '
                     'dataset.path; set dataset.name to what it holds (or to \'\') so the run '
                     'records it truthfully.', name, path, '; '.join(problems))
-
-
-def identity(class_names, train_labels, test_labels):
-  """What a checkpoint records of its data, so a run does not resume on other data: the
-  classes, the split sizes and a hash of the labels (cheap, and different for different
-  datasets). Not the path (moved data still resumes) nor the name (which only labels it)."""
-  labels = hashlib.sha256(np.asarray(train_labels, np.int32).tobytes())
-  labels.update(np.asarray(test_labels, np.int32).tobytes())
-  return {'class_names': list(class_names), 'num_train': len(train_labels),
-          'num_test': len(test_labels), 'labels_sha256': labels.hexdigest()[:16]}
 
 
 # --- tensorflow-datasets ---------------------------------------------------------------
@@ -535,11 +454,6 @@ def normalization_stats(train_images, mode):
     return 0 * ones, ones
   raise UserError(f'unknown input.normalization={mode!r}; expected per_pixel_mean, '
                   'per_channel, imagenet or none.')
-
-
-def imagenet_stats():
-  return (np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 1, 1, 3),
-          np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 1, 1, 3))
 
 
 def normalize(images_u8, mean, std, dtype=jnp.float32):

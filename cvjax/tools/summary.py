@@ -1,7 +1,7 @@
 """Prints the model zoo as a table: parameters, the papers' counts, forward FLOPs, depth.
 
-  python -m cvjax.summary                       # every model
-  python -m cvjax.summary --models=vgg16,resnet50 --format=markdown
+  python -m cvjax.tools.summary                       # every model
+  python -m cvjax.tools.summary --models=vgg16,resnet50 --format=markdown
 
 Shapes come from `jax.eval_shape` (nothing is allocated: VGG-19's 144M parameters are
 counted, not built). FLOPs per image are XLA's cost analysis of the compiled forward pass

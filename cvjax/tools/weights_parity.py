@@ -1,6 +1,6 @@
 """Checks `cvjax.import_weights` against torchvision itself, with no download:
 
-  python -m cvjax.weights_parity --models=resnet18,resnet50,vgg11_bn,alexnet
+  python -m cvjax.tools.weights_parity --models=resnet18,resnet50,vgg11_bn,alexnet
 
 For each model: a torchvision net with seeded random weights, biases and BatchNorm affine
 parameters and running statistics (so a tensor mapped to the wrong place shows), saved as

@@ -1,9 +1,9 @@
 """Collects what experiments/gpu_check.sh measured into one JSON file (docs/results/gpu.json).
 
-  python experiments/gpu_results.py --benchmarks=OUT/benchmark.jsonl --runs=RUNS \
+  python -m cvjax.tools.gpu_results --benchmarks=OUT/benchmark.jsonl --runs=RUNS \
       --out=docs/results/gpu.json
 
-Benchmark rows come from cvjax.benchmark's JSON lines; MFU is taken against the chip's
+Benchmark rows come from cvjax.tools.benchmark's JSON lines; MFU is taken against the chip's
 published dense bf16 peak (the benchmark's own MFU uses a matmul it measures). Runs come
 from each run folder: results.json when the run finished, else its last logged metrics.
 A call that ran no benchmark (a resumed training call) keeps the benchmark rows of --out.
@@ -16,7 +16,7 @@ import os
 from absl import app
 from absl import flags
 
-_BENCH = flags.DEFINE_string('benchmarks', None, 'cvjax.benchmark JSON lines.')
+_BENCH = flags.DEFINE_string('benchmarks', None, 'cvjax.tools.benchmark JSON lines.')
 _RUNS = flags.DEFINE_string('runs', None, 'Folder of cvjax.main workdirs.')
 _OUT = flags.DEFINE_string('out', 'docs/results/gpu.json', 'Where to write.')
 

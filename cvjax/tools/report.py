@@ -1,6 +1,6 @@
 """Figures and tables from a sweep directory:
 
-  python -m cvjax.report DIR
+  python -m cvjax.tools.report DIR
 
 reads DIR/<trial>/{metrics.jsonl, config.json, results.json} and writes DIR/report/:
   figure6.png       training error (dashed) and test error (solid) against iterations, plain
@@ -175,7 +175,7 @@ def grad_norm_report(trials, path):
 def write_report(sweep_dir):
   trials = load_trials(sweep_dir)
   if not trials:
-    raise SystemExit(f'cvjax.report: no trials (subfolders with metrics.jsonl) in {sweep_dir}')
+    raise SystemExit(f'cvjax.tools.report: no trials (subfolders with metrics.jsonl) in {sweep_dir}')
   out = epath.Path(sweep_dir) / 'report'
   out.mkdir(parents=True, exist_ok=True)
   name = epath.Path(sweep_dir) if '://' in str(sweep_dir) else epath.Path(sweep_dir).resolve()
@@ -197,5 +197,5 @@ def write_report(sweep_dir):
 
 if __name__ == '__main__':
   if len(sys.argv) != 2:
-    raise SystemExit('usage: python -m cvjax.report SWEEP_DIR')
+    raise SystemExit('usage: python -m cvjax.tools.report SWEEP_DIR')
   print(f'wrote {write_report(sys.argv[1])}')

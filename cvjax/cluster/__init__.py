@@ -1,0 +1,2 @@
+"""Multi-process runs: joining the peers (distributed) and launching them on Cloud TPU or Slurm
+(launch)."""

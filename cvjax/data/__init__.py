@@ -1,0 +1,49 @@
+"""The training loop's input: `make_input` picks the pipeline from the dataset
+(`dataset.pipeline` forces it). ImageNet and large or mixed-size image folders stream from
+disk (data/streaming.py); MNIST/CIFAR-sized data is held on the device (data/memory.py).
+Both give the loop the same `Input` (data/input.py). Imported lazily: grain workers import
+the streaming module, and need not import jax."""
+
+import os
+
+import numpy as np
+
+from cvjax.data.input import Input, eval_crops  # pylint: disable=unused-import
+from cvjax.errors import UserError
+
+# Image folders whose decoded images would take more than this stream from disk.
+MEMORY_BUDGET_BYTES = 4 << 30
+
+
+def pipeline_for(cfg):
+  """'memory' or 'streaming' for the config's `dataset` block."""
+  mode = cfg.get('pipeline', 'auto')
+  if mode not in ('auto', 'memory', 'streaming'):
+    raise UserError(f'dataset.pipeline={mode!r}; expected auto, memory or streaming.')
+  if mode != 'auto':
+    return mode
+  if cfg.name.startswith('imagenet'):
+    return 'streaming'
+  path = os.path.expanduser(cfg.path) if cfg.path else ''
+  if not os.path.isdir(path) or any(f.startswith(('train-images', 't10k-images'))
+                                    for f in os.listdir(path)):
+    return 'memory'
+  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
+  files = streaming.list_image_folder(path)
+  if 'test' not in files:  # The ILSVRC layout (train/, val/) is streamed.
+    return 'streaming' if 'val' in files else 'memory'
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sample = [items[int(i)] for items in files.values()
+            for i in np.linspace(0, len(items) - 1, 8)]
+  sizes = {Image.open(os.path.join(path, p)).size for _, p in sample}
+  count = sum(len(items) for items in files.values())
+  w, h = max(sizes)
+  return 'streaming' if len(sizes) > 1 or count * w * h * 3 > MEMORY_BUDGET_BYTES else 'memory'
+
+
+def make_input(config, mesh) -> Input:
+  if pipeline_for(config.dataset) == 'streaming':
+    from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.make_input(config, mesh)
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  return memory.in_memory_input(config, mesh)

@@ -1,0 +1,60 @@
+"""What the training loop sees of either pipeline (`Input`), and the pieces the memory and
+streaming pipelines share: the eval crop count, the data identity a checkpoint records and
+ImageNet's normalisation."""
+
+import dataclasses
+import hashlib
+from typing import Any, Callable
+
+import numpy as np
+
+from cvjax.errors import UserError
+
+
+@dataclasses.dataclass
+class Input:
+  """What the training loop sees of either pipeline: device-resident arrays put once, and
+  the batch arguments of the jitted train and eval steps."""
+  pipeline: str  # 'memory' | 'streaming'
+  num_train: int
+  class_names: list
+  image_shape: tuple  # One model input, HWC.
+  train_data: dict  # numpy; the train step's `data` (the whole split, or only mean/std).
+  test_data: dict  # numpy; the eval step's `data`.
+  train_batches: Callable  # start_step -> iterator of the train step's batch argument.
+  eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
+  test_labels: Any  # int array [num_test].
+  test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
+  identity: dict  # What a checkpoint records of its data (see `identity`).
+  eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+  @property
+  def num_test(self):
+    return len(self.test_labels)
+
+
+def eval_crops(config):
+  crops = config.get('eval', {}).get('crops', 1)
+  if crops not in (1, 10):
+    raise UserError(f'eval.crops={crops}; expected 1 (centre) or 10 (corners, centre and their '
+                    'flips, logits averaged).')
+  return crops
+
+
+def identity(class_names, train_labels, test_labels):
+  """What a checkpoint records of its data, so a run does not resume on other data: the
+  classes, the split sizes and a hash of the labels (cheap, and different for different
+  datasets). Not the path (moved data still resumes) nor the name (which only labels it)."""
+  labels = hashlib.sha256(np.asarray(train_labels, np.int32).tobytes())
+  labels.update(np.asarray(test_labels, np.int32).tobytes())
+  return {'class_names': list(class_names), 'num_train': len(train_labels),
+          'num_test': len(test_labels), 'labels_sha256': labels.hexdigest()[:16]}
+
+
+def imagenet_stats():
+  return (np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 1, 1, 3),
+          np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 1, 1, 3))
