@@ -50,7 +50,6 @@ def default_config(model):
   """The config of torchvision's `model`: its family's ImageNet recipe."""
   import importlib  # pylint: disable=g-import-not-at-top
   path, arg = SOURCES[model][0].split(':')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return importlib.import_module(path[:-3].replace('/', '.')).get_config(arg)
 
 
@@ -70,8 +69,8 @@ def load_state_dict(path):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise UserError('reading .pth weights needs PyTorch: pip install torch (the optional '
-                    'section of requirements.txt).') from e
+    raise UserError('reading .pth weights needs PyTorch: pip install -r requirements-torch.txt '
+                    '(or pip install -e .[torch]).') from e
   if not os.path.isfile(path):
     raise UserError(f'--weights={path} is not a file.')
   try:

@@ -3,21 +3,25 @@
 import gzip
 import os
 import struct
-import sys
+import tempfile
 
+import jax
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # For `configs`.
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+TESTS = os.path.dirname(os.path.abspath(__file__))
 # Decoded-dataset cache of this test session only (inherited by the subprocesses tests start).
 os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.
+
+
+def child_env(**variables):
+  """The environment of a Python child run from ROOT (`python -c`, so cvjax and configs are
+  found there) that imports these test helpers: the tests folder leads PYTHONPATH."""
+  path = os.pathsep.join(p for p in (TESTS, os.environ.get('PYTHONPATH')) if p)
+  return dict(os.environ, PYTHONPATH=path, **variables)
 
 
 def bars(n, size=12, num_classes=10, seed=0):

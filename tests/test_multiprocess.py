@@ -18,13 +18,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 TIMEOUT = 420
 
 WORKER = '''
 import builtins, json, os, sys
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from absl import logging
 import jax
 jax.config.update('jax_num_cpu_devices', {devices})
@@ -67,15 +66,14 @@ def free_port():
 
 def run(nproc, workdir, out, idx_dir, overrides=None, workdirs=None):
   """Runs `nproc` processes (4 devices in all) to the end; returns their outputs."""
-  script = WORKER.format(root=ROOT, tests=os.path.dirname(__file__), devices=4 // nproc,
-                         idx_dir=idx_dir, overrides=overrides or {})
+  script = WORKER.format(devices=4 // nproc, idx_dir=idx_dir, overrides=overrides or {})
   port = str(free_port())
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env = child_env(PYTHONUNBUFFERED='1')
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen(
       [sys.executable, '-c', script, str(i), str(nproc), port,
        str(workdirs[i] if workdirs else workdir), str(out)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(nproc)]
   logs = []
   try:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, child_env, tiny_config
 from cvjax import models, train
 from cvjax.data import memory
 
@@ -64,7 +64,6 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
 def test_one_device_and_eight_devices_agree(idx_dir, tmp_path):
   """Same global batch on a 1-device and an 8-device mesh gives the same parameters."""
   script = f'''
-import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
 import jax, numpy as np
 from conftest import tiny_config
 from cvjax import train
@@ -79,9 +78,9 @@ jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 np.testing.assert_allclose(m1['test/loss'], m8['test/loss'], rtol=1e-4)
 print('AGREE')
 '''
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                       timeout=600)
+  env = child_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0 and 'AGREE' in out.stdout, out.stderr[-3000:]
 
 

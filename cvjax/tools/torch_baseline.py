@@ -1,6 +1,6 @@
 """The benchmark's PyTorch baseline: the same CIFAR ResNets / plain nets and LeNet-5, the same
-optimizer, trained eagerly with channels_last. Only `cvjax.tools.benchmark --baseline=torch` imports
-this; torch is optional (requirements-bench.txt)."""
+optimizer, trained eagerly with channels_last. Only `cvjax.tools.benchmark --baseline=torch`
+imports this; torch is optional (requirements-torch.txt)."""
 
 import time
 
