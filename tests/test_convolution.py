@@ -153,6 +153,7 @@ def test_bad_shapes_raise_instead_of_crashing():
     jax.block_until_ready(call(x, w, **{**attrs, 'groups': np.int64(3)}))
 
 
+@pytest.mark.slow
 def test_cifar_resnet_convolutions_take_the_explicit_gradients(monkeypatch):
   # Every convolution of the CIFAR ResNet goes through conv2d (stem + 2 per block).
   monkeypatch.setitem(convolution._NATIVE, 'enabled', False)
@@ -173,6 +174,7 @@ def test_cifar_resnet_convolutions_take_the_explicit_gradients(monkeypatch):
   assert ((2, 2), ((1, 1), (1, 1))) in calls  # the stride-2 first block of a stage: pad 1
 
 
+@pytest.mark.slow
 def test_train_steps_match_on_both_paths(idx_dir, tmp_path):
   # ResNet-14, 6 SGD steps with BatchNorm, split forward/backward programs: the same
   # parameters and statistics on oneDNN as on XLA's convolutions. Tolerance: float

@@ -40,6 +40,7 @@ def tiny_sweep(idx_dir, tmp_path_factory):
   return {'file': str(sweep_file), 'workdir': workdir, 'extra': extra, 'status': status}
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_trial_into_its_folder(tiny_sweep):
   assert tiny_sweep['status'] == {'plain8': 'ran', 'resnet8': 'ran'}
   for name, residual in (('plain8', False), ('resnet8', True)):
@@ -50,6 +51,7 @@ def test_sweep_runs_each_trial_into_its_folder(tiny_sweep):
     assert results['step'] == 6 and results['num_params'] == 75_002
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_and_resumes_interrupted(tiny_sweep):
   workdir = tiny_sweep['workdir']
   # Interrupt resnet8 after its step-3 checkpoint.
@@ -90,6 +92,7 @@ def test_sweep_dry_run_and_expansion():
   assert not os.path.exists('/nonexistent')
 
 
+@pytest.mark.slow
 def test_report_from_the_tiny_sweep(tiny_sweep):
   out = report.write_report(tiny_sweep['workdir'])
   for f in ('figure6.png', 'table6.md', 'leaderboard.md', 'grad_norms.png', 'grad_norms.md',
@@ -103,6 +106,7 @@ def test_report_from_the_tiny_sweep(tiny_sweep):
   assert len(norms) == 4  # Header, rule, one row per trial.
 
 
+@pytest.mark.slow
 def test_grad_norms_are_logged_per_layer_in_forward_order(tiny_sweep):
   trial = os.path.join(tiny_sweep['workdir'], 'plain8')
   records = [json.loads(l) for l in open(os.path.join(trial, 'metrics.jsonl'))]
@@ -115,6 +119,7 @@ def test_grad_norms_are_logged_per_layer_in_forward_order(tiny_sweep):
   assert all(v > 0 for k, v in logged[0].items() if k.startswith('grad_norm/'))
 
 
+@pytest.mark.slow
 def test_hparams_and_error_analysis_written(tiny_sweep):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   trial = os.path.join(tiny_sweep['workdir'], 'resnet8')
@@ -153,6 +158,7 @@ def test_mistakes_grid_has_one_tile_per_mistake_shown():
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)
 
 
+@pytest.mark.slow
 def test_evaluate_a_checkpoint_write_predictions_and_score_them(tiny_sweep, idx_dir):
   """cvjax.evaluate on a finished run: the error analysis again, and a predictions file
   that --score checks against the labels to the same top-1 error."""

@@ -12,6 +12,8 @@ from cvjax import import_weights  # pylint: disable=g-import-not-at-top
 from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
 from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow  # torchvision nets at 224x224.
+
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
 # largest magnitude (measured: README, Pretrained weights). A wrong mapping is off by O(1).
 TOLERANCE = 1e-4  # Of the largest |logit|.

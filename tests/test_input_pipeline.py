@@ -119,6 +119,7 @@ def test_image_folder_errors(tmp_path):
     ip.load_local(str(tmp_path / 'nope'))
 
 
+@pytest.mark.slow
 def test_tfds_mock_data():
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):  # Stands in for prepared data on disk.

@@ -119,6 +119,7 @@ def _to_scan_layout(variables, n):
   return out
 
 
+@pytest.mark.slow
 def test_scanned_blocks_and_remat_compute_the_same_function():
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   model = CifarResNet(depth=20)

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import ROOT, child_env
 
+pytestmark = pytest.mark.slow  # Real processes joined by jax.distributed.
+
 TIMEOUT = 420
 
 WORKER = '''

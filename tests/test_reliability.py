@@ -55,6 +55,7 @@ CONFIG_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CONFIG_FILES))
 def test_config_file_that_fails_to_load_names_file_and_line(tmp_path, name):
   text, message = CONFIG_FILES[name]
@@ -65,6 +66,7 @@ def test_config_file_that_fails_to_load_names_file_and_line(tmp_path, name):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(idx_dir, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -242,6 +244,7 @@ def latest_checkpoint(workdir):
   return max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
+@pytest.mark.slow
 def test_signals_at_any_moment_resume_to_the_uninterrupted_parameters(idx_dir, tmp_path,
                                                                      reference):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
@@ -310,6 +313,7 @@ with preemption.watch() as stop_requested:
 '''
 
 
+@pytest.mark.slow
 def test_processes_of_a_multi_process_run_stop_after_the_same_step():
   with socket.socket() as sock:  # A free port for the coordinator.
     sock.bind(('localhost', 0))
@@ -337,6 +341,7 @@ DIVERGES = {'optimizer.learning_rate': 0.1, 'schedule.name': 'piecewise',
             'train.num_steps': 24, 'train.log_every_steps': 100}
 
 
+@pytest.mark.slow
 def test_nonfinite_state_is_never_saved_and_the_run_stops_at_its_true_step(idx_dir, tmp_path):
   # Logging every step, the host sees every loss: the first non-finite step, found directly.
   with pytest.raises(UserError, match=r'non-finite \(nan or inf\) at step (\d+)') as every:
@@ -368,6 +373,7 @@ def checkpointing_finite(state):
   return bool(checkpointing.all_finite(state))
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_and_counts_such_updates(idx_dir, tmp_path):
   workdir = tmp_path / 'run'
   state, _ = train.train_and_evaluate(
@@ -379,6 +385,7 @@ def test_skip_nonfinite_skips_and_counts_such_updates(idx_dir, tmp_path):
   assert len(skipped) == 6 and skipped[:3] == [0, 0, 0] and sum(skipped) > 0, skipped
 
 
+@pytest.mark.slow
 def test_skipped_update_leaves_the_state_unchanged(idx_dir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -420,6 +427,7 @@ def corrupt(checkpoint, kind):
     shutil.rmtree(state)
 
 
+@pytest.mark.slow
 def test_checkpoints_that_fail_to_restore_are_set_aside_and_the_run_falls_back(
     idx_dir, tmp_path, reference, caplog):
   from cvjax import checkpointing  # pylint: disable=g-import-not-at-top

@@ -70,6 +70,7 @@ def sweep_dir(request, tmp_path, monkeypatch):
   return 'gs://fake/sweep', bucket / 'sweep'
 
 
+@pytest.mark.slow
 def test_a_run_a_resume_and_a_report_write_through_epath(idx_dir, sweep_dir, tmp_path):
   workdir, where = sweep_dir
   run = f'{workdir}/resnet8'

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,6 +16,7 @@ def _python(code, **env):
   return out.stdout.split()
 
 
+@pytest.mark.slow
 def test_compilation_cache_in_the_cvjax_cache_folder(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   code = 'import cvjax, jax; print(jax.config.jax_compilation_cache_dir)'

@@ -7,11 +7,14 @@ import sys
 import jax
 from jax import lax
 import numpy as np
+import pytest
 
 from conftest import ROOT, tiny_config
 from cvjax import convolution
 from cvjax import native_conv
 from cvjax import train
+
+pytestmark = pytest.mark.slow  # Benchmarks and bf16 training.
 
 
 def test_optimised_step_matches_the_straightforward_one(idx_dir, tmp_path, monkeypatch):

@@ -221,6 +221,7 @@ def streaming_config(data, **overrides):
       'input.threads': 2, **overrides})
 
 
+@pytest.mark.slow
 def test_streaming_resume_matches_an_uninterrupted_run(tmp_path):
   data = write_jpeg_folder(tmp_path / 'data', train_per_class=8)  # 24 images: 3 steps/epoch.
   config = streaming_config(data)  # 12 steps (4 epochs), checkpoints every 4.
@@ -237,6 +238,7 @@ def test_streaming_resume_matches_an_uninterrupted_run(tmp_path):
   assert steps == [4, 8, 12]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('streamed', [False, True])
 def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   model = models.create_model(ConfigDict(dict(

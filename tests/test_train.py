@@ -44,6 +44,7 @@ def test_training_drives_the_loss_down_and_eval_counts_each_example_once(idx_dir
   assert test['test/error'] < 0.5  # Bars are easy: chance is 0.9.
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
   config = tiny_config(idx_dir)  # 12 steps, 6 per epoch, checkpoints every 4.
   full, _ = train.train_and_evaluate(config, str(tmp_path / 'full'))
@@ -61,6 +62,7 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
   assert steps == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree(idx_dir, tmp_path):
   """Same global batch on a 1-device and an 8-device mesh gives the same parameters."""
   script = f'''
@@ -90,6 +92,7 @@ def run_main(workdir, *overrides, config='configs/resnet.py:resnet8'):
        *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_main_end_to_end_writes_workdir(tmp_path):
   from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
   data = tmp_path / 'digits'
@@ -128,6 +131,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides,message', BAD_INPUTS)
 def test_bad_input_gives_a_clear_error(idx_dir, tmp_path, overrides, message):
   (tmp_path / 'broken').mkdir()
@@ -144,6 +148,7 @@ def test_bad_input_gives_a_clear_error(idx_dir, tmp_path, overrides, message):
   assert out.stderr.count('cvjax: error:') == 1 and not re.search(r'^E\d{4} ', out.stderr, re.M)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):
   workdir = tmp_path / 'run'
   common = [f'--config.dataset.path={idx_dir}', '--config.train.num_steps=2',

@@ -68,6 +68,7 @@ TINY = [  # (config name in the zoo, CIFAR-sized input): every family at 32x32, 
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', TINY)
 def test_forward_and_backward_step_on_a_tiny_batch(name):
   cfg, shape, classes, _, _ = summary.ZOO[name]
@@ -89,6 +90,7 @@ def test_forward_and_backward_step_on_a_tiny_batch(name):
   assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_for_every_family():
   for name in ('lenet5_paper', 'alexnet_cifar', 'resnet18_cifar'):
     cfg, shape, classes, _, _ = summary.ZOO[name]
