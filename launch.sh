@@ -8,7 +8,7 @@
 #       CONFIG WORKDIR [...]                                          as a Slurm job
 # e.g. ./launch.sh configs/resnet.py:plain56 runs/plain56 --config.train.num_epochs=3
 #      ./launch.sh configs/resnet.py runs/depth --sweep=experiments/depth_ablation.py:quick
-# Run it from the repository root. See README: "Running on Cloud TPU", "Running on Slurm".
+# Run it from the repository root. See docs/cluster.md: "Running on Cloud TPU", "Running on Slurm".
 set -euo pipefail
 if [ $# -ge 1 ] && { [ "$1" = tpu ] || [ "$1" = slurm ]; }; then
   exec python -m cvjax.cluster.launch "$@"

@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.schedule.warmup_steps = 0
   c.train.num_epochs = 10.0
   # One XLA program: at LeNet's size a second dispatch costs more than the split saves
-  # (10,663 vs 9,545 img/s, README).
+  # (10,663 vs 9,545 img/s, docs/performance.md).
   c.train.split_backward = False
   c.train.eval_batch_size = 1000
   c.train.log_every_steps = 100

@@ -66,7 +66,7 @@ def get_config(arg=None):
   # nn.scan compiles each stage's repeated blocks once. Unset: on above depth 110, decided
   # when the model is built (so --config.model.depth=1202 gets it too). Up to ResNet-110
   # the unscanned step compiles in < 10 s and runs 1.3-1.5x faster on XLA:CPU; ResNet-1202
-  # unscanned did not finish compiling in 12 minutes, scanned it compiles in 4-20 s (README).
+  # unscanned did not finish compiling in 12 minutes, scanned it compiles in 4-20 s (docs/performance.md).
   c.model.scan_blocks = config_dict.placeholder(bool)
 
   c.optimizer = ml_collections.ConfigDict()
@@ -92,18 +92,18 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
   c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
-  # Forward and backward as two XLA programs: ~1.2x faster on CPU (README, Speed); the
+  # Forward and backward as two XLA programs: ~1.2x faster on CPU (docs/performance.md); the
   # one-program step (False) is the plain jax.grad step.
   c.train.split_backward = True
   # Re-compute each block's activations in backward. Unset: on for CIFAR ResNets above
   # depth 110, where it cuts ResNet-1202's memory ~5x and its step time too; for
-  # unscanned nets it only costs time (README).
+  # unscanned nets it only costs time (docs/performance.md).
   c.train.remat = config_dict.placeholder(bool)
   c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
   # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
   # instead of stopping the run at the first one.
   c.train.skip_nonfinite = False
-  # float32 convolutions on oneDNN on CPU (cvjax.native_conv; README, Speed). False, or
+  # float32 convolutions on oneDNN on CPU (cvjax.native_conv; docs/performance.md). False, or
   # CVJAX_NATIVE=0, keeps XLA's own convolutions.
   c.train.native_conv = True
   return c
@@ -150,7 +150,7 @@ def imagenet_input(c, image_size=224):
   c.input.image_size = image_size
   c.input.normalization = 'imagenet'
   c.input.crop_padding = 0
-  c.input.workers = -1  # -1: one per CPU core but one, at most 16 (README: images/s per core).
+  c.input.workers = -1  # -1: one per CPU core but one, at most 16 (docs/performance.md: images/s per core).
   c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000

@@ -15,7 +15,7 @@ from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 pytestmark = pytest.mark.slow  # torchvision nets at 224x224.
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
-# largest magnitude (measured: README, Pretrained weights). A wrong mapping is off by O(1).
+# largest magnitude (measured: docs/weights.md). A wrong mapping is off by O(1).
 TOLERANCE = 1e-4  # Of the largest |logit|.
 
 

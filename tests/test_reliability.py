@@ -1,5 +1,5 @@
 """Runs that survive: preemption, bad checkpoints, non-finite steps, a second run on the
-workdir, bad config files and bad data. Each README failure-mode row names its test here."""
+workdir, bad config files and bad data. Each failure-mode row of docs/reliability.md names its test here."""
 
 import glob
 import io

@@ -102,7 +102,7 @@ def image_folder(root) -> Splits:
   if 'train' not in files or test_split not in files:
     raise UserError(f'image folder {root} needs train/<class>/*.JPEG and val/<class>/*.JPEG '
                     f'(or test/<class>/*), as in the ILSVRC layout; found splits '
-                    f'{sorted(files) or "none"}. The README says how to sort the ILSVRC2012 '
+                    f'{sorted(files) or "none"}. docs/data.md says how to sort the ILSVRC2012 '
                     'validation images into class folders.')
   class_names = sorted({c for c, _ in files['train']})
   unknown = sorted({c for c, _ in files[test_split]} - set(class_names))
