@@ -103,7 +103,7 @@ def get_config(arg=None):
   # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
   # instead of stopping the run at the first one.
   c.train.skip_nonfinite = False
-  # float32 convolutions on oneDNN on CPU (cvjax.native_conv; docs/performance.md). False, or
+  # float32 convolutions on oneDNN on CPU (cvjax.ops.onednn; docs/performance.md). False, or
   # CVJAX_NATIVE=0, keeps XLA's own convolutions.
   c.train.native_conv = True
   return c

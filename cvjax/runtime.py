@@ -4,7 +4,7 @@ XLA:CPU's "ynn" (YNNPACK) fusions help reductions and elementwise work but slow 
 convolution-heavy steps when they also take dots and convolutions. Keeping only the
 reduce and eltwise kinds made the ResNet-20 train step 1.28x faster than with ynn off
 (358 vs 279 img/s, cvjax.benchmark, README). With the convolutions on oneDNN
-(cvjax.native_conv) XLA runs none of them and its default ynn fusions are faster, so the
+(cvjax.ops.onednn) XLA runs none of them and its default ynn fusions are faster, so the
 flags are set only where that backend will not run. Set CVJAX_XLA_DEFAULTS=0 to leave
 XLA_FLAGS untouched.
 
@@ -37,7 +37,7 @@ def set_xla_flags():
 
 
 def native_conv_expected():
-  """Whether convolutions will run on oneDNN (cvjax.native_conv), decided without importing
+  """Whether convolutions will run on oneDNN (cvjax.ops.onednn), decided without importing
   JAX: then XLA's default ynn fusions are the faster ones (BatchNorm forward and backward
   8.9 ms vs 25 ms with reduce,eltwise only, README) and CPU_FLAGS are left out."""
   return os.environ.get('CVJAX_NATIVE', '1') != '0' and native_conv_buildable()

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 
 from cvjax import checkpointing
-from cvjax import convolution
 from cvjax import data as data_lib
 from cvjax import error_analysis
 from cvjax import models
@@ -27,6 +26,7 @@ from cvjax import preemption
 from cvjax import run_lock
 from cvjax.data import memory
 from cvjax.errors import UserError
+from cvjax.ops import convolution
 from cvjax import metric_writer
 
 
@@ -320,11 +320,8 @@ def build_state(config, num_classes, input_shape, total_steps):
   data (cvjax.import_weights writes checkpoints with it)."""
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
-                              remat=config.train.get('remat'))
-  # Not yet with nn.scan over blocks: there 6 SGD steps of ResNet-14 ended with parameters
-  # up to 50% apart from XLA's path (not understood yet; tests/test_convolution.py).
-  convolution.use_native(config.train.get('native_conv', True)
-                         and not getattr(model, 'scan_blocks', False))
+                              remat=config.train.get('remat'),
+                              conv_general_dilated=convolution.for_config(config))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))

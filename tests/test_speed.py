@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from cvjax import convolution
-from cvjax import native_conv
 from cvjax import train
+from cvjax.ops import convolution
+from cvjax.ops import onednn
 
 pytestmark = pytest.mark.slow  # Benchmarks and bf16 training.
 
 
 def test_optimised_step_matches_the_straightforward_one(idx_dir, tmp_path, monkeypatch):
   # Straightforward: one program, autodiff's convolutions. Optimised (the default): split
-  # forward/backward, cvjax.convolution's gradients. f32, 8 SGD steps with BatchNorm.
+  # forward/backward, cvjax.ops.convolution's (oneDNN's where it builds). f32, 8 SGD steps with BatchNorm.
   # Tolerance: float reassociation only.
   kw = {'train.num_steps': 8, 'train.eval_every_steps': 8}
   with monkeypatch.context() as m:
-    m.setattr(convolution, 'conv_general_dilated', lax.conv_general_dilated)
+    m.setattr(convolution, 'for_config', lambda config: lax.conv_general_dilated)
     one, _ = train.train_and_evaluate(
         tiny_config(idx_dir, **kw, **{'train.split_backward': False}), str(tmp_path / 'one'))
   split, _ = train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.split_backward': True}),
@@ -50,7 +50,7 @@ def test_benchmark_prints_its_json():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   rows = {(r['model'], r['variant'], r['conv']): r for r in result['results']}
   # Both convolution paths where the oneDNN one can be built.
-  convs = ('xla',) if native_conv.unbuildable_reason() else ('native', 'xla')
+  convs = ('xla',) if onednn.unbuildable_reason() else ('native', 'xla')
   assert set(rows) == {(m, v, c) for m in ('resnet8', 'lenet5') for v in ('one_program', 'split')
                        for c in convs}
   for r in rows.values():

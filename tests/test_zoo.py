@@ -1,5 +1,8 @@
 """The classic model zoo: exact parameter counts, shapes, a training step per family."""
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +10,10 @@ import optax
 import pytest
 
 from cvjax import models
-from cvjax.tools import summary
 from cvjax.models import lenet
+from cvjax.ops import convolution
+from cvjax.ops import onednn
+from cvjax.tools import summary
 
 # Exact counts of the published architectures (227/224 inputs, 1000 classes).
 EXACT = {
@@ -62,32 +67,48 @@ def test_plain_imagenet_twins_drop_only_the_projections():
   assert {k: s for k, s in flat(res).items() if k not in extra} == flat(plain)
 
 
-TINY = [  # (config name in the zoo, CIFAR-sized input): every family at 32x32, 10 classes.
-    'lenet5', 'lenet5_paper', 'alexnet_cifar', 'vgg16_cifar', 'resnet18_cifar',
-    'cifar_resnet20', 'cifar_plain20',
+TINY = [  # (config name in the zoo, input shape): every family, 10 classes.
+    ('lenet5', None), ('lenet5_paper', None), ('alexnet_cifar', None), ('vgg16_cifar', None),
+    ('resnet18_cifar', None), ('cifar_resnet20', None), ('cifar_plain20', None),
+    ('alexnet', (67, 67, 3)),  # The paper's 11x11/4 conv1 and 5x5 two-tower conv2.
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', TINY)
-def test_forward_and_backward_step_on_a_tiny_batch(name):
-  cfg, shape, classes, _, _ = summary.ZOO[name]
-  model = models.create_model(cfg, num_classes=classes, dtype=jnp.float32)
+@pytest.mark.parametrize('name,shape', TINY)
+def test_forward_and_backward_step_on_a_tiny_batch(name, shape):
+  # On XLA's convolutions and, where the library builds, on oneDNN's: every family's
+  # convolutions reach the custom calls and give the same loss and gradients.
+  cfg, zoo_shape, _, _, _ = summary.ZOO[name]
+  shape = shape or zoo_shape
   x = jax.random.normal(jax.random.key(1), (2, *shape))
   labels = jnp.array([3, 7])
-  variables = model.init(jax.random.key(0), x)
-  params = variables.pop('params')
+  convs = {'xla': convolution.conv_general_dilated}
+  if not onednn.unbuildable_reason() and os.environ.get('CVJAX_NATIVE') != '0':
+    convs['native'] = functools.partial(convolution.conv_general_dilated, native=True)
+  results = {}
+  for path, conv in convs.items():
+    model = models.create_model(cfg, num_classes=10, dtype=jnp.float32, conv_general_dilated=conv)
+    variables = model.init(jax.random.key(0), x)
+    params = variables.pop('params')
 
-  def loss_fn(p):
-    logits, _ = model.apply({'params': p, **variables}, x, train=True,
-                            rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
-    assert logits.shape == (2, 10)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    def loss_fn(p):
+      logits, _ = model.apply({'params': p, **variables}, x, train=True,
+                              rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
+      assert logits.shape == (2, 10)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  assert np.isfinite(loss)
-  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
-  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    loss, grads = results[path] = step(params)
+    assert np.isfinite(loss)
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+    calls = step.lower(params).compile().as_text().count('cvjax_CvjaxConvForward')
+    assert (calls > 0) == (path == 'native'), (path, calls)
+  if 'native' in results:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max()))),
+                 results['native'], results['xla'])
 
 
 @pytest.mark.slow

@@ -73,11 +73,12 @@ MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar, 'resnet': _resnet,
           'alexnet': _alexnet, 'vgg': _vgg}
 
 
-def create_model(cfg, *, num_classes, dtype, remat=False):
+def create_model(cfg, *, num_classes, dtype, remat=False, conv_general_dilated=None):
   """Builds the module named by `cfg.name`; raises UserError on bad settings.
 
   `remat` (the config's train.remat) re-computes activations in the backward pass;
-  None: only for very deep CIFAR ResNets.
+  None: only for very deep CIFAR ResNets. `conv_general_dilated` is the convolution every
+  conv layer calls (cvjax.ops.convolution.for_config); None keeps the model's default.
   """
   if cfg.name not in MODELS:
     raise UserError(f'unknown model.name={cfg.name!r}; expected one of {sorted(MODELS)}.')
@@ -89,4 +90,6 @@ def create_model(cfg, *, num_classes, dtype, remat=False):
   if remat and cfg.name != 'resnet_cifar':
     raise UserError(f'train.remat is implemented for resnet_cifar, not {cfg.name}.')
   kw = {'remat': True} if remat else {}
+  if conv_general_dilated is not None:
+    kw['conv_general_dilated'] = conv_general_dilated
   return MODELS[cfg.name](cfg, num_classes=num_classes, dtype=dtype, **kw)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from cvjax.models import common
+from cvjax.ops import convolution
 
 
 def local_response_norm(x, k=2.0, n=5, alpha=1e-4, beta=0.75):
@@ -38,12 +39,15 @@ class AlexNet(nn.Module):
   activation: str = 'relu'
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     act = common.activation_fn(self.activation)
     conv = lambda f, k, s=1, p='SAME', g=1, name=None: nn.Conv(
-        f, (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype, name=name)
+        f, (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype,
+        conv_general_dilated=self.conv_general_dilated, name=name)
     pool = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2))
     x = x.astype(self.dtype)
     if self.variant == 'torchvision':

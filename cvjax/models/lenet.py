@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvjax import convolution
+from cvjax.ops import convolution
 from cvjax.models import common
 
 
@@ -22,6 +22,8 @@ class LeNet5(nn.Module):
   num_classes: int = 10
   activation: str = 'tanh'
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -29,7 +31,7 @@ class LeNet5(nn.Module):
     act = common.activation_fn(self.activation)
     x = x.astype(self.dtype)
     conv = functools.partial(nn.Conv, padding='VALID', dtype=self.dtype,
-                             conv_general_dilated=convolution.conv_general_dilated)
+                             conv_general_dilated=self.conv_general_dilated)
     x = act(conv(6, (5, 5), name='C1')(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = act(conv(16, (5, 5), name='C3')(x))
@@ -88,6 +90,7 @@ class PartialConv(nn.Module):
   connections: Any  # Boolean [in, out].
   kernel_size: int = 5
   dtype: Any = jnp.float32
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x):
@@ -100,8 +103,8 @@ class PartialConv(nn.Module):
     w = self.param('kernel', init, (k, k, len(ins)))
     b = self.param('bias', nn.initializers.zeros, (conn.shape[1],))
     kernel = jnp.zeros((k, k, *conn.shape), w.dtype).at[:, :, ins, outs].set(w)
-    y = jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1), 'VALID',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = self.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1), 'VALID',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return y + b.astype(self.dtype).reshape(1, 1, 1, -1)
 
 
@@ -116,17 +119,22 @@ class LeNet5Paper(nn.Module):
   num_classes: int = 10
   activation: str = 'scaled_tanh'
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
     act = common.activation_fn(self.activation)
     x = x.astype(self.dtype)
-    x = act(nn.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='C1')(x))
+    conv = functools.partial(nn.Conv, padding='VALID', dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
+    x = act(conv(6, (5, 5), name='C1')(x))
     x = act(Subsampling(self.dtype, name='S2')(x))
-    x = act(PartialConv(c3_connections(), dtype=self.dtype, name='C3')(x))
+    x = act(PartialConv(c3_connections(), dtype=self.dtype,
+                        conv_general_dilated=self.conv_general_dilated, name='C3')(x))
     x = act(Subsampling(self.dtype, name='S4')(x))
-    x = act(nn.Conv(120, (5, 5), padding='VALID', dtype=self.dtype, name='C5')(x))
+    x = act(conv(120, (5, 5), name='C5')(x))
     x = x.reshape((x.shape[0], -1))
     x = act(nn.Dense(84, dtype=self.dtype, name='F6')(x)).astype(jnp.float32)
     # A variable outside 'params': saved with the model, never trained.

@@ -7,7 +7,7 @@ with stride-2 subsampling and zero-padded channels where the shape changes,
 so they add no parameters and the plain twin (`residual=False`) differs from
 the ResNet by the identity additions alone.
 
-The convolutions take their gradients from `cvjax.convolution` (the same numbers as
+The convolutions take their gradients from `cvjax.ops.convolution` (the same numbers as
 autodiff, in the form XLA:CPU keeps fast inside `nn.scan` loops).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cvjax import convolution
+from cvjax.ops import convolution
 from cvjax.models import common
 
 
@@ -82,6 +82,8 @@ class CifarResNet(nn.Module):
   scan_blocks: bool = False  # Compile each stage's repeated blocks once (nn.scan).
   remat: bool = False  # Re-compute each block's activations in backward: less memory.
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -94,7 +96,7 @@ class CifarResNet(nn.Module):
     # even sizes, so the branch would sample pixels 2i+1 and the shortcut 2i.
     conv = functools.partial(nn.Conv, padding=((1, 1), (1, 1)), use_bias=not self.batch_norm,
                              kernel_init=common.he_normal, dtype=self.dtype,
-                             conv_general_dilated=convolution.conv_general_dilated)
+                             conv_general_dilated=self.conv_general_dilated)
     if self.batch_norm:
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cvjax.models import common
+from cvjax.ops import convolution
 
 STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
           152: (3, 8, 36, 3)}
@@ -85,11 +86,14 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   stride_in_bottleneck: str = '1x1'
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     act = common.activation_fn(self.activation)
-    conv = functools.partial(conv_layer, dtype=self.dtype)
+    conv = functools.partial(conv_layer, dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)

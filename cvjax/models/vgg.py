@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cvjax.models import common
+from cvjax.ops import convolution
 
 # Filters of the 3x3 convs per stage; a 2x2 max pool ends each stage (Table 1).
 CONFIGS = {
@@ -31,6 +32,8 @@ class VGG(nn.Module):
   dropout_rate: float = 0.5
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
+  conv_general_dilated: Any = convolution.conv_general_dilated
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -41,6 +44,7 @@ class VGG(nn.Module):
     for stage, filters in enumerate(CONFIGS[self.depth]):
       for i, f in enumerate(filters):
         x = nn.Conv(f, (3, 3), padding='SAME', use_bias=not self.batch_norm, dtype=self.dtype,
+                    conv_general_dilated=self.conv_general_dilated,
                     name=f'conv{stage + 1}_{i + 1}')(x)
         x = act(norm()(x) if self.batch_norm else x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))

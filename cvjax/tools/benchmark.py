@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
-from cvjax import convolution
+from cvjax.ops import convolution
 from cvjax import models
 from cvjax import optim
 from cvjax import train
@@ -91,11 +91,9 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   model = models.create_model(config.model, num_classes=num_classes, dtype=jnp.dtype(dtype),
-                              remat=config.train.get('remat', False))
-  # As train.setup: not with scanned blocks (yet).
-  convolution.use_native(config.train.native_conv and not getattr(model, 'scan_blocks', False))
-  if conv == 'native' and not convolution.native_enabled():
-    conv = 'xla'  # Not available or not used here: label the row with what ran.
+                              remat=config.train.get('remat', False),
+                              conv_general_dilated=convolution.for_config(config))
+  conv = 'native' if convolution.native_for(config) else 'xla'  # Label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
   state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),
@@ -151,19 +149,18 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
   one = config.copy_and_resolve_references()
   one.train.split_backward = False
   one.train.native_conv = False  # XLA counts its own convolutions, not custom calls.
-  convolution.use_native(False)
   one.train.remat = False
   if 'scan_blocks' in one.model:
     one.model.scan_blocks = False
   dtype = jnp.dtype(one.train.compute_dtype)
-  model = models.create_model(one.model, num_classes=num_classes, dtype=dtype)
+  model = models.create_model(one.model, num_classes=num_classes, dtype=dtype,
+                              conv_general_dilated=convolution.conv_general_dilated)
   state = jax.eval_shape(train.state_initializer(model, tx, shape, dtype), jax.random.key(0))
   lowered = train.jit_train_step(model, tx, one, mesh).lower(state, *step_args)
   cost = lowered.cost_analysis()
   if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  convolution.use_native(config.train.native_conv)
   return cost['flops']
 
 

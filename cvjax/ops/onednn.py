@@ -1,4 +1,4 @@
-"""oneDNN convolutions for XLA:CPU, as `jax.ffi` custom calls (cvjax/native/onednn_conv.cc).
+"""oneDNN convolutions for XLA:CPU, as `jax.ffi` custom calls (native/onednn_conv.cc).
 
 XLA:CPU's convolution kernels hold most of the gap to PyTorch on CPU; oneDNN's are the ones
 PyTorch uses. The C++ source is compiled on first use against oneDNN from PyPI
@@ -6,7 +6,11 @@ PyTorch uses. The C++ source is compiled on first use against oneDNN from PyPI
 cached in the cvjax cache folder (~/.cache/cvjax, or $CVJAX_CACHE_DIR) under a hash of the source and the versions,
 so a second process only loads it. Where it cannot be built or loaded (no compiler, no
 oneDNN, another OS), or when CVJAX_NATIVE=0, `available()` is False, the log says so once,
-and cvjax.convolution keeps XLA's own convolutions.
+and cvjax.ops.convolution keeps XLA's own convolutions.
+
+CVJAX_NATIVE_SANITIZE=address (or thread) builds a separate copy of the library with that
+sanitizer, for hunting memory and threading bugs in it (docs/performance.md has the
+command: the Python process must preload the sanitizer's runtime).
 """
 
 import ctypes
@@ -48,16 +52,21 @@ def build():
   lib_dir = _dist_dir(_RUNTIME, 'libdnnl.so.3')
   include = _dist_dir(_DEVEL, 'dnnl.hpp')
   source = SOURCE.read_bytes()
+  sanitize = os.environ.get('CVJAX_NATIVE_SANITIZE', '')
+  if sanitize not in ('', 'address', 'thread'):
+    raise ValueError(f'CVJAX_NATIVE_SANITIZE={sanitize!r}; expected address or thread')
   key = hashlib.sha256(b'\0'.join([
       source, importlib.metadata.version('jaxlib').encode(),
-      importlib.metadata.version(_RUNTIME).encode(), str(lib_dir).encode()])).hexdigest()[:16]
+      importlib.metadata.version(_RUNTIME).encode(), str(lib_dir).encode(),
+      sanitize.encode()])).hexdigest()[:16]
   out = pathlib.Path(runtime.cache_dir()) / f'onednn_conv-{key}.so'
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
-  cmd = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+  extra = [f'-fsanitize={sanitize}', '-g', '-fno-omit-frame-pointer'] if sanitize else []
+  cmd = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC', '-w', *extra,
          f'-I{jax.ffi.include_dir()}', f'-I{include}', str(SOURCE), f'-L{lib_dir}',
          '-l:libdnnl.so.3', f'-Wl,-rpath,{lib_dir}', '-o', tmp]
   t0 = time.perf_counter()
@@ -109,10 +118,16 @@ def _load():
     version = lib.CvjaxOnednnVersion().decode()
   except subprocess.CalledProcessError as e:
     return False, f'compiling {SOURCE.name} failed: {e.stderr.strip()[-2000:]}'
-  except (OSError, FileNotFoundError, AttributeError) as e:
+  except (OSError, FileNotFoundError, AttributeError, ValueError) as e:
     return False, f'{type(e).__name__}: {e}'
   logging.info('Convolutions on CPU run on oneDNN %s through XLA FFI calls.', version)
   return True, version
+
+
+def version():
+  """The oneDNN version the library runs with, e.g. '3.2.0 OpenMP'; None if unavailable."""
+  ok, version_or_reason = _load()
+  return version_or_reason if ok else None
 
 
 def available():

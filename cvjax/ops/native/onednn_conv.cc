@@ -5,13 +5,23 @@
 // copy per call. Primitives are built once per shape and kept in a cache behind a mutex.
 // Every oneDNN error becomes an FFI error (a Python exception), never a crash; the Python
 // side (cvjax/native_conv.py) only sends shapes oneDNN supports.
+//
+// Scratchpads are the caller's (`scratchpad_mode::user`): every call hands each primitive a
+// buffer owned by the calling thread. oneDNN's default, a library-managed "global"
+// scratchpad, is a thread_local buffer sized when a primitive is *created* and looked up on
+// the thread that *executes* it (oneDNN src/common/scratchpad.cpp). XLA runs custom calls on
+// whichever of its threads is free, so a primitive built on one thread and run on another
+// worked in a buffer that was too small or absent: wrong gradients when several calls
+// overlapped, and crashes on CPUs whose kernels need a larger scratchpad (AVX2-only).
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -29,6 +39,12 @@ struct Shape {
   int64_t sh, sw, pt, pb, pl, pr, groups;
   auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups); }
 };
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -55,22 +71,28 @@ memory::desc AnyWeights(const Shape& s) {
   return memory::desc({s.groups, og, ig, s.kh, s.kw}, memory::data_type::f32, tag::any);
 }
 
+// A reorder between the HWIO kernel and the layout a convolution primitive chose.
+struct Reorder {
+  dnnl::reorder::primitive_desc pd;
+  dnnl::reorder prim;
+};
+
 struct Primitives {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
-  std::unique_ptr<dnnl::reorder> fwd_w;  // HWIO -> fwd_pd's weights layout, if they differ.
+  std::unique_ptr<Reorder> fwd_w;  // HWIO -> fwd_pd's weights layout, if they differ.
   dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
   dnnl::convolution_backward_data bwd_data;
-  std::unique_ptr<dnnl::reorder> bwd_data_w;
+  std::unique_ptr<Reorder> bwd_data_w;
   dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
   dnnl::convolution_backward_weights bwd_weights;
-  std::unique_ptr<dnnl::reorder> bwd_weights_w;  // Its weights layout -> HWIO.
+  std::unique_ptr<Reorder> bwd_weights_w;  // Its weights layout -> HWIO.
 };
 
-std::unique_ptr<dnnl::reorder> ReorderIfNeeded(const memory::desc& from, const memory::desc& to) {
+std::unique_ptr<Reorder> ReorderIfNeeded(const memory::desc& from, const memory::desc& to) {
   if (from == to) return nullptr;
-  return std::make_unique<dnnl::reorder>(
-      dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+  dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, UserScratchpad());
+  return std::unique_ptr<Reorder>(new Reorder{pd, dnnl::reorder(pd)});
 }
 
 std::unique_ptr<Primitives> Build(const Shape& s) {
@@ -81,15 +103,17 @@ std::unique_ptr<Primitives> Build(const Shape& s) {
   auto hwio = Hwio(s), any = AnyWeights(s);
   p->fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any, dst,
-      strides, pad_l, pad_r);
+      strides, pad_l, pad_r, UserScratchpad());
   p->fwd = dnnl::convolution_forward(p->fwd_pd);
   p->fwd_w = ReorderIfNeeded(hwio, p->fwd_pd.weights_desc());
   p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd);
+      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd,
+      UserScratchpad());
   p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
   p->bwd_data_w = ReorderIfNeeded(hwio, p->bwd_data_pd.weights_desc());
   p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd);
+      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd,
+      UserScratchpad());
   p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
   p->bwd_weights_w = ReorderIfNeeded(p->bwd_weights_pd.diff_weights_desc(), hwio);
   return p;
@@ -111,6 +135,30 @@ dnnl::stream& Stream() {
   return stream;
 }
 
+// The calling thread's scratchpad buffer, grown as needed. An XLA thread runs one custom call
+// at a time and a call's primitives run one after another (oneDNN's CPU stream executes in
+// the calling thread), so they can share it; a thread never sees another thread's buffer.
+memory Scratchpad(const memory::desc& md) {
+  thread_local std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
+  thread_local size_t capacity = 0;
+  size_t size = md.get_size();
+  if (size > capacity) {
+    size_t rounded = (size + 4095) / 4096 * 4096;
+    buffer.reset(std::aligned_alloc(4096, rounded));
+    capacity = buffer ? rounded : 0;
+    if (!buffer) throw dnnl::error(dnnl_out_of_memory, "cannot allocate a scratchpad");
+  }
+  return memory(md, Engine(), buffer.get());
+}
+
+// Executes `prim` of `pd` with `args` and a scratchpad of the calling thread.
+void Run(const dnnl::primitive& prim, const dnnl::primitive_desc_base& pd,
+         std::unordered_map<int, memory> args) {
+  memory::desc scratch = pd.scratchpad_desc();
+  if (scratch.get_size()) args.insert({DNNL_ARG_SCRATCHPAD, Scratchpad(scratch)});
+  prim.execute(Stream(), args);
+}
+
 ffi::Error ShapeOf(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y, int64_t sh, int64_t sw,
                    int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups, Shape* out) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
@@ -130,11 +178,10 @@ ffi::Error ShapeOf(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y, int64_t
 memory Wrap(const memory::desc& md, void* data) { return memory(md, Engine(), data); }
 
 // Reorders `from` into a new buffer of `to_desc` when `r` is set, else returns `from`.
-memory Reordered(const std::unique_ptr<dnnl::reorder>& r, memory from,
-                 const memory::desc& to_desc) {
+memory Reordered(const std::unique_ptr<Reorder>& r, memory from, const memory::desc& to_desc) {
   if (!r) return from;
   memory to(to_desc, Engine());
-  r->execute(Stream(), from, to);
+  Run(r->prim, r->pd, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
   return to;
 }
 
@@ -146,10 +193,9 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::
   try {
     const Primitives& p = Get(s);
     memory wm = Reordered(p.fwd_w, Wrap(Hwio(s), w.untyped_data()), p.fwd_pd.weights_desc());
-    p.fwd.execute(Stream(), {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c), x.untyped_data())},
-                             {DNNL_ARG_WEIGHTS, wm},
-                             {DNNL_ARG_DST, Wrap(Act(s.n, s.oh, s.ow, s.o),
-                                                 y->untyped_data())}});
+    Run(p.fwd, p.fwd_pd, {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c), x.untyped_data())},
+                          {DNNL_ARG_WEIGHTS, wm},
+                          {DNNL_ARG_DST, Wrap(Act(s.n, s.oh, s.ow, s.o), y->untyped_data())}});
     Stream().wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("cvjax onednn conv forward: ") + e.what());
@@ -172,15 +218,17 @@ ffi::Error ConvBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer d
     if (need_dx) {
       memory wm = Reordered(p.bwd_data_w, Wrap(Hwio(s), w.untyped_data()),
                             p.bwd_data_pd.weights_desc());
-      p.bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, dy_m}, {DNNL_ARG_WEIGHTS, wm},
-                                    {DNNL_ARG_DIFF_SRC, Wrap(src, dx->untyped_data())}});
+      Run(p.bwd_data, p.bwd_data_pd, {{DNNL_ARG_DIFF_DST, dy_m}, {DNNL_ARG_WEIGHTS, wm},
+                                      {DNNL_ARG_DIFF_SRC, Wrap(src, dx->untyped_data())}});
     }
     memory dw_out = Wrap(Hwio(s), dw->untyped_data());
     memory dw_m = p.bwd_weights_w ? memory(p.bwd_weights_pd.diff_weights_desc(), Engine())
                                   : dw_out;
-    p.bwd_weights.execute(Stream(), {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
-                                     {DNNL_ARG_DIFF_DST, dy_m}, {DNNL_ARG_DIFF_WEIGHTS, dw_m}});
-    if (p.bwd_weights_w) p.bwd_weights_w->execute(Stream(), dw_m, dw_out);
+    Run(p.bwd_weights, p.bwd_weights_pd, {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
+                                          {DNNL_ARG_DIFF_DST, dy_m},
+                                          {DNNL_ARG_DIFF_WEIGHTS, dw_m}});
+    if (p.bwd_weights_w)
+      Run(p.bwd_weights_w->prim, p.bwd_weights_w->pd, {{DNNL_ARG_FROM, dw_m}, {DNNL_ARG_TO, dw_out}});
     Stream().wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("cvjax onednn conv backward: ") + e.what());

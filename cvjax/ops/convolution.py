@@ -1,11 +1,12 @@
 """2-D convolutions on CPU: oneDNN's kernels where available, else XLA's in a fast form.
 
-On CPU, float32 NHWC/HWIO convolutions go to oneDNN through XLA FFI custom calls
-(cvjax.native_conv: forward, and one call for the input and weight gradients), the kernels
-PyTorch uses, faster than XLA:CPU's own in most runs so far (README, Speed). `use_native(False)`
-(`train.native_conv=False`, or CVJAX_NATIVE=0) keeps XLA's convolutions, as do runs on
-several CPU devices, models with scanned blocks (train.setup) and any convolution the
-oneDNN kernel does not take (bfloat16, dilation, negative padding).
+Every model takes the convolution it is built with (its `conv_general_dilated` field, the
+function Flax's `nn.Conv` calls); `for_config` decides it once per run. On CPU, float32
+NHWC/HWIO convolutions then go to oneDNN through XLA FFI custom calls (cvjax.ops.onednn:
+forward, and one call for the input and weight gradients), the kernels PyTorch uses, faster
+than XLA:CPU's own (docs/performance.md). `train.native_conv=False`, or CVJAX_NATIVE=0,
+keeps XLA's convolutions, as does any convolution the oneDNN kernel does not take
+(bfloat16, dilation, negative padding).
 
 XLA's path is `conv2d` below, a convolution whose backward pass is written out in the form
 XLA:CPU runs fast.
@@ -27,29 +28,50 @@ reverse-mode differentiation only (jax.grad, jax.vjp), not jax.jvp.
 
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cvjax import native_conv
+from cvjax.ops import onednn
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
-_NATIVE = {'enabled': True}
 
 
-def use_native(enabled):
-  """oneDNN convolutions on (where available) or off, for programs traced after the call;
-  returns the previous setting."""
-  previous, _NATIVE['enabled'] = _NATIVE['enabled'], bool(enabled)
-  return previous
+def native_available():
+  """Whether oneDNN convolutions can run in this process: a CPU backend and the library."""
+  return jax.default_backend() == 'cpu' and onednn.available()
 
 
-def native_enabled():
-  # One CPU device only: with several simulated CPU devices (XLA's host device count) one
-  # device's program stalled in a collective with the custom calls in it (not understood
-  # yet), so those runs keep XLA's convolutions.
-  return (_NATIVE['enabled'] and jax.default_backend() == 'cpu'
-          and jax.local_device_count() == 1 and native_conv.available())
+def native_for(config):
+  """Whether this run's convolutions go to oneDNN: where `train.native_conv` (default True)
+  allows it, the backend is CPU, the library loads and the compute dtype is float32."""
+  return (bool(config.train.get('native_conv', True)) and native_available()
+          and jnp.dtype(config.train.get('compute_dtype', 'float32')) == jnp.float32)
+
+
+def for_config(config):
+  """The `conv_general_dilated` that models of this run are built with (logged once)."""
+  wanted = config.train.get('native_conv', True)
+  float32 = jnp.dtype(config.train.get('compute_dtype', 'float32')) == jnp.float32
+  native = native_for(config)
+  if native:
+    why = f'oneDNN {onednn.version()} (float32 on CPU)'
+  elif jax.default_backend() != 'cpu':
+    why = f"XLA's ({jax.default_backend()} backend)"
+  elif not wanted:
+    why = "XLA's (train.native_conv=False)"
+  elif not float32:
+    why = f"XLA's (compute dtype {config.train.compute_dtype}; oneDNN's are float32 only)"
+  else:
+    why = "XLA's (the oneDNN library is unavailable: see the warning above)"
+  _log_choice(why)
+  return functools.partial(conv_general_dilated, native=True) if native else conv_general_dilated
+
+
+@functools.cache
+def _log_choice(why):
+  logging.info('Convolutions: %s.', why)
 
 
 def _conv(x, w, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
@@ -92,14 +114,14 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def onednn_conv2d(x, w, strides, padding, groups):
   """`conv2d` on oneDNN (float32; `groups` input-channel groups)."""
-  return native_conv.forward(x, w, strides, padding, groups)
+  return onednn.forward(x, w, strides, padding, groups)
 
 
 def _onednn_fwd(x, w, strides, padding, groups):
   # With symbolic zeros, x.perturbed says whether the input gradient is wanted at all (not
   # for the stem, whose input is the image); it travels as the residuals' structure,
   # which is static in the backward rule.
-  y = native_conv.forward(x.value, w.value, strides, padding, groups)
+  y = onednn.forward(x.value, w.value, strides, padding, groups)
   residuals = (x.value, w.value)
   return y, residuals if x.perturbed else residuals + (None,)
 
@@ -108,7 +130,7 @@ def _onednn_bwd(strides, padding, groups, residuals, dy):
   x, w, need_dx = *residuals[:2], len(residuals) == 2
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     return jnp.zeros_like(x), jnp.zeros_like(w)
-  dx, dw = native_conv.backward(x, w, dy, strides, padding, groups, need_dx)
+  dx, dw = onednn.backward(x, w, dy, strides, padding, groups, need_dx)
   return dx if need_dx else None, dw
 
 
@@ -117,8 +139,10 @@ onednn_conv2d.defvjp(_onednn_fwd, _onednn_bwd, symbolic_zeros=True)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, routed to `onednn_conv2d` or `conv2d` where it applies."""
+                         batch_group_count=1, precision=None, preferred_element_type=None, *,
+                         native=False):
+  """`lax.conv_general_dilated`, routed on CPU to `onednn_conv2d` (with `native`, where
+  oneDNN takes the convolution) or `conv2d`."""
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   plain = (jax.default_backend() == 'cpu' and lhs.ndim == 4
            and dims == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS)
@@ -129,8 +153,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if isinstance(padding, str):
       padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
-    if native_enabled() and native_conv.supports(lhs, rhs, strides, padding,
-                                                 feature_group_count):
+    if (native and onednn.supports(lhs, rhs, strides, padding, feature_group_count)
+        and onednn.available()):
       return onednn_conv2d(lhs, rhs, strides, padding, feature_group_count)
     if feature_group_count == 1:
       return conv2d(lhs, rhs, strides, padding)
