@@ -1,5 +1,6 @@
 """LeNet-5 on MNIST (LeCun et al. 1998: 0.95% test error).
 
+  python -m cvjax.main --config=configs/lenet.py:quick --workdir=runs/quick
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet-fashion \
       --config.dataset.name=fashion_mnist --config.dataset.path=../shared/data/fashion-mnist
@@ -16,9 +17,13 @@ from configs import resnet
 
 def get_config(arg=None):
   """Arg `paper`: the published LeNet-5 (C3 connection table, trainable subsampling,
-  scaled tanh, RBF outputs); default: the modern version (full C3, pooling, dense output)."""
-  if arg not in (None, 'modern', 'paper'):
-    raise ValueError(f'configs/lenet.py:{arg}: expected modern or paper.')
+  scaled tanh, RBF outputs); default: the modern version (full C3, pooling, dense output).
+  Arg `quick`: the modern net for 10 epochs on the 10,000 MNIST digits that ship with cvjax
+  (offline, no download; the README's quick start)."""
+  if arg not in (None, 'modern', 'paper', 'quick'):
+    raise ValueError(f'configs/lenet.py:{arg}: expected modern, paper or quick.')
+  quick = arg == 'quick'
+  arg = None if quick else arg
   c = resnet.get_config()
   c.dataset.name = 'mnist'
   c.input.image_size = 32
@@ -42,4 +47,7 @@ def get_config(arg=None):
   c.train.eval_batch_size = 1000
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 1000
+  if quick:
+    c.dataset.name = 'mnist10k'  # 8,000 train / 2,000 test, in cvjax/data/embedded.
+    c.train.log_every_steps = 62  # Once per epoch of 62 steps.
   return c

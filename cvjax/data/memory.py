@@ -29,6 +29,9 @@ from cvjax import runtime
 from cvjax.data.input import Input, eval_crops, identity, imagenet_stats
 from cvjax.errors import UserError
 
+# Small real datasets shipped in cvjax/data/embedded (its README says where they come from):
+# `dataset.name` alone reads them, offline.
+EMBEDDED_DATASETS = {'mnist10k': 'mnist10k', 'cifar10_6k': 'cifar10_6k.tar.gz'}
 # Datasets small enough to hold in memory, by tfds name.
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'kmnist', 'emnist/digits', 'emnist/letters',
                  'cifar10', 'cifar100', 'svhn_cropped')
@@ -48,7 +51,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm')
 KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
                 'kmnist': ((28, 28, 1), 10), 'emnist/digits': ((28, 28, 1), 10),
                 'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100),
-                'svhn_cropped': ((32, 32, 3), 10)}
+                'svhn_cropped': ((32, 32, 3), 10), 'mnist10k': ((28, 28, 1), 10),
+                'cifar10_6k': ((32, 32, 3), 10)}
 
 
 def in_memory_input(config, mesh) -> Input:
@@ -108,11 +112,19 @@ class Dataset:
     return len(self.class_names)
 
 
+def embedded_path(name):
+  """Where the embedded dataset `name` lies inside the installed package."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded',
+                      EMBEDDED_DATASETS[name])
+
+
 def load(cfg) -> Dataset:
-  """Loads `cfg` (the config's `dataset` block) from local files or tfds."""
+  """Loads `cfg` (the config's `dataset` block) from local files, the embedded data or tfds."""
   if cfg.path:
     data = load_local(cfg.path, cfg.name)
     check_name_matches_path(cfg.name, cfg.path, data)
+  elif cfg.name in EMBEDDED_DATASETS:
+    data = load_local(embedded_path(cfg.name), cfg.name)
   else:
     data = load_tfds(cfg.name, cfg.data_dir or None, cfg.get('download', True))
   for split in ('train', 'test'):
@@ -156,8 +168,9 @@ def load_tfds(name, data_dir=None, download=True) -> Dataset:
                     'dataset.pipeline=streaming (or auto).')
   if name not in TFDS_DATASETS:
     raise UserError(f'unknown dataset.name={name!r}. Supported tfds datasets (held in memory): '
-                    f'{", ".join(TFDS_DATASETS)}. For other data set dataset.path to a folder of '
-                    'IDX files or an image folder (train/<class>/*, test/<class>/*).')
+                    f'{", ".join(TFDS_DATASETS)}; shipped with cvjax (offline): '
+                    f'{", ".join(EMBEDDED_DATASETS)}. For other data set dataset.path to a '
+                    'folder of IDX files or an image folder (train/<class>/*, test/<class>/*).')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # Keep TensorFlow off the accelerator.
@@ -172,6 +185,7 @@ def load_tfds(name, data_dir=None, download=True) -> Dataset:
     raise UserError(
         f'tfds dataset {name!r} is not available in data_dir={builder.data_dir!r} and could not '
         f'be downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Offline, '
+        f'use a dataset shipped with cvjax (dataset.name={" or ".join(EMBEDDED_DATASETS)}), '
         'point dataset.data_dir at a folder with the prepared tfds data, or dataset.path at local '
         'raw files: a folder with the four MNIST IDX .gz files, or an image folder '
         '(train/<class>/*, test/<class>/*) or its .tar.gz.') from e
