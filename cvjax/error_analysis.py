@@ -3,11 +3,13 @@
 Turns predictions into figures and tables: at the end of a run, and for any saved
 checkpoint through `python -m cvjax.evaluate`, writes into WORKDIR/error_analysis/:
 confusion.png, mistakes.png (a grid of misclassified test images captioned "true ->
-predicted", as the lecture shows LeNet's mistakes) and error_analysis.json (confusion
-matrix, per-class error), and the two figures as TensorBoard images.
+predicted", as the lecture shows LeNet's mistakes: each class in turn, the most confident
+first), per_class_error.png (a bar per class) and error_analysis.json (confusion matrix,
+per-class error), and the three figures as TensorBoard images.
 """
 
 import json
+import os
 
 from etils import epath
 import numpy as np
@@ -32,33 +34,92 @@ def _figure(rows, cols, tile):
   return plt.subplots(rows, cols, figsize=(cols * tile, rows * tile), squeeze=False)
 
 
-def mistakes_image(images, labels, predictions, class_names, max_tiles=100):
-  """The first `max_tiles` mistakes in test-set order as one grid of tiles captioned
-  "true -> predicted"; returns (RGB uint8 array, captions). Drawn with PIL: a matplotlib axes
-  per tile took seconds, longer than a quick training run."""
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
-  wrong = np.flatnonzero(labels != predictions)[:max_tiles]
-  captions = [f'{class_names[labels[i]]} -> {class_names[predictions[i]]}' for i in wrong]
+def _font(size):
+  """DejaVu Sans from matplotlib's own files: PIL's built-in font runs words together."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  path = os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf')
+  return ImageFont.truetype(path, size) if os.path.exists(path) else \
+      ImageFont.load_default(size=size)
+
+
+def pick_mistakes(labels, predictions, confidence=None, max_tiles=100):
+  """Indices of the mistakes to show: taken in turn from each true class (an image folder is
+  read class by class, so the first mistakes in test order are all one class), each class's
+  most confident mistakes first (those teach most: the net was sure and wrong)."""
+  wrong = np.flatnonzero(labels != predictions)
+  rank = -np.asarray(confidence)[wrong] if confidence is not None else np.arange(len(wrong))
+  per_class = [wrong[labels[wrong] == c][np.argsort(rank[labels[wrong] == c], kind='stable')]
+               for c in np.unique(labels[wrong])]
+  turns = [(k, i) for members in per_class for k, i in enumerate(members)]
+  return np.array([i for _, i in sorted(turns, key=lambda t: t[0])][:max_tiles], np.int64)
+
+
+def mistakes_image(images, labels, predictions, class_names, max_tiles=100, confidence=None):
+  """A grid of misclassified test images (`pick_mistakes`), each captioned "true -> predicted"
+  and, given the model's `confidence` (its probability for the predicted class), that
+  probability; returns (RGB uint8 array, captions). Images are drawn as the data hold them
+  (a grey digit stays white on black). Drawn with PIL: a matplotlib axes per tile took
+  seconds, longer than a quick training run."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  shown = pick_mistakes(labels, predictions, confidence, max_tiles)
+  captions = [f'{class_names[labels[i]]} -> {class_names[predictions[i]]}'
+              + (f' {100 * confidence[i]:.0f}%' if confidence is not None else '')
+              for i in shown]
   h, w, c = images.shape[1:]
   scale = max(1, 96 // max(h, w))  # Tiles of ~96 pixels, nearest-neighbour: pixels stay sharp.
   th, tw = h * scale, w * scale
-  cell_w, cell_h, band, top = max(tw, 120) + 8, th + 20, 16, 24
-  cols = min(10, max(len(wrong), 1))
-  rows = max(-(-len(wrong) // cols), 1)
-  grid = Image.new('RGB', (cols * cell_w, top + rows * cell_h), 'white')
+  font, title_font = _font(11), _font(13)
+  widest = max([int(font.getlength(t)) for t in captions] + [tw])
+  cell_w, band, top = widest + 12, 18, 44
+  cell_h = th + band + 6
+  cols = min(10, max(len(shown), 1))
+  rows = max(-(-len(shown) // cols), 1)
+  grid = Image.new('RGB', (max(cols * cell_w, 640), top + rows * cell_h), 'white')
   draw = ImageDraw.Draw(grid)
-  font = ImageFont.load_default(size=11)
-  draw.text((4, 4), f'{len(wrong)} of {int(np.sum(labels != predictions))} misclassified test '
-            'images (true -> predicted)', fill='black', font=font)
-  for k, (i, caption) in enumerate(zip(wrong, captions)):
+  num_wrong = int(np.sum(labels != predictions))
+  order = ('most confident first' if confidence is not None else 'in test order')
+  draw.text((6, 4), f'{len(shown)} of {num_wrong:,} misclassified test images '
+            f'(of {len(labels):,}): each true class in turn, {order}', fill='black',
+            font=title_font)
+  draw.text((6, 24), 'caption: true class -> predicted class'
+            + (' and the probability the model gave it' if confidence is not None else ''),
+            fill='#444444', font=font)
+  for k, (i, caption) in enumerate(zip(shown, captions)):
     r, col = divmod(k, cols)
     tile = images[i].repeat(scale, 0).repeat(scale, 1)
-    tile = 255 - tile[..., 0] if c == 1 else tile  # Digits dark on white, as on paper.
+    tile = Image.fromarray(tile[..., 0], 'L') if c == 1 else Image.fromarray(tile)
     x, y = col * cell_w + (cell_w - tw) // 2, top + r * cell_h
-    grid.paste(Image.fromarray(tile), (x, y + band))
-    draw.text((col * cell_w + cell_w // 2, y + band - 2), caption, fill='black', font=font,
+    grid.paste(tile.convert('RGB'), (x, y + band))
+    draw.text((col * cell_w + cell_w // 2, y + band - 3), caption, fill='black', font=font,
               anchor='mb')
   return np.asarray(grid), captions
+
+
+def per_class_figure(errors, counts, class_names):
+  """Test error of each true class as horizontal bars, worst on top, the overall error as a
+  line: which classes the model finds hard."""
+  n = len(class_names)
+  fig, axes = _figure(1, 1, 1)
+  ax = axes[0, 0]
+  fig.set_size_inches(6.4, max(2.5, 0.28 * min(n, 100) + 1.2))
+  order = np.argsort(np.nan_to_num(errors, nan=-1))  # Worst last: at the top of the chart.
+  order = order[-100:]  # CIFAR-100 and smaller: every class; ImageNet: the worst 100.
+  values = 100 * np.nan_to_num(errors[order])
+  ax.barh(range(len(order)), values, color='#d62728')
+  ax.set_yticks(range(len(order)), [class_names[i] for i in order], fontsize=7 if n > 20 else 9)
+  for y, (v, i) in enumerate(zip(values, order)):
+    ax.text(v, y, f' {v:.1f}% of {counts[i]}', va='center', fontsize=7)
+  overall = 100 * np.nansum(errors * counts) / max(np.sum(counts), 1)
+  ax.axvline(overall, color='grey', linestyle='--', linewidth=1, zorder=0,
+             label=f'all classes: {overall:.2f}%')
+  ax.set_xlim(0, max(values.max() * 1.3, overall * 1.3, 1))
+  ax.set_xlabel('test error of the class (%): share of its images predicted as another class')
+  ax.legend(loc='lower right', fontsize=8)
+  shown = '' if len(order) == n else f', the worst {len(order)} of {n}'
+  ax.set_title(f'Test error per true class{shown}', fontsize=10)
+  fig.tight_layout()
+  return fig
 
 
 def render(fig, dpi=120):
@@ -90,15 +151,22 @@ def confusion_figure(cm, class_names):
 
 
 def write(workdir, images, labels, predictions, class_names, *, step, writer=None,
-          max_tiles=100):
-  """Writes the artefacts; returns the summary dict saved as error_analysis.json."""
+          max_tiles=100, confidence=None):
+  """Writes the artefacts; returns the summary dict saved as error_analysis.json.
+  `confidence`: the model's probability for each predicted class, to show the most
+  confident mistakes first."""
   out = epath.Path(workdir) / 'error_analysis'
   out.mkdir(parents=True, exist_ok=True)
   cm = confusion_matrix(labels, predictions, len(class_names))
-  mistakes, captions = mistakes_image(images, labels, predictions, class_names, max_tiles)
-  confusion = render(confusion_figure(cm, class_names))  # Drawn once, for PNG and TensorBoard.
+  errors = per_class_error(cm)
+  mistakes, captions = mistakes_image(images, labels, predictions, class_names, max_tiles,
+                                      confidence)
+  # Drawn once, for PNG and TensorBoard.
+  confusion = render(confusion_figure(cm, class_names))
+  per_class = render(per_class_figure(errors, cm.sum(axis=1), class_names))
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  for name, pixels in (('mistakes', mistakes), ('confusion', confusion)):
+  for name, pixels in (('mistakes', mistakes), ('confusion', confusion),
+                       ('per_class_error', per_class)):
     with (out / f'{name}.png').open('wb') as f:
       Image.fromarray(pixels).save(f, format='png')
     if writer is not None:
@@ -106,6 +174,6 @@ def write(workdir, images, labels, predictions, class_names, *, step, writer=Non
   summary = {'step': int(step), 'num_test': int(cm.sum()),
              'num_mistakes': int(cm.sum() - np.trace(cm)), 'mistakes_shown': len(captions),
              'class_names': list(class_names), 'confusion_matrix': cm.tolist(),
-             'per_class_error': {c: float(e) for c, e in zip(class_names, per_class_error(cm))}}
+             'per_class_error': {c: float(e) for c, e in zip(class_names, errors)}}
   (out / 'error_analysis.json').write_text(json.dumps(summary, indent=1))
   return summary

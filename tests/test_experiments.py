@@ -104,6 +104,13 @@ def test_report_from_the_tiny_sweep(tiny_sweep):
   assert 'plain8' in board and 'resnet8' in board and board.count('finished') == 2
   norms = open(os.path.join(out, 'grad_norms.md')).read().splitlines()
   assert len(norms) == 4  # Header, rule, one row per trial.
+  assert {row.split(' | ')[1] for row in norms[2:]} == {'plain-8', 'ResNet-8'}  # Named nets.
+
+  # One run (a workdir, not a sweep): its own report.
+  single = report.write_report(os.path.join(tiny_sweep['workdir'], 'resnet8'))
+  board = open(os.path.join(single, 'leaderboard.md')).read()
+  assert 'resnet8' in board and 'plain8' not in board and board.count('finished') == 1
+  assert os.path.getsize(os.path.join(single, 'figure6.png')) > 0
 
 
 @pytest.mark.slow
@@ -132,27 +139,43 @@ def test_hparams_and_error_analysis_written(tiny_sweep):
   assert cm.shape == (10, 10) and cm.sum() == 40 == analysis['num_test']
   assert analysis['num_mistakes'] == cm.sum() - np.trace(cm)
   assert analysis['mistakes_shown'] == min(100, analysis['num_mistakes'])
-  for f in ('confusion.png', 'mistakes.png'):
+  for f in ('confusion.png', 'mistakes.png', 'per_class_error.png'):
     assert os.path.getsize(os.path.join(trial, 'error_analysis', f)) > 0
 
 
-def test_mistakes_grid_has_one_tile_per_mistake_shown():
+def find_tile(grid, tile):
+  """(y, x) of the top-left corner where `tile` (H, W, 3) lies in `grid`, or None."""
+  windows = np.lib.stride_tricks.sliding_window_view(grid[..., 0], tile.shape[1], axis=1)
+  for y, x in zip(*np.nonzero(np.all(windows == tile[0, :, 0], axis=-1))):
+    if np.array_equal(grid[y:y + tile.shape[0], x:x + tile.shape[1]], tile):
+      return y, x
+  return None
+
+
+def test_mistakes_grid_takes_each_class_in_turn_most_confident_first():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (30, 8, 8, 1), np.uint8)
-  labels = rng.integers(0, 3, 30)
+  labels = np.array([0] * 10 + [1] * 10 + [2] * 10)  # Class by class, as an image folder.
   predictions = labels.copy()
-  predictions[[1, 4, 5, 20]] = (labels[[1, 4, 5, 20]] + 1) % 3
-  grid, captions = error_analysis.mistakes_image(images, labels, predictions, ['a', 'b', 'c'])
-  assert captions == [f'{"abc"[labels[i]]} -> {"abc"[predictions[i]]}' for i in (1, 4, 5, 20)]
-  # Each tile is its test image, scaled 12x (8 -> 96 pixels) and drawn dark on white.
-  tiles = [grid[24 + 16:24 + 16 + 96, x:x + 96] for x in (16, 128 + 16)]
-  np.testing.assert_array_equal(tiles[0][::12, ::12, 0], 255 - images[1, ..., 0])
-  np.testing.assert_array_equal(tiles[1][::12, ::12, 1], 255 - images[4, ..., 0])
+  wrong = [1, 2, 3, 4, 11, 12, 25]
+  predictions[wrong] = (labels[wrong] + 1) % 3
+  confidence = np.linspace(0.3, 0.9, 30)  # Later examples more confident.
+  order = error_analysis.pick_mistakes(labels, predictions, confidence, max_tiles=100)
+  # Round 1: each class's most confident mistake; then the next ones, class by class.
+  assert order.tolist() == [4, 12, 25, 3, 11, 2, 1]
+  assert error_analysis.pick_mistakes(labels, predictions, confidence, 4).tolist() == [4, 12, 25, 3]
+  assert error_analysis.pick_mistakes(labels, predictions).tolist() == [1, 11, 25, 2, 12, 3, 4]
+
   grid, captions = error_analysis.mistakes_image(images, labels, predictions, ['a', 'b', 'c'],
-                                                 max_tiles=3)
-  assert len(captions) == 3 and grid.shape == (24 + 116, 3 * 128, 3)
+                                                 confidence=confidence)
+  assert captions[0] == f'a -> b {100 * confidence[4]:.0f}%' and len(captions) == 7
+  # Each tile is its test image scaled 12x (8 -> 96 pixels), grey drawn as the data hold it.
+  places = [find_tile(grid, np.repeat(images[i].repeat(12, 0).repeat(12, 1), 3, axis=-1))
+            for i in order]
+  assert None not in places
+  assert sorted(places, key=lambda p: (p[0], p[1])) == places  # In reading order.
   cm = error_analysis.confusion_matrix(labels, predictions, 3)
-  assert cm.sum() == 30 and np.trace(cm) == 26
+  assert cm.sum() == 30 and np.trace(cm) == 23
   # Per class: the share of that class's images predicted as something else.
   expected = [np.mean(predictions[labels == c] != c) for c in range(3)]
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)

@@ -1,13 +1,14 @@
-"""Figures and tables from a sweep directory:
+"""Figures and tables from a sweep directory, or from one run:
 
   python -m cvjax.tools.report DIR
 
-reads DIR/<trial>/{metrics.jsonl, config.json, results.json} and writes DIR/report/:
+reads DIR/<trial>/{metrics.jsonl, config.json, results.json} (or DIR's own, for a single run)
+and writes DIR/report/:
   figure6.png       training error (dashed) and test error (solid) against iterations, plain
                     nets left, ResNets right, one colour per depth (He et al. 2015, Figure 6);
   table6.md         depth, parameters, our test error and the paper's (Table 6);
   leaderboard.md    every trial ranked by final test error;
-  grad_norms.png/md gradient norm against layer index (log scale), one line per activation,
+  grad_norms.png/md gradient norm against layer index (log scale), one line per net,
                     and the first-to-last-layer ratio (for trials that logged grad_norm/*);
   README.md         all of the above on one page.
 """
@@ -23,9 +24,12 @@ PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.9
 
 
 def load_trials(sweep_dir):
-  """The trials of a local or remote (gs://...) sweep directory."""
+  """The trials of a local or remote (gs://...) sweep directory, or the one run that
+  `sweep_dir` is (a workdir with its own metrics.jsonl)."""
   trials = []
-  for path in sorted(epath.Path(sweep_dir).iterdir()):
+  root = epath.Path(sweep_dir)
+  paths = [root] if (root / 'metrics.jsonl').exists() else sorted(root.iterdir())
+  for path in paths:
     if not (path / 'metrics.jsonl').exists():
       continue
     records = [json.loads(line) for line in (path / 'metrics.jsonl').read_text().splitlines()
@@ -87,7 +91,11 @@ def figure6(trials, path):
     ax.set_title('ResNets' if residual else 'plain networks')
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
-    ax.legend(title='solid: test, dashed: train', fontsize=8, title_fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(title='solid: test, dashed: train', fontsize=8, title_fontsize=8)
+    else:  # E.g. the report of a single run.
+      ax.text(0.5, 0.5, f'no {"ResNets" if residual else "plain nets"} among these runs',
+              ha='center', va='center', transform=ax.transAxes, color='grey')
   axes[0].set_ylabel('error (%)')
   axes[0].set_ylim(0, min(100, top * 1.05) or 100)
   fig.suptitle('CIFAR-10: training (dashed) and test (solid) error')
@@ -142,6 +150,16 @@ def first_grad_norms(trial):
                    if f'grad_norm/{layer}' in first])
 
 
+def net_name(model):
+  """'ResNet-20', 'plain-20' (the paper's names), with the activation when it is not ReLU."""
+  if model['name'] == 'resnet_cifar':
+    name = f'{"ResNet" if model.get("residual", True) else "plain"}-{model["depth"]}'
+  else:
+    name = f'{model["name"]}{model.get("depth", "")}'
+  activation = model.get('activation', 'relu')
+  return name if activation == 'relu' else f'{name}, {activation}'
+
+
 def grad_norm_report(trials, path):
   with_norms = [(t, first_grad_norms(t)) for t in trials]
   with_norms = [(t, n) for t, n in with_norms if n is not None and len(n)]
@@ -150,16 +168,16 @@ def grad_norm_report(trials, path):
   plt = _plt()
   depths = sorted({t['config']['model']['depth'] for t, _ in with_norms})
   fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.8), squeeze=False)
-  rows = ['| trial | activation | depth | first-layer grad norm | last-layer grad norm | '
-          'first / last |', '|---|---|---:|---:|---:|---:|']
+  rows = ['| trial | net | activation | depth | first-layer grad norm | last-layer grad norm | '
+          'first / last |', '|---|---|---|---:|---:|---:|---:|']
   for ax, depth in zip(axes[0], depths):
     for t, norms in with_norms:
       m = t['config']['model']
       if m['depth'] != depth:
         continue
-      ax.semilogy(np.arange(1, len(norms) + 1), norms, marker='.', label=m['activation'])
-      rows.append(f'| {t["name"]} | {m["activation"]} | {depth} | {norms[0]:.3g} | '
-                  f'{norms[-1]:.3g} | {norms[0] / norms[-1]:.3g} |')
+      ax.semilogy(np.arange(1, len(norms) + 1), norms, marker='.', label=net_name(m))
+      rows.append(f'| {t["name"]} | {net_name(m)} | {m["activation"]} | {depth} | '
+                  f'{norms[0]:.3g} | {norms[-1]:.3g} | {norms[0] / norms[-1]:.3g} |')
     ax.set_title(f'depth {depth}: gradient norm per layer at step 0')
     ax.set_xlabel('layer index (1 = first conv)')
     ax.set_ylabel('gradient norm (log scale)')
@@ -175,7 +193,8 @@ def grad_norm_report(trials, path):
 def write_report(sweep_dir):
   trials = load_trials(sweep_dir)
   if not trials:
-    raise SystemExit(f'cvjax.tools.report: no trials (subfolders with metrics.jsonl) in {sweep_dir}')
+    raise SystemExit(f'cvjax.tools.report: no runs in {sweep_dir}: expected a run (a workdir '
+                     'with metrics.jsonl) or a sweep (subfolders with one each).')
   out = epath.Path(sweep_dir) / 'report'
   out.mkdir(parents=True, exist_ok=True)
   name = epath.Path(sweep_dir) if '://' in str(sweep_dir) else epath.Path(sweep_dir).resolve()
@@ -197,5 +216,5 @@ def write_report(sweep_dir):
 
 if __name__ == '__main__':
   if len(sys.argv) != 2:
-    raise SystemExit('usage: python -m cvjax.tools.report SWEEP_DIR')
+    raise SystemExit('usage: python -m cvjax.tools.report SWEEP_DIR|RUN_DIR')
   print(f'wrote {write_report(sys.argv[1])}')
