@@ -54,11 +54,13 @@ def evaluate_checkpoint(config, workdir, predictions_file=None):
   state = restore(s, workdir)
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
   p_eval_step, test_data = train.jit_evaluation(s, replicated)
-  metrics, top5 = train.evaluate(p_eval_step, state, test_data, s.input.eval_batches(),
-                                 s.input.num_test, s.input.num_classes)
+  metrics, top5, confidence = train.evaluate(p_eval_step, state, test_data,
+                                             s.input.eval_batches(), s.input.num_test,
+                                             s.input.num_classes)
   events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
   analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels, top5[:, 0],
-                                  s.input.class_names, step=int(state.step), writer=events.tb)
+                                  s.input.class_names, step=int(state.step), writer=events.tb,
+                                  confidence=confidence)
   events.close()
   if predictions_file:
     write_predictions(predictions_file, top5)

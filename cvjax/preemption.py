@@ -53,9 +53,10 @@ def watch():
       os.kill(os.getpid(), signum)
       return
     received.append(name)
-    logging.warning('%s received: finishing this step, then saving a checkpoint and stopping '
-                    '(send it again to stop at once and lose the steps since the last '
-                    'checkpoint).', name)
+    logging.warning('%s received: finishing the steps in flight (at most two, or the '
+                    'evaluation under way), then saving a checkpoint and stopping (send it '
+                    'again to stop at once and lose the steps since the last checkpoint).',
+                    name)
 
   # Without JAX's preemption service (jax_enable_preemption_service=False), each process
   # stops on its own signal.

@@ -176,8 +176,8 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
   """Metric sums over one test batch: `{'index': i}`, the i-th slice of the padded
   device-resident test set, or streamed `{'images', 'labels', 'mask'}`. With `crops=10`
   the logits are averaged over `memory.ten_crop` views of size `crop_size`, cut
-  from the images zero-padded (after normalisation) by `padding`. Returns the metric sums
-  and the top-5 classes of each example, best first."""
+  from the images zero-padded (after normalisation) by `padding`. Returns the metric sums,
+  and the top-5 classes of each example (best first) with the probability of the first."""
   if 'index' in batch:
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
     images, labels, mask = take(test['images']), take(test['labels']), take(test['mask'])
@@ -192,21 +192,37 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     logits = jnp.mean(jax.lax.map(apply, memory.ten_crop(x, crop_size)), axis=0)
   metrics = classification_metrics(logits, labels, mask)
-  return metrics, jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  probabilities, top5 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32)),
+                                      min(5, logits.shape[-1]))
+  return metrics, (top5, probabilities[:, 0])
 
 
-def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes):
+EVAL_PROGRESS_EVERY_S = 5.0
+
+
+def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes,
+             progress_every_s=EVAL_PROGRESS_EVERY_S):
   """Test metrics over every example exactly once (the padding is masked out), and the
   top-5 predictions for each test example ([examples, 5], best first); `batches` from
-  `Input.eval_batches()`."""
-  outs = [p_eval_step(state, test_data, batch) for batch in batches]
-  sums, predictions = jax.device_get(([o[0] for o in outs], [o[1] for o in outs]))
+  `Input.eval_batches()`; and each example's probability for its top class. Logs the images done and their rate every `progress_every_s`
+  seconds (an evaluation of a large net on a CPU takes minutes)."""
+  outs, last_note, last_done = [], time.perf_counter(), 0
+  for batch in batches:
+    outs.append(p_eval_step(state, test_data, batch))
+    if time.perf_counter() - last_note >= progress_every_s:
+      done = int(sum(jax.device_get([o[0]['count'] for o in outs])))  # Waits for these.
+      now = time.perf_counter()
+      logging.info('evaluating: %d/%d test images, %.0f img/s', done, num_test,
+                   (done - last_done) / (now - last_note))
+      last_note, last_done = now, done
+  sums, predictions = jax.device_get(([o[0] for o in outs], [o[1][0] for o in outs]))
+  confidence = np.concatenate(jax.device_get([o[1][1] for o in outs]))[:num_test]
   sums = jax.tree.map(lambda *x: sum(x), *sums)
   out = {'test/loss': sums['loss'] / sums['count'], 'test/error': sums['errors'] / sums['count'],
          'test/count': sums['count']}
   if num_classes > 5:
     out['test/top5_error'] = sums['top5_errors'] / sums['count']
-  return out, np.concatenate(predictions)[:num_test]
+  return out, np.concatenate(predictions)[:num_test], confidence
 
 
 def grad_norms(state, data, batch, rng, **batch_kw):
@@ -404,8 +420,14 @@ def train_loop(s: Setup, workdir, stop_requested):
   if state is None:
     state = init_state(s.init, init_rng, replicated)
   start_step = int(state.step)
-  if start_step:
+  results_file = run_dir / 'results.json'
+  if start_step >= s.total_steps:
+    finished = already_finished(workdir, results_file, start_step, s.total_steps)
+    if finished is not None:
+      return state, finished
+  elif start_step:
     logging.info('Resuming from the checkpoint at step %d.', start_step)
+  t_start = time.perf_counter()
   is_main = jax.process_index() == 0  # Writes the logs, metrics and results.
   if is_main:
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
@@ -432,9 +454,24 @@ def train_loop(s: Setup, workdir, stop_requested):
   ckpt_every = config.train.checkpoint_every_steps
   skip_nonfinite = config.train.get('skip_nonfinite', False)
   p_accumulate = jax.jit(accumulate)
-  acc, test_metrics, predictions = None, {}, None
+  acc, test_metrics, predictions, confidence = None, {}, None, None
   t_last, step_last, excluded, waited = None, start_step, 0.0, 0.0
   batches = s.input.train_batches(start_step)  # The batches from start_step on, as uninterrupted.
+  saved = [start_step]
+
+  def save(done, state, acc):
+    nonlocal excluded
+    if saved[-1] == done:
+      return
+    if acc is not None and not skip_nonfinite:
+      check_finite(acc, mngr)
+    t0 = time.perf_counter()
+    checkpointing.save(mngr, done, state, s.identity)
+    writer.sync()  # Logs up to here reach a remote workdir with each checkpoint.
+    excluded += time.perf_counter() - t0
+    saved.append(done)
+
+  in_flight = None
   for step in range(start_step, s.total_steps):
     t0 = time.perf_counter()
     batch = next(batches)
@@ -445,6 +482,11 @@ def train_loop(s: Setup, workdir, stop_requested):
     state, metrics = p_train_step(state, device_data, batch, train_rng)
     acc = metrics if acc is None else p_accumulate(acc, metrics)
     done = step + 1
+    # At most two steps in flight: the host waits for the previous one after dispatching
+    # this one, so a signal stops the run within a step or two (not a queue of them).
+    if in_flight is not None:
+      jax.block_until_ready(in_flight)
+    in_flight = metrics['count']
 
     if t_last is None:  # Compilation and the first step: kept out of images/s.
       jax.block_until_ready(state)
@@ -477,11 +519,16 @@ def train_loop(s: Setup, workdir, stop_requested):
                    100 * scalars['train/input_wait_fraction'], _fmt_time(eta))
       t_last, step_last, excluded, waited = now, done, 0.0, 0.0
 
+    if done == s.total_steps:  # Saved before the final evaluation: a stop there loses nothing.
+      save(done, state, acc)
+      mngr.wait_until_finished()
+      logging.info('Saved the final checkpoint (step %d).', done)
+
     if eval_now:
       t0 = time.perf_counter()
-      test_metrics, predictions = evaluate(p_eval_step, state, test_data,
-                                           s.input.eval_batches(), s.input.num_test,
-                                           s.input.num_classes)
+      test_metrics, predictions, confidence = evaluate(
+          p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
+          s.input.num_classes)
       writer.write_scalars(done, test_metrics)
       logging.info('step %d/%d  test loss %.4f  error %.2f%%%s', done, s.total_steps,
                    test_metrics['test/loss'], 100 * test_metrics['test/error'],
@@ -490,14 +537,10 @@ def train_loop(s: Setup, workdir, stop_requested):
       excluded += time.perf_counter() - t0
 
     stop = stop_requested(done)  # SIGTERM or SIGINT: save this step and stop.
-    if (ckpt_every and done % ckpt_every == 0) or done == s.total_steps or stop:
-      if acc is not None and not skip_nonfinite:
-        check_finite(acc, mngr)
-      t0 = time.perf_counter()
-      checkpointing.save(mngr, done, state, s.identity)
-      writer.sync()  # Logs up to here reach a remote workdir with each checkpoint.
-      excluded += time.perf_counter() - t0
+    if (ckpt_every and done % ckpt_every == 0) or stop:
+      save(done, state, acc)
     if stop and done < s.total_steps:
+      logging.warning('Stopping after step %d (%s): its checkpoint is saved.', done, stop)
       mngr.wait_until_finished()
       writer.close()
       raise preemption.Preempted(done, stop)
@@ -506,20 +549,53 @@ def train_loop(s: Setup, workdir, stop_requested):
   mngr.wait_until_finished()
   if int(state.step) >= s.total_steps:
     if predictions is None:  # Nothing left to train: evaluate the restored state.
-      test_metrics, predictions = evaluate(p_eval_step, state, test_data,
-                                           s.input.eval_batches(), s.input.num_test,
-                                           s.input.num_classes)
+      logging.info('The checkpoint at step %d is the last of this run; evaluating it.',
+                   int(state.step))
+      test_metrics, predictions, confidence = evaluate(
+          p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
+          s.input.num_classes)
     if is_main:
-      finish(workdir, s, state, test_metrics, predictions, writer)
+      results = finish(workdir, s, state, test_metrics, predictions, confidence, writer)
+      logging.info('%s', summary_line(
+          results, workdir, f'Finished {config.model.name} at step {results["step"]} in '
+          f'{_fmt_time(time.perf_counter() - t_start)}'))
   writer.close()
   return state, {k: float(v) for k, v in test_metrics.items()}
 
 
-def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
+def summary_line(results, workdir, head):
+  """One readable line for the end of a run: `head`, how well it did, what it wrote."""
+  top5 = (f', top-5 {100 * results["test/top5_error"]:.2f}%'
+          if 'test/top5_error' in results else '')
+  train = (f'; train error {100 * results["train/error"]:.2f}% over the last log interval'
+           if 'train/error' in results else '')
+  return (f'{head}: test error {100 * results["test/error"]:.2f}% ({results["num_mistakes"]} of '
+          f'{int(results["test/count"])}){top5}{train}. Wrote {workdir}/results.json and '
+          f'{workdir}/error_analysis/; `tensorboard --logdir {workdir}` shows the curves.')
+
+
+def already_finished(workdir, results_file, step, total_steps):
+  """The final test metrics of a run that finished at `step` (its results.json), after saying
+  so; None when it still has to be evaluated and written (then the caller does that)."""
+  try:
+    results = json.loads(results_file.read_text()) if results_file.exists() else None
+  except (OSError, ValueError):
+    results = None
+  if (jax.process_count() > 1 or not results or results.get('step') != step
+      or not {'test/error', 'test/count', 'num_mistakes'} <= set(results)):
+    return None  # Several processes evaluate together; a missing results.json is rewritten.
+  logging.info('%s Nothing to train (this config runs %d steps): re-evaluate with `python -m '
+               'cvjax.evaluate --workdir=%s`, or train longer with a larger train.num_epochs.',
+               summary_line(results, workdir, f'This run already finished at step {step}'),
+               total_steps, workdir)
+  return {k: float(v) for k, v in results.items() if k.startswith('test/')}
+
+
+def finish(workdir, s: Setup, state, test_metrics, predictions, confidence, writer):
   """End of a run: error analysis, HParams, and results.json (which marks the run done)."""
   analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels,
                                   predictions[:, 0], s.input.class_names, step=int(state.step),
-                                  writer=writer.tb)
+                                  writer=writer.tb, confidence=confidence)
   final = {k: float(v) for k, v in test_metrics.items()}
   train_records = [r for r in writer.records() if 'train/error' in r]
   if train_records:
@@ -533,4 +609,4 @@ def finish(workdir, s: Setup, state, test_metrics, predictions, writer):
              'num_params': int(sum(p.size for p in jax.tree.leaves(s.abstract_state.params))),
              'layer_order': layer_order(s.model, variables, example)}
   (epath.Path(workdir) / 'results.json').write_text(json.dumps(results, indent=1))
-  logging.info('Done: %s', {k: v for k, v in results.items() if k != 'layer_order'})
+  return results

@@ -175,3 +175,41 @@ def test_bad_config_flags_give_one_line(tmp_path, args, message):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and 'Traceback' not in out.stderr
   assert 'cvjax: error:' in out.stderr and message in out.stderr, out.stderr[-2000:]
+
+
+def test_the_end_of_a_run_is_saved_first_and_a_finished_run_says_so(idx_dir, tmp_path, caplog,
+                                                                    monkeypatch):
+  """The final checkpoint is written before the final evaluation, so a run stopped during it
+  keeps its steps; a re-run of the finished workdir trains nothing and says where it ended."""
+  config = tiny_config(idx_dir)  # 12 steps; evaluations at 6 and 12.
+  original = train.evaluate
+  calls = []
+
+  def evaluate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # The final evaluation: the run dies in it.
+      raise KeyboardInterrupt
+    return original(*args, **kwargs, progress_every_s=0)  # A progress note per batch.
+  monkeypatch.setattr(train, 'evaluate', evaluate)
+  caplog.set_level('INFO', logger='absl')
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert '12' in os.listdir(tmp_path / 'checkpoints')
+  assert 'evaluating: 16/40 test images' in caplog.text  # Batches of 16.
+  monkeypatch.setattr(train, 'evaluate', original)
+
+  caplog.clear()  # The re-run evaluates the final checkpoint and finishes the run.
+  state, test = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 12 and 'Resuming' not in caplog.text
+  assert 'The checkpoint at step 12 is the last of this run; evaluating it.' in caplog.text
+  results = json.load(open(tmp_path / 'results.json'))
+  assert 'Finished resnet_cifar at step 12 in' in caplog.text
+  assert f'test error {100 * results["test/error"]:.2f}% ({results["num_mistakes"]} of 40)' \
+      in caplog.text
+
+  caplog.clear()
+  again, test_again = train.train_and_evaluate(config, str(tmp_path))
+  assert 'This run already finished at step 12: test error' in caplog.text
+  assert 'evaluating' not in caplog.text and test_again == test
+  assert int(again.step) == 12
+
