@@ -2,6 +2,9 @@
 
   python -m cvjax.main --config=configs/resnet.py --workdir=DIR [--config.x.y=value ...]
 
+  python -m cvjax.main --config=configs/lenet.py:quick --help     # the config's fields
+  python -m cvjax.main --config=configs/lenet.py:quick --workdir=DIR --dry_run   # the plan
+
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 Multi-process (one process per host or GPU): the same command on every process; see
 cvjax/cluster/distributed.py for when it joins the others and the flags that say how.
@@ -11,7 +14,6 @@ Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
 
 import logging as pylogging
 import os
-import re
 import shlex
 import sys
 import traceback
@@ -21,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cvjax import config_help
 from cvjax.cluster import distributed
 from cvjax import preemption
 from cvjax import train
@@ -35,6 +38,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, where no cluster says it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and the plan of the run '
+                             '(steps, epochs, images, what it writes), then exit without training.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -49,6 +54,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _DRY_RUN.value:
+    try:
+      print(f'{_CONFIG.value}\n{config_help.plan(_CONFIG.value, _WORKDIR.value)}')
+    except UserError as e:
+      print(f'cvjax: error: {e}', file=sys.stderr)
+      sys.exit(2)
+    return
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
@@ -85,11 +97,47 @@ def config_file_error(e, path):
   return None
 
 
+USAGE = ('Usage: python -m cvjax.main --config=configs/FILE.py[:arg] --workdir=DIR '
+         '[--config.field=value ...] [--dry_run]')
+
+
+def load_config(spec):
+  """get_config(arg) of `spec` = 'FILE.py[:arg]', as ml_collections' config flag loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_cvjax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def print_help(spec):
+  """--help: how to run, the flags, and with --config the config's fields (exit status 0)."""
+  print(__doc__.strip(), '\n', USAGE, '\n\nFlags:', sep='\n')
+  for flag in (_CONFIG, _WORKDIR, _DRY_RUN, _DISTRIBUTED, _COORDINATOR, _NUM_PROCESSES,
+               _PROCESS_ID):
+    print(f'  --{flag.name}: {flags.FLAGS[flag.name].help}')
+  if not spec:
+    print('\nWith --config=FILE.py[:arg], --help also lists that config\'s fields.')
+    return
+  try:
+    config = load_config(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'\ncvjax: error: cannot load --config={spec}: {type(e).__name__}: {e}',
+          file=sys.stderr)
+    sys.exit(2)
+  print(f'\nFields of --config={spec} (override any with --config.FIELD=VALUE):')
+  print(config_help.describe(config, spec.partition(':')[0]))
+
+
 def parse_flags(argv):
   """absl's flag parsing, with config errors (a bad config arg, a misspelt override) as
   one line instead of a traceback."""
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
   path = spec.partition(':')[0]
+  if any(a in ('--help', '-h', '--helpshort', '--helpfull', '-?') for a in argv[1:]):
+    print_help(spec)
+    sys.exit(0)
   try:
     args = flags.FLAGS(argv)
     if not hasattr(_CONFIG.value, 'to_dict'):  # Config files load lazily: load (and fail) here.
@@ -103,17 +151,31 @@ def parse_flags(argv):
       text = loaded
     elif path and not os.path.exists(path):
       text = f'config file {path}: No such file or directory.'
-    elif isinstance(e, AttributeError):  # A misspelt override; ml_collections suggests a field.
-      m = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
-      text = (f'unknown config field {m.group(2)!r}; did you mean {m.group(1)!r}?' if m
-              else f'unknown config field: {text}')
+    elif isinstance(e, (AttributeError, KeyError)):  # A misspelt override.
+      text = unknown_field_message(spec, argv) or f'unknown config field: {text}'
+    elif isinstance(e, flags.IllegalFlagValueError) and 'workdir' in text:
+      text = 'pass --workdir=DIR, the folder the run writes to (and resumes from).'
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     # A config file's own exception arrives wrapped with its traceback: keep its message.
     message = lines[-1] if any(l.startswith('Traceback') for l in lines) else ' '.join(lines)
-    print(f'cvjax: error: {message}\nUsage: python -m cvjax.main '
-          '--config=configs/FILE.py[:arg] --workdir=DIR [--config.field=value ...]',
+    print(f'cvjax: error: {message}\n{USAGE}\n(--help with --config lists its fields.)',
           file=sys.stderr)
     sys.exit(2)
+
+
+def unknown_field_message(spec, argv):
+  """'unknown config field 'train.learning_rate'; did you mean 'optimizer.learning_rate'?',
+  looking for the nearest field anywhere in the config; None if the config cannot say."""
+  try:
+    config = load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  parts = []
+  for name in config_help.unknown_fields(config, argv):
+    near = config_help.nearest_field(config, name)
+    parts.append(f'unknown config field {name!r}' + (f'; did you mean {near!r}?' if near
+                                                     else ''))
+  return '; '.join(parts) or None
 
 
 if __name__ == '__main__':

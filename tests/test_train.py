@@ -167,7 +167,9 @@ def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--config=configs/resnet.py:resnet5x'], 'expected resnetN, plainN'),
-    (['--config=configs/resnet.py', '--config.model.dpeth=56'], "did you mean 'depth'"),
+    (['--config=configs/resnet.py', '--config.model.dpeth=56'], "did you mean 'model.depth'"),
+    (['--config=configs/resnet.py', '--config.train.learning_rate=0.3'],
+     "unknown config field 'train.learning_rate'; did you mean 'optimizer.learning_rate'?"),
     (['--config=configs/nope.py'], 'No such file'),
 ])
 def test_bad_config_flags_give_one_line(tmp_path, args, message):
@@ -213,3 +215,19 @@ def test_the_end_of_a_run_is_saved_first_and_a_finished_run_says_so(idx_dir, tmp
   assert 'evaluating' not in caplog.text and test_again == test
   assert int(again.step) == 12
 
+
+def test_help_lists_the_fields_and_dry_run_prints_the_plan(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'cvjax.main', '--config=configs/lenet.py:quick',
+                        '--help'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '--config.dataset.name="mnist10k"' in out.stdout
+  assert '--config.input.crop_padding=0' in out.stdout and '0: off' in out.stdout  # Commented.
+  workdir = tmp_path / 'run'
+  out = subprocess.run([sys.executable, '-m', 'cvjax.main', '--config=configs/lenet.py:quick',
+                        f'--workdir={workdir}', '--dry_run', '--config.train.num_epochs=2'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'num_epochs: 2.0' in out.stdout  # The resolved config.
+  assert '8,000 training and 2,000 test images' in out.stdout
+  assert '124 steps of 128 images = 2 epochs (62 steps an epoch' in out.stdout
+  assert not workdir.exists()  # Nothing trained, nothing written.
