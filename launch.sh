@@ -9,9 +9,17 @@
 # e.g. ./launch.sh configs/resnet.py:plain56 runs/plain56 --config.train.num_epochs=3
 #      ./launch.sh configs/resnet.py runs/depth --sweep=experiments/depth_ablation.py:quick
 # Run it from the repository root. See docs/cluster.md: "Running on Cloud TPU", "Running on Slurm".
+# Runs with $PYTHON if set, else python3 from PATH (an activated virtual environment's).
 set -euo pipefail
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import absl, ml_collections' 2>/dev/null; then
+  echo "launch.sh: $(command -v "$PYTHON" || echo "$PYTHON") cannot import cvjax's requirements" \
+    "(absl, ml_collections). Activate the environment that has requirements.txt installed, or" \
+    "set PYTHON=/path/to/that/python." >&2
+  exit 2
+fi
 if [ $# -ge 1 ] && { [ "$1" = tpu ] || [ "$1" = slurm ]; }; then
-  exec python -m cvjax.cluster.launch "$@"
+  exec "$PYTHON" -m cvjax.cluster.launch "$@"
 fi
 if [ $# -lt 2 ]; then
   echo "usage: $0 [tpu|slurm ...] CONFIG WORKDIR [--sweep=FILE[:arg]] [--config.field=value ...]" >&2
@@ -21,7 +29,7 @@ config=$1 workdir=$2
 shift 2
 for arg in "$@"; do
   if [[ $arg == --sweep=* ]]; then
-    exec python -m cvjax.sweep --config="$config" --workdir="$workdir" "$@"
+    exec "$PYTHON" -m cvjax.sweep --config="$config" --workdir="$workdir" "$@"
   fi
 done
-exec python -m cvjax.main --config="$config" --workdir="$workdir" "$@"
+exec "$PYTHON" -m cvjax.main --config="$config" --workdir="$workdir" "$@"

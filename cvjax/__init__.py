@@ -3,3 +3,4 @@
 from cvjax import runtime
 
 runtime.set_xla_flags()
+runtime.quiet_jax_logs()

@@ -146,7 +146,6 @@ def main(argv):
       config = ml_collections.ConfigDict(json.loads(path.read_text()))
     metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value)
   except UserError as e:
-    logging.error('%s', e)
     print(f'\ncvjax: error: {e}', file=sys.stderr)
     sys.exit(2)
   top5 = (f', top-5 error {100 * metrics["test/top5_error"]:.2f}%'

@@ -13,6 +13,7 @@ folder, so a second run of the same model skips most of its compilation (README,
 A JAX_COMPILATION_CACHE_DIR set by the user wins.
 """
 
+import logging
 import os
 import sys
 
@@ -72,3 +73,16 @@ def enable_compilation_cache():
   elif 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     for name, value in settings.items():
       os.environ[name.upper()] = str(value)
+
+
+class _NoMissingTpu(logging.Filter):
+  """Drops JAX's INFO note that libtpu is absent, which every command on a machine without a
+  TPU printed first; a TPU that fails to start is still reported (at WARNING or above)."""
+
+  def filter(self, record):
+    return not (record.levelno < logging.WARNING
+                and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
+
+
+def quiet_jax_logs():
+  logging.getLogger('jax._src.xla_bridge').addFilter(_NoMissingTpu())

@@ -1,7 +1,11 @@
 """Scoring prediction files in the challenge format (cvjax.evaluate --score)."""
 
+import subprocess
+import sys
+
 import pytest
 
+from conftest import ROOT
 from cvjax import evaluate
 from cvjax.errors import UserError
 
@@ -44,3 +48,9 @@ def test_malformed_files_are_refused_with_the_line(tmp_path, predictions, labels
 def test_missing_files_are_refused(tmp_path):
   with pytest.raises(UserError, match='does not exist'):
     evaluate.score(str(tmp_path / 'nope.txt'), write(tmp_path, 'l.txt', '1\n'))
+
+
+def test_an_error_is_printed_once(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={tmp_path}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.count('config.json not found') == 1, out.stderr
