@@ -1,11 +1,14 @@
 """CIFAR-10 ResNets and plain nets, the recipe of He et al. 2015, section 4.2.
 
   python -m cvjax.main --config=configs/resnet.py --workdir=runs/resnet20
+  python -m cvjax.main --config=configs/resnet.py:quick --workdir=runs/quick_cifar
   python -m cvjax.main --config=configs/resnet.py:plain56 --workdir=runs/plain56
   python -m cvjax.main --config=configs/resnet.py --workdir=runs/r20 \
       --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz --config.train.num_epochs=3
 
-The arg picks the net: resnetN or plainN for depth N = 6n+2 (default resnet20).
+The arg picks the net: resnetN or plainN for depth N = 6n+2 (default resnet20); `quick`:
+ResNet-20 for 5 epochs on the 5,000 CIFAR-10 training images that ship with cvjax (offline;
+minutes on a CPU, far from the paper's error: a look at the code, not a result).
 Paper: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and
 48k iterations, stop at 64k (~164 epochs of 50k images); 4-pixel padding, random 32x32
 crops, horizontal flips, per-pixel mean subtraction. Test error: ResNet-20 8.75%,
@@ -23,10 +26,16 @@ from ml_collections import config_dict
 def get_config(arg=None):
   if arg and arg.startswith('imagenet'):
     return imagenet_config(arg)
+  if arg == 'quick':
+    c = get_config('resnet20')
+    c.dataset.name = 'cifar10_6k'  # 5,000 train / 1,000 test, in cvjax/data/embedded.
+    c.train.num_epochs = 5.0  # 195 steps of 128.
+    c.train.log_every_steps = 39  # Once per epoch.
+    return c
   match = re.fullmatch(r'(resnet|plain)(\d+)', arg or 'resnet20')
   if not match:
-    raise ValueError(f'configs/resnet.py:{arg}: expected resnetN, plainN (e.g. resnet56) or '
-                     'imagenet[_resnetN|_plainN].')
+    raise ValueError(f'configs/resnet.py:{arg}: expected resnetN, plainN (e.g. resnet56), '
+                     'quick or imagenet[_resnetN|_plainN].')
   c = ml_collections.ConfigDict()
   c.seed = 0
 
