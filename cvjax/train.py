@@ -358,6 +358,11 @@ def run_identity(config, num_classes, input_shape, dataset=None):
 def setup(config, devices=None) -> Setup:
   mesh = make_mesh(devices)
   check_config(config, mesh.size)
+  if config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu':
+    logging.warning('train.compute_dtype=bfloat16 on a CPU is slower than float32: XLA:CPU has '
+                    'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
+                    '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
+                    'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
   inp = data_lib.make_input(config, mesh)
   input_shape = tuple(inp.image_shape)
   steps_per_epoch, total_steps = steps_for(config, inp.num_train)

@@ -232,3 +232,12 @@ def test_help_lists_the_fields_and_dry_run_prints_the_plan(tmp_path):
   assert '8,000 training and 2,000 test images' in out.stdout
   assert '124 steps of 128 images = 2 epochs (62 steps an epoch' in out.stdout
   assert not workdir.exists()  # Nothing trained, nothing written.
+
+
+def test_bfloat16_on_a_cpu_is_named_slow(idx_dir, caplog):
+  caplog.set_level('WARNING', logger='absl')
+  train.setup(tiny_config(idx_dir, **{'train.compute_dtype': 'bfloat16'}))
+  assert 'bfloat16 on a CPU is slower than float32' in caplog.text
+  caplog.clear()
+  train.setup(tiny_config(idx_dir))
+  assert 'bfloat16' not in caplog.text
