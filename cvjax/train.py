@@ -202,15 +202,18 @@ EVAL_PROGRESS_EVERY_S = 5.0
 
 def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes,
              progress_every_s=EVAL_PROGRESS_EVERY_S):
-  """Test metrics over every example exactly once (the padding is masked out), and the
-  top-5 predictions for each test example ([examples, 5], best first); `batches` from
-  `Input.eval_batches()`; and each example's probability for its top class. Logs the images done and their rate every `progress_every_s`
-  seconds (an evaluation of a large net on a CPU takes minutes)."""
+  """Test metrics over every example exactly once (the padding is masked out), the top-5
+  predictions for each test example ([examples, 5], best first; `batches` from
+  `Input.eval_batches()`), and each example's probability for its top class. Logs the images
+  done and their rate every `progress_every_s` seconds (an evaluation of a large net on a CPU
+  takes minutes)."""
   outs, last_note, last_done = [], time.perf_counter(), 0
   for batch in batches:
     outs.append(p_eval_step(state, test_data, batch))
-    if time.perf_counter() - last_note >= progress_every_s:
-      done = int(sum(jax.device_get([o[0]['count'] for o in outs])))  # Waits for these.
+    if len(outs) > 1:  # One batch in flight: the host keeps pace with the device, so it can tell.
+      jax.block_until_ready(outs[-2][0]['count'])
+    if len(outs) > 1 and time.perf_counter() - last_note >= progress_every_s:
+      done = int(sum(jax.device_get([o[0]['count'] for o in outs[:-1]])))
       now = time.perf_counter()
       logging.info('evaluating: %d/%d test images, %.0f img/s', done, num_test,
                    (done - last_done) / (now - last_note))
