@@ -263,8 +263,8 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   mesh = train.make_mesh()
   kw = dict(model=model, batch_size=4, dtype=jnp.float32,
             batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
-  metrics, pred = jax.jit(functools.partial(train.eval_step, crops=10, crop_size=16,
-                                            padding=pad, **kw))(state, test, batch)
+  metrics, (pred, confidence) = jax.jit(functools.partial(
+      train.eval_step, crops=10, crop_size=16, padding=pad, **kw))(state, test, batch)
   one, _ = jax.jit(functools.partial(train.eval_step, **kw))(state, test, batch)
   x = (images / 255.0 - mean) / std
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -273,6 +273,7 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   views += [v[:, :, ::-1] for v in views]
   logits = np.mean([model.apply(variables, v.astype(np.float32), train=False) for v in views], 0)
   np.testing.assert_array_equal(pred[:, 0], np.argmax(logits, -1))  # Top-5 classes, best first.
+  np.testing.assert_allclose(confidence, np.max(jax.nn.softmax(logits), -1), rtol=1e-5)
   loss = -np.sum(jax.nn.log_softmax(logits)[np.arange(4), labels])
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-4)
   assert not np.isclose(one['loss'], loss, rtol=1e-3)  # 10 crops differ from the centre crop.
