@@ -487,6 +487,9 @@ def train_loop(s: Setup, workdir, stop_requested):
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
       writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, batch,
                                                              train_rng)))
+    if t_last is None:
+      logging.info('Compiling the train step; the first step waits for it (seconds to a '
+                   'minute on a CPU).')
     state, metrics = p_train_step(state, device_data, batch, train_rng)
     acc = metrics if acc is None else p_accumulate(acc, metrics)
     done = step + 1
