@@ -58,7 +58,12 @@ class LeNet5(nn.Module):
 
 
 def build(name, depth=None, residual=True):
-  return LeNet5() if name == 'lenet5' else CifarResNet(depth, residual)
+  if name == 'lenet5':
+    return LeNet5()
+  if name.startswith('imagenet_resnet'):  # torchvision's, the net cvjax.import_weights reads.
+    import torchvision  # pylint: disable=g-import-not-at-top
+    return getattr(torchvision.models, f'resnet{depth}')(num_classes=1000)
+  return CifarResNet(depth, residual)
 
 
 def benchmark(name, depth, residual, input_shape, batch_size, steps, warmup, dtype, lr=0.1):
