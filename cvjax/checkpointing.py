@@ -35,33 +35,51 @@ def save(mngr, step, state, identity):
                                           identity=ocp.args.JsonSave(identity)))
 
 
-def restore_latest(mngr, abstract_state, identity):
-  """The newest checkpoint that restores, or None; refuses a checkpoint of a different model.
+def restore_latest(mngr, abstract_state, identity, read_only=False):
+  """The newest checkpoint that restores, or None; refuses a checkpoint of a different run.
 
-  A step that fails to restore (a truncated or zeroed array file, garbage metadata, a
-  missing item, nan/inf values) is moved to WORKDIR/bad_checkpoints/ with a warning that
-  names the step and the error, and the next older one is tried: a re-run never stalls on
-  a bad checkpoint, and the evidence is kept. `abstract_state` holds ShapeDtypeStructs with
-  shardings, so the arrays come back already placed where the train step wants them.
+  A checkpoint that does not fit this config is refused before anything is read: its identity
+  (model, data, input shape) must match, and so must the layout of its train state (every
+  array's path, shape and dtype; the optimizer's settings decide its state's layout). The
+  UserError names the fields that differ and no file is moved. A checkpoint that fits but fails
+  to restore (a truncated or zeroed array file, garbage metadata, a missing item, nan/inf
+  values) is damaged: it is moved to WORKDIR/bad_checkpoints/ with a WHY.txt and a warning
+  that names the step and the error, and the next older one is tried, so a re-run never stalls
+  on a bad checkpoint and the evidence is kept. With `read_only` (cvjax.evaluate and other
+  readers) a damaged checkpoint is only reported and skipped: readers never move a run's files.
+  `abstract_state` holds ShapeDtypeStructs with shardings, so the arrays come back already
+  placed where the train step wants them.
   """
   restored = None
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))
+      saved_identity = saved['identity']
+      if not isinstance(saved_identity, dict):
+        raise ValueError(f'the identity is a {type(saved_identity).__name__}, not a dict')
+      saved_layout = layout(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(mngr.directory) / str(step) / 'state'))
     except Exception as e:  # pylint: disable=broad-except
-      set_aside(mngr, step, e)
+      set_aside(mngr, step, e, read_only)
       continue
-    check_identity(saved['identity'], identity, step, mngr.directory)
+    check_identity(saved_identity, identity, step, mngr.directory)
+    check_layout(saved_layout, layout(abstract_state), saved_identity, identity, step,
+                 mngr.directory)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))['state']
       if not jax.jit(all_finite)(restored):
         raise ValueError('the saved state holds nan or inf values')
-      break
     except Exception as e:  # pylint: disable=broad-except
       restored = None
-      set_aside(mngr, step, e)
-  if jax.process_count() > 1:
+      set_aside(mngr, step, e, read_only)
+      continue
+    changed = _differences(saved_identity.get('training'), identity.get('training'))
+    if changed:
+      logging.warning('Resuming the checkpoint at step %d with changed settings: %s.', step,
+                      '; '.join(changed))
+    break
+  if jax.process_count() > 1 and not read_only:
     multihost_utils.sync_global_devices('cvjax: bad checkpoints set aside')
   mngr.reload()
   return restored
@@ -71,16 +89,71 @@ def all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+# What may change between a checkpoint and the run that resumes it: the fields under
+# identity['training'] (the optimizer's and the schedule's settings, the length of the run),
+# as long as the train state keeps its layout. A warning lists what changed.
+RESUMABLE = 'training'
+
+
 def check_identity(saved, identity, step, directory):
   """Refuses a checkpoint whose identity differs in a field both record (checkpoints of
-  older versions record fewer fields)."""
-  diff = {k: (saved[k], identity[k]) for k in set(saved) & set(identity) if saved[k] != identity[k]}
+  older versions record fewer fields), other than the resumable settings."""
+  diff = {k: (saved[k], identity[k]) for k in set(saved) & set(identity) - {RESUMABLE}
+          if saved[k] != identity[k]}
   if diff:
     raise UserError(
         f'the workdir holds a checkpoint (step {step}) of a different model or dataset: '
         + '; '.join(f'{k} was {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items()))
         + f'. Use a new --workdir, or the config the checkpoint was made with. '
         f'Nothing in {directory} was changed.')
+
+
+def _key(k):
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def layout(tree):
+  """{'path/to/array': 'shape dtype'} of every array in a train state, or in orbax's metadata
+  of a saved one (the same paths: namedtuples are saved as dicts, tuples as lists)."""
+  return {'/'.join(_key(k) for k in path): f'{tuple(x.shape)} {np.dtype(x.dtype).name}'
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(saved, now, prefix=''):
+  """'field was A, now B' for every leaf of two nested dicts that differs."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [d for k in sorted(set(saved) | set(now), key=str)
+            for d in _differences(saved.get(k), now.get(k), f'{prefix}{k}.')]
+  return [] if saved == now else [f'{prefix[:-1]} was {saved!r}, now {now!r}']
+
+
+def check_layout(saved, now, saved_identity, identity, step, directory):
+  """Refuses a checkpoint whose train state has other arrays than this config builds, naming
+  the settings that differ: restoring it would fail, and that is not damage."""
+  if saved == now:
+    return
+  only_saved = sorted(set(saved) - set(now))
+  only_now = sorted(set(now) - set(saved))
+  reshaped = sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+  what = []
+  for name, keys in (('saved, not built by this config', only_saved),
+                     ('built by this config, not saved', only_now),
+                     ('of another shape or dtype', reshaped)):
+    if keys:
+      what.append(f'{name}: {", ".join(keys[:3])}' + (f' and {len(keys) - 3} more'
+                                                     if len(keys) > 3 else ''))
+  changed = _differences(saved_identity.get(RESUMABLE), identity.get(RESUMABLE))
+  raise UserError(
+      f'the checkpoint at step {step} does not fit this config'
+      + (f' ({"; ".join(changed)})' if changed else '')
+      + f': its train state has other arrays ({"; ".join(what)}). The optimizer\'s structure '
+      'cannot change within a run (optimizer.name, momentum to or from 0); the learning rate, '
+      'schedule, weight decay, a non-zero momentum and the number of steps can. Use a new '
+      f'--workdir, or the config the checkpoint was made with. Nothing in {directory} was '
+      'changed.')
 
 
 def _reason(e):
@@ -92,10 +165,19 @@ def _reason(e):
   return f'{type(e).__name__}: {text[:300]}'
 
 
-def set_aside(mngr, step, error):
-  """Moves an unrestorable checkpoint out of the manager's sight, to WORKDIR/bad_checkpoints."""
+def set_aside(mngr, step, error, read_only=False):
+  """Moves an unrestorable checkpoint out of the manager's sight, to WORKDIR/bad_checkpoints;
+  `read_only`: only says so."""
   checkpoints = epath.Path(mngr.directory)
+  if read_only:
+    logging.warning('The checkpoint at step %d cannot be restored (%s); left it as it is and '
+                    'trying the one before.', step, _reason(error))
+    return
   target = checkpoints.parent / BAD_CHECKPOINTS / str(step)
+  if target.parent.exists() and not target.parent.is_dir():
+    raise UserError(f'the checkpoint at step {step} cannot be restored ({_reason(error)}), and '
+                    f'{target.parent}, where damaged checkpoints are kept, is not a folder: '
+                    'remove or rename that file and re-run.')
   if jax.process_index() == 0:
     target.parent.mkdir(parents=True, exist_ok=True)
     n = 1
@@ -103,7 +185,11 @@ def set_aside(mngr, step, error):
       n += 1
       target = checkpoints.parent / BAD_CHECKPOINTS / f'{step}-{n}'
     (checkpoints / str(step)).rename(target)
-    (target / 'WHY.txt').write_text(f'step {step} could not be restored: {_reason(error)}\n')
+    (target / 'WHY.txt').write_text(
+        f'step {step} could not be restored: {_reason(error)}\n'
+        'It fitted the run (model, data, and the layout of every array in the train state), so '
+        'the failure was its own: damaged or incomplete files. The run went on from the next '
+        f'older checkpoint. To try this one again, move this folder back to checkpoints/{step}.\n')
   logging.warning('The checkpoint at step %d cannot be restored (%s); moved it to %s and '
                   'trying the one before.', step, _reason(error), target)
 

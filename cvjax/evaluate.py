@@ -40,9 +40,11 @@ def restore(s, workdir):
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
   mngr = checkpointing.manager(workdir, s.config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
+      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity,
+      read_only=True)  # An evaluation never moves a run's files.
   if state is None:
-    raise UserError(f'no checkpoint in {workdir}/checkpoints.')
+    raise UserError(f'no checkpoint in {workdir}/checkpoints that restores (see the warnings '
+                    'above); nothing was moved.')
   return state
 
 

@@ -352,9 +352,15 @@ def build_state(config, num_classes, input_shape, total_steps):
 def run_identity(config, num_classes, input_shape, dataset=None):
   """What a checkpoint must match to be restored: the model, the data and its input shape.
   Without `dataset` (imported weights) it matches any data of that input shape and number of
-  classes: checkpointing.check_identity compares the fields both identities record."""
+  classes: checkpointing.check_identity compares the fields both identities record. The
+  optimizer's, the schedule's and the run length's settings are recorded, not matched: they may
+  change when a run resumes, as long as the train state keeps its layout
+  (checkpointing.check_layout)."""
   identity = {'model': config.model.to_dict(), 'num_classes': num_classes,
-              'input_shape': list(input_shape)}
+              'input_shape': list(input_shape), checkpointing.RESUMABLE: json.loads(json.dumps({
+                  'optimizer': config.optimizer.to_dict(), 'schedule': config.schedule.to_dict(),
+                  'num_steps': config.train.num_steps, 'num_epochs': config.train.num_epochs,
+                  'batch_size': config.train.batch_size}))}  # As saved: tuples as lists.
   return identity if dataset is None else {**identity, 'dataset': dataset}
 
 

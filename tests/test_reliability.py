@@ -475,3 +475,75 @@ def test_a_sweep_stops_when_its_trial_was_stopped_by_a_signal(tmp_path, monkeypa
   monkeypatch.setattr(sweep, 'trial_command', trial)
   status = sweep.run_sweep('configs/resnet.py', str(tmp_path / 'two.py'), str(tmp_path / 'w'))
   assert status == {'a': 'stopped'} and ran == ['a']
+
+
+# --- A config that does not fit the checkpoint: refused, nothing moved -----------------------
+
+def snapshot(workdir):
+  """Every file under `workdir` with its bytes (TensorBoard events aside: readers append
+  images there)."""
+  out = {}
+  for folder, _, files in os.walk(workdir):
+    for f in files:
+      path = os.path.join(folder, f)
+      if 'events.out' not in f:
+        with open(path, 'rb') as fh:
+          out[os.path.relpath(path, workdir)] = fh.read()
+  return out
+
+
+def run_evaluate(workdir, *args):
+  return subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={workdir}', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_is_refused_and_nothing_moves(idx_dir,
+                                                                               tmp_path):
+  workdir = tmp_path / 'run'
+  common = [f'--config.{k}={v}' for k, v in {**TINY, 'dataset.path': idx_dir,
+                                              'train.num_steps': 4,
+                                              'train.checkpoint_every_steps': 2}.items()]
+  assert run_main(workdir, *common).returncode == 0
+  before = snapshot(workdir)
+  # momentum 0 has no momentum buffers: the optimizer state has other arrays.
+  out = run_main(workdir, *common, '--config.optimizer.momentum=0')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert re.search(r'checkpoint at step 4 does not fit this config \(optimizer.momentum was '
+                   r'0.9, now 0.0\).*trace', out.stderr), out.stderr[-3000:]
+  assert out.stderr.count('cvjax: error:') == 1
+  assert snapshot(workdir) == before and not (workdir / 'bad_checkpoints').exists()
+  # An evaluation under that config is refused the same way, and moves nothing either.
+  config = tmp_path / 'config.py'
+  config.write_text('import json\nimport ml_collections\n\ndef get_config():\n'
+                    f'  c = ml_collections.ConfigDict(json.load(open({str(workdir / "config.json")!r})))\n'
+                    '  c.optimizer.momentum = 0.0\n  return c\n')
+  out = run_evaluate(workdir, f'--config={config}')
+  assert out.returncode == 2 and 'does not fit this config' in out.stderr, out.stderr[-3000:]
+  assert snapshot(workdir) == before
+  # More steps at a lower learning rate keep the layout: the run resumes, saying what changed.
+  out = run_main(workdir, *common, '--config.train.num_steps=6',
+                 '--config.optimizer.learning_rate=0.05')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 4.' in out.stderr
+  assert re.search(r'changed settings: num_steps was 4, now 6; optimizer.learning_rate was 0.1, '
+                   r'now 0.05', out.stderr), out.stderr[-3000:]
+  assert json.load(open(workdir / 'results.json'))['step'] == 6
+
+
+def test_an_evaluation_skips_a_damaged_checkpoint_without_moving_it(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  common = [f'--config.{k}={v}' for k, v in {**TINY, 'dataset.path': idx_dir,
+                                              'train.num_steps': 4,
+                                              'train.checkpoint_every_steps': 2}.items()]
+  assert run_main(workdir, *common).returncode == 0
+  corrupt(str(workdir / 'checkpoints' / '4'), 'truncated')
+  before = snapshot(workdir)
+  out = run_evaluate(workdir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'checkpoint at step 4 cannot be restored' in out.stderr and 'left it as it is' in \
+      out.stderr
+  assert out.stdout.startswith('step 2:'), out.stdout
+  after = snapshot(workdir)
+  assert {k: v for k, v in after.items() if not k.startswith('error_analysis')} == \
+      {k: v for k, v in before.items() if not k.startswith('error_analysis')}
+  assert not (workdir / 'bad_checkpoints').exists()

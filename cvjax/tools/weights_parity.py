@@ -55,7 +55,7 @@ def restore(workdir, config):
   state = checkpointing.restore_latest(
       checkpointing.manager(workdir, 1),
       checkpointing.abstract_with_sharding(abstract, replicated),
-      train.run_identity(config, num_classes, (size, size, 3)))
+      train.run_identity(config, num_classes, (size, size, 3)), read_only=True)
   return model, state
 
 
