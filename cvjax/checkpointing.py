@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state, tagged with what model and data they belong to;
 restore falls back past checkpoints that fail to load."""
 
+import contextlib
 import os
 import uuid
 
@@ -24,9 +25,34 @@ def directory(workdir):
       'checkpoints'
 
 
+_watched = []  # For each open `saves_finished` block, the managers made inside it.
+
+
 def manager(workdir, keep):
-  return ocp.CheckpointManager(
+  mngr = ocp.CheckpointManager(
       directory(workdir), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  if _watched:
+    _watched[-1].append(mngr)
+  return mngr
+
+
+@contextlib.contextmanager
+def saves_finished():
+  """However the block ends (a bad image, a full disk, an error), the checkpoints its
+  managers are still writing asynchronously are finished first: none is left half-written
+  (an N.orbax-checkpoint-tmp folder) and no orbax error follows the run's own message."""
+  _watched.append([])
+  try:
+    yield
+  except BaseException:
+    for mngr in _watched[-1]:
+      try:
+        mngr.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('A checkpoint being written could not be finished (%s).', _reason(e))
+    raise
+  finally:
+    _watched.pop()
 
 
 def save(mngr, step, state, identity):

@@ -12,6 +12,7 @@ Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
 75 stopped by SIGTERM or SIGINT after saving a checkpoint: re-run the command to resume.
 """
 
+import errno
 import logging as pylogging
 import os
 import shlex
@@ -44,10 +45,47 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Keeps the log to our progress lines: orbax logs every save step at INFO."""
+  """Keeps the log to our progress lines: orbax logs every save step at INFO, and a save that
+  fails (a full disk) as pages of tracebacks from each of its threads, which asyncio repeats
+  for every write; cvjax's own message then says what failed. Their first lines stay."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+    message = record.getMessage()
+    if 'Task exception was never retrieved' in message and '/orbax/' in message:
+      return False
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < pylogging.WARNING or record.exc_info:
+      return False  # An exception that reaches cvjax is reported by cvjax.
+    if '\n' in message:
+      record.msg, record.args = message.strip().splitlines()[0][:300], ()
+      record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def storage_error(e):
+  """One paragraph for a failed write (a full disk, a quota, a read-only file system) in
+  `e`'s chain, else None. orbax reports these as ValueError('RESOURCE_EXHAUSTED: ...')."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    text = str(e)
+    errno_ = getattr(e, 'errno', None)
+    if errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(
+        m in text for m in ('RESOURCE_EXHAUSTED', 'No space left', 'Disk quota exceeded',
+                            'Read-only file system')):
+      step = re.search(r'"([^"]*)/(\d+)\.orbax-checkpoint-tmp', text)
+      path = re.search(r'local file "([^"]+)"', text)
+      where = (f'the checkpoint at step {step[2]} to {step[1]}' if step else
+               path[1] if path else getattr(e, 'filename', None))
+      why = os.strerror(errno_) if errno_ else (
+          'no space left on the device' if 'RESOURCE_EXHAUSTED' in text or 'No space' in text
+          else text.splitlines()[0][:200])
+      return (f'cannot write {where or "to the workdir"}: {why}. The checkpoints and logs '
+              'written before are intact (a half-written checkpoint is ignored); free some '
+              'space and re-run the same command to resume from the newest checkpoint.')
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def main(argv):
@@ -71,9 +109,17 @@ def main(argv):
     sys.exit(2)
   except preemption.Preempted as e:
     pylogging.shutdown()
-    print(f'\ncvjax: {e} Re-run the same command to resume:\n  python -m cvjax.main '
+    print(f'\ncvjax: {e} Re-run the same command to {"resume" if e.step else "start"}:\n'
+          '  python -m cvjax.main '
           f'{shlex.join(sys.argv[1:])}', file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)
+  except Exception as e:  # pylint: disable=broad-except
+    message = storage_error(e)
+    if message is None:
+      raise
+    pylogging.shutdown()
+    print(f'\ncvjax: error: {message}', file=sys.stderr)
+    sys.exit(2)
 
 
 def config_file_error(e, path):

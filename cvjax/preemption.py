@@ -27,8 +27,10 @@ class Preempted(Exception):
   """Raised by the training loop after it saved the checkpoint at `step`."""
 
   def __init__(self, step, signal_name):
-    super().__init__(f'stopped by {signal_name} after step {step}; the checkpoint at step '
-                     f'{step} is saved.')
+    super().__init__(
+        f'stopped by {signal_name} after step {step}; the checkpoint at step {step} is saved.'
+        if step else f'stopped by {signal_name} during start-up, before the first step; there '
+        'was nothing to save yet.')
     self.step = step
     self.signal_name = signal_name
 

@@ -62,6 +62,9 @@ def acquire(workdir):
     raise UserError(f'cannot create --workdir={workdir}: {e.strerror or e}. Choose a folder '
                     'this user can write.') from e
   path = os.path.join(workdir, LOCK_FILE)
+  if os.path.lexists(path) and not os.path.isfile(path):
+    raise UserError(f'{path} is not a file (a folder or a link?): cvjax keeps its run lock '
+                    'there. Remove or rename it and re-run.')
   me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': _start_time(os.getpid()),
         'since': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
   for _ in range(3):
@@ -88,8 +91,14 @@ def acquire(workdir):
     except OSError as e:
       raise UserError(f'cannot write to --workdir={workdir}: {e.strerror or e}. Choose a '
                       'folder this user can write.') from e
-    with os.fdopen(fd, 'w') as f:
-      json.dump(me, f)
+    try:
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+    except OSError as e:  # A full disk: leave no empty lock behind.
+      with contextlib.suppress(OSError):
+        os.remove(path)
+      raise UserError(f'cannot write to --workdir={workdir}: {e.strerror or e}. Free some space '
+                      'or choose another folder.') from None
     return path
   raise UserError(f'could not take the lock {path}: another run keeps creating it.')
 

@@ -547,3 +547,164 @@ def test_an_evaluation_skips_a_damaged_checkpoint_without_moving_it(idx_dir, tmp
   assert {k: v for k, v in after.items() if not k.startswith('error_analysis')} == \
       {k: v for k, v in before.items() if not k.startswith('error_analysis')}
   assert not (workdir / 'bad_checkpoints').exists()
+
+
+# --- Streaming input: the in-memory loader's checks, and a bad image mid-run -----------------
+
+def test_streamed_image_folder_refuses_empty_classes_and_files(tmp_path):
+  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
+  from test_streaming import write_jpeg_folder  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  write_jpeg_folder(root)
+  (root / 'train' / 'n00').mkdir()  # Sorts first: every label would shift by one.
+  with pytest.raises(UserError, match=r'class folder .*train/n00 holds no images.*shifted'):
+    streaming.image_folder(str(root))
+  (root / 'train' / 'n00').rmdir()
+  (root / 'val' / 'n01' / 'n01_0.JPEG').write_bytes(b'')
+  with pytest.raises(UserError, match=r'val/n01/n01_0.JPEG is empty \(0 bytes\)'):
+    streaming.image_folder(str(root))
+  os.remove(root / 'val' / 'n01' / 'n01_0.JPEG')
+  splits = streaming.image_folder(str(root))
+  os.remove(root / 'train' / 'n01' / 'n01_1.JPEG')  # Gone after the listing.
+  with pytest.raises(UserError, match=r'cannot read image .*n01_1.JPEG: No such file'):
+    splits.train[1]
+  with pytest.raises(UserError) as e:
+    streaming.decode({'image': b'\x89PNG\r\n\x1a\n' + bytes(30), 'where': 'x/a.png'})
+  assert 'x/a.png (38 bytes)' in str(e.value) and 'BytesIO' not in str(e.value)
+
+
+def streaming_args(data, workdir, **overrides):
+  flags = {'dataset.pipeline': 'streaming', 'dataset.name': '', 'dataset.path': data,
+           'input.image_size': 32, 'input.normalization': 'imagenet', 'input.crop_padding': 0,
+           'train.batch_size': 8, 'train.eval_batch_size': 4, 'train.num_steps': 12,
+           'train.log_every_steps': 2, 'train.checkpoint_every_steps': 2, 'input.workers': 1,
+           **overrides}
+  return [f'--workdir={workdir}', '--config=configs/resnet.py:resnet8',
+          *(f'--config.{k}={v}' for k, v in flags.items())]
+
+
+def test_a_bad_streamed_image_ends_the_run_with_one_paragraph_and_whole_checkpoints(tmp_path):
+  from test_streaming import write_jpeg_folder  # pylint: disable=g-import-not-at-top
+  data = write_jpeg_folder(tmp_path / 'data', train_per_class=8)
+  bad = tmp_path / 'data' / 'train' / 'n02' / 'n02_3.JPEG'
+  bad.write_bytes(bad.read_bytes()[:100])  # Truncated: decodes only when drawn.
+  workdir = tmp_path / 'run'
+  out = interrupted(streaming_args(data, workdir))
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.count('cvjax: error:') == 1
+  assert re.search(r'cvjax: error: cannot decode image .*n02_3.JPEG \(100 bytes\)', out.stderr)
+  assert 'BytesIO' not in out.stderr
+  last = [l for l in out.stderr.splitlines() if l.startswith(('cvjax', 'E', 'W'))][-1]
+  assert last.endswith('a re-run resumes from the last checkpoint.'), out.stderr[-3000:]
+  saved = os.listdir(workdir / 'checkpoints')
+  assert saved and all(d.isdigit() for d in saved), saved  # None left half-written.
+
+
+STARTUP_SIGNAL = '''
+import os, signal, sys
+from absl import app
+from cvjax import data, main
+original = data.make_input
+
+def loading(*args, **kwargs):  # SIGTERM while the data loads.
+  os.kill(os.getpid(), signal.SIGTERM)
+  return original(*args, **kwargs)
+
+data.make_input = loading
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+def test_sigterm_during_start_up_ends_with_a_message_and_exit_75(idx_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  out = subprocess.run([sys.executable, '-c', STARTUP_SIGNAL, *main_args(idx_dir, workdir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 75 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'cvjax: stopped by SIGTERM during start-up, before the first step; there was nothing ' \
+         'to save yet. Re-run the same command to start:' in out.stderr
+  assert not (workdir / 'checkpoints').exists() and not (workdir / run_lock.LOCK_FILE).exists()
+
+
+def test_workdir_entries_of_the_wrong_type_and_a_full_disk_are_one_paragraph(idx_dir, tmp_path):
+  from cvjax import checkpointing, main  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  (workdir / run_lock.LOCK_FILE).mkdir(parents=True)
+  with pytest.raises(UserError, match=r'lock is not a file'):
+    run_lock.acquire(str(workdir))
+  (workdir / run_lock.LOCK_FILE).rmdir()
+  (workdir / checkpointing.BAD_CHECKPOINTS).write_text('')
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)  # Damaged: nothing in it.
+  with pytest.raises(UserError, match=r'bad_checkpoints, where damaged checkpoints are kept, '
+                     'is not a folder'):
+    checkpointing.set_aside(checkpointing.manager(str(workdir), 1), 4, ValueError('empty'))
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  # orbax's report of a full disk, and a plain one.
+  orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "params.a/0" in OCDBT database at local '
+                     f'file "{workdir}/checkpoints/10.orbax-checkpoint-tmp/state/ocdbt.process_0/"'
+                     ': Failed to write 6036 bytes to file 7: No space left on device')
+  assert main.storage_error(RuntimeError('wrapped').with_traceback(None)) is None
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = orbax
+  assert main.storage_error(wrapped).startswith(
+      f'cannot write the checkpoint at step 10 to {workdir}/checkpoints: no space left')
+  full = OSError(28, os.strerror(28), str(workdir / 'metrics.jsonl'))
+  assert main.storage_error(full).startswith(f'cannot write {workdir}/metrics.jsonl: No space')
+
+
+GRAIN_PARENT = '''
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from cvjax.data import streaming
+import grain
+ds = grain.MapDataset.range(10 ** 6).map(lambda i: i)
+it = streaming._iterate(ds, workers=2, threads=1)
+next(it)
+print(' '.join(str(p) for p in sys.argv[2:]), flush=True)
+time.sleep(600)
+'''
+
+
+def children_of(pid):
+  """Pids of the live descendants of `pid`, from /proc."""
+  parents = {}
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      if fields[0] != 'Z':
+        parents[int(entry)] = int(fields[1])
+    except (OSError, ValueError, IndexError):
+      pass
+  found, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    kids = [c for c, pp in parents.items() if pp == p]
+    found += kids
+    todo += kids
+  return found
+
+
+def alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='reads /proc')
+def test_grain_workers_die_with_their_parent(tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  parent = subprocess.Popen([sys.executable, '-c', GRAIN_PARENT, ROOT], stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    parent.stdout.readline()  # The workers are up.
+    children = children_of(parent.pid)  # 2 workers and multiprocessing's resource tracker.
+    assert len(children) >= 2, children
+  finally:
+    parent.kill()  # kill -9: no handler, no atexit.
+    parent.wait()
+  deadline = time.time() + 30
+  while time.time() < deadline and any(map(alive, children)):
+    time.sleep(0.5)
+  assert not [c for c in children if alive(c)]

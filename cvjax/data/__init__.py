@@ -35,7 +35,14 @@ def pipeline_for(cfg):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   sample = [items[int(i)] for items in files.values()
             for i in np.linspace(0, len(items) - 1, 8)]
-  sizes = {Image.open(os.path.join(path, p)).size for _, p in sample}
+  sizes = set()
+  for _, p in sample:
+    try:
+      with Image.open(os.path.join(path, p)) as img:
+        sizes.add(img.size)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'cannot read image {os.path.join(path, p)}: {type(e).__name__}: '
+                      f'{getattr(e, "strerror", None) or e}. Replace or remove the file.') from None
   count = sum(len(items) for items in files.values())
   w, h = max(sizes)
   return 'streaming' if len(sizes) > 1 or count * w * h * 3 > MEMORY_BUDGET_BYTES else 'memory'

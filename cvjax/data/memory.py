@@ -420,8 +420,11 @@ def load_image_folder(root) -> Dataset:
       full = os.path.join(dirpath, fname)
       key = _split_class(os.path.relpath(full, root))
       if key:
-        with open(full, 'rb') as f:
-          files[key[0]].append((key[1], full, f.read()))
+        try:
+          with open(full, 'rb') as f:
+            files[key[0]].append((key[1], full, f.read()))
+        except OSError as e:  # Gone or unreadable since it was listed.
+          raise UserError(f'cannot read image {full}: {e.strerror or e}.') from None
   return _stack(files, root, class_dirs)
 
 

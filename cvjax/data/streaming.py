@@ -19,7 +19,9 @@ import functools
 import io
 import os
 import queue
+import re
 import threading
+import time
 
 import numpy as np
 
@@ -45,8 +47,12 @@ class FolderSource:
 
   def __getitem__(self, i):
     path = os.path.join(self.root, self.paths[i].decode())
-    with open(path, 'rb') as f:
-      return {'image': f.read(), 'label': int(self.labels[i]), 'where': path}
+    try:
+      with open(path, 'rb') as f:
+        return {'image': f.read(), 'label': int(self.labels[i]), 'where': path}
+    except OSError as e:  # Gone, or unreadable, since the folder was listed.
+      raise UserError(f'cannot read image {path}: {e.strerror or e}. Restore or remove the file; '
+                      'a re-run resumes from the last checkpoint.') from None
 
 
 @dataclasses.dataclass
@@ -74,9 +80,11 @@ class Splits:
   class_names: list
 
 
-def list_image_folder(root):
+def list_image_folder(root, problems=None):
   """{split: [(class, relative path)]} for `train/`, `val/` and `test/` (one level of class
-  folders, optionally under one top-level folder), in sorted order."""
+  folders, optionally under one top-level folder), in sorted order. `problems`, a list, gets
+  what a run could not use: class folders without images and empty (0-byte) image files
+  (one stat per file, from the listing)."""
   out = {}
   for top in (root, *[os.path.join(root, d) for d in sorted(os.listdir(root))
                       if os.path.isdir(os.path.join(root, d))]):
@@ -88,16 +96,31 @@ def list_image_folder(root):
       for cls in sorted(os.listdir(split_dir)):
         cls_dir = os.path.join(split_dir, cls)
         if os.path.isdir(cls_dir):
-          files += [(cls, os.path.relpath(os.path.join(cls_dir, f), root))
-                    for f in sorted(os.listdir(cls_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+          images = sorted((e.name, e) for e in os.scandir(cls_dir)
+                          if e.name.lower().endswith(IMAGE_EXTENSIONS))
+          files += [(cls, os.path.relpath(os.path.join(cls_dir, f), root)) for f, _ in images]
+          if problems is not None:
+            if not images:
+              problems.append(f'class folder {os.path.join(split_dir, cls)} holds no images')
+            problems += [f'{e.path} is empty (0 bytes)' for _, e in images
+                         if e.stat().st_size == 0]
       if files:
         out[split] = files
   return out
 
 
 def image_folder(root) -> Splits:
-  """An ILSVRC-layout folder: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG (or test/)."""
-  files = list_image_folder(root)
+  """An ILSVRC-layout folder: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG (or test/); refuses
+  what the in-memory loader refuses (cvjax.input_pipeline): an empty class folder would
+  shift the labels of every class after it."""
+  problems = []
+  files = list_image_folder(root, problems)
+  if problems:
+    raise UserError(f'image folder {root}: {"; ".join(problems[:5])}'
+                    + (f' (and {len(problems) - 5} more)' if len(problems) > 5 else '')
+                    + '. An empty class would be dropped and the labels of the classes after it '
+                    'shifted, and an empty file stops the run when it is drawn: add the images, '
+                    'or remove the folder or file.')
   test_split = 'val' if 'val' in files else 'test'
   if 'train' not in files or test_split not in files:
     raise UserError(f'image folder {root} needs train/<class>/*.JPEG and val/<class>/*.JPEG '
@@ -158,12 +181,18 @@ def tfds_imagenet(name, data_dir, download=True) -> Splits:
 # --- transforms: run in the worker processes, numpy and PIL only ------------------------
 
 def decode(record):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  data = record['image']
   try:
-    img = Image.open(io.BytesIO(record['image']))
+    img = Image.open(io.BytesIO(data))
     return img.convert('RGB')  # Greyscale and CMYK JPEGs occur in ImageNet.
-  except Exception as e:
-    raise UserError(f'cannot decode image {record.get("where", "")}: {e}') from e
+  except UnidentifiedImageError:
+    why = f'its {len(data)} bytes are not in an image format PIL reads (they begin {data[:8]!r})'
+  except Exception as e:  # pylint: disable=broad-except
+    why = f'{type(e).__name__}: ' + re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the file',
+                                           str(e))
+  raise UserError(f'cannot decode image {record.get("where", "")} ({len(data)} bytes): {why}. '
+                  'Replace or remove the file; a re-run resumes from the last checkpoint.')
 
 
 def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):
@@ -232,8 +261,23 @@ def _iterate(ds, workers, threads):
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # Used as a library: grain's workers read its flags.
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()))
   return iter(it)
+
+
+def die_with_parent(worker_index, num_workers, *, parent, poll_seconds=1.0):
+  """Runs in each grain worker: exits when `parent`, the process that started it, is gone
+  (also if it went while this worker was starting). A kill -9 of the training process leaves
+  no one to stop its workers, and each holds a few hundred MB (an ImageNet run starts up to
+  16); multiprocessing's resource tracker then ends with them."""
+  del worker_index, num_workers
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll_seconds)
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True, name='cvjax-parent-watch').start()
 
 
 def train_dataset(source, *, seed, batch_size, start_step, transform, process_index=0,
