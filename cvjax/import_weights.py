@@ -81,7 +81,15 @@ def load_state_dict(path):
   if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
     raise UserError(f'--weights={path} holds a {type(state).__name__}, not a state dict of '
                     'tensors (name -> tensor), as torchvision publishes its weights.')
-  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+  arrays = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+  bad = [f'{k} ({np.count_nonzero(~np.isfinite(v))} of {v.size} values)'
+         for k, v in arrays.items() if not np.all(np.isfinite(v))]
+  if bad:  # A fine-tune would set the checkpoint aside and silently start from random weights.
+    raise UserError(f'--weights={path} holds nan or inf values in {len(bad)} tensor(s): '
+                    + ', '.join(bad[:8]) + (', ...' if len(bad) > 8 else '')
+                    + '. The file is damaged or came from a run that diverged; nothing was '
+                    'written.')
+  return arrays
 
 
 # --- cvjax variable path -> (torchvision name, layout). ---
@@ -231,6 +239,11 @@ def import_weights(model, weights, workdir, config=None, num_classes=None):
   from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
   if model not in SOURCES:
     raise UserError(f'unknown --model={model!r}; expected one of {", ".join(SOURCES)}.')
+  if num_classes is not None and num_classes < 1:
+    raise UserError(f'--num_classes={num_classes}; expected at least 1 (the classes of the new '
+                    'last layer), or leave it out to keep the file\'s.')
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise UserError(f'--workdir={workdir} exists and is not a directory.')
   checkpoints = checkpointing.directory(workdir)
   if checkpoints.is_dir() and any(checkpoints.iterdir()):
     raise UserError(f'{checkpoints} is not empty; import into a new --workdir.')

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 from absl import logging
 import jax
@@ -21,6 +22,9 @@ from jax.experimental import multihost_utils
 from cvjax import errors
 
 EXIT_CODE = errors.PREEMPTED_EXIT_CODE
+# A second signal this soon after the first is the same request delivered twice, not a
+# request to stop at once.
+REPEAT_SECONDS = 1.0
 
 
 class Preempted(Exception):
@@ -41,7 +45,7 @@ def watch():
   if threading.current_thread() is not threading.main_thread():
     yield lambda step: None  # Signals reach only the main thread; nothing to watch.
     return
-  received = []
+  received, since = [], []
 
   def on_signal(signum, frame):
     del frame
@@ -50,11 +54,14 @@ def watch():
       received.append(name)
       os.kill(os.getpid(), signal.SIGTERM)
       return
+    if received and time.monotonic() - since[0] < REPEAT_SECONDS:
+      return  # The same request twice (to the process group, and passed on by a sweep).
     if received:  # The second signal: stop now, as if no handler were installed.
       restore()
       os.kill(os.getpid(), signum)
       return
     received.append(name)
+    since.append(time.monotonic())
     logging.warning('%s received: finishing the steps in flight (at most two, or the '
                     'evaluation under way), then saving a checkpoint and stopping (send it '
                     'again to stop at once and lose the steps since the last checkpoint).',

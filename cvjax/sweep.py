@@ -9,12 +9,15 @@ own. A trial whose workdir holds results.json is finished and skipped; an interr
 resumes from its checkpoint. `--dry_run` prints the commands instead.
 """
 
+import contextlib
 import importlib.util
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -35,19 +38,51 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
 flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
+TRIAL_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')  # A folder, a slice name, a bucket path.
+
+
 def load_trials(spec):
-  """`path[:arg]` -> [(name, overrides)]."""
+  """`path[:arg]` -> [(name, overrides)]; a sweep file that fails to load, or trials that are
+  not (name, {field: value}) pairs with valid names, are a UserError naming the file."""
   path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    raise app.UsageError(f'--sweep={spec}: {path} does not exist.')
-  module_spec = importlib.util.spec_from_file_location('sweep', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  trials = module.get_trials(arg or None)
+  if not os.path.isfile(path):
+    raise errors.UserError(f'--sweep={spec}: {path} is not a file.')
+  try:
+    module_spec = importlib.util.spec_from_file_location('sweep', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_trials'):
+      raise errors.UserError(f'sweep file {path} has no get_trials(); a sweep file defines '
+                             '`def get_trials(arg=None)` returning [(name, {field: value})].')
+    trials = module.get_trials(arg or None)
+  except errors.UserError:
+    raise
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+    raise errors.UserError(f'sweep file {path}{_where(e, path)}: {type(e).__name__}: '
+                           f'{getattr(e, "msg", None) or e}') from None
+  if not isinstance(trials, (list, tuple)) or not all(
+      isinstance(t, (list, tuple)) and len(t) == 2 and isinstance(t[1], dict) for t in trials):
+    raise errors.UserError(f'sweep file {path}: get_trials() returned {type(trials).__name__} '
+                           f'{str(trials)[:80]}; expected a list of (name, {{field: value}}).')
   names = [name for name, _ in trials]
+  for name in names:
+    if not isinstance(name, str) or not TRIAL_NAME.fullmatch(name) or name in ('.', '..'):
+      raise errors.UserError(
+          f'sweep file {path}: trial name {name!r} is not a plain folder name. A trial trains '
+          'in WORKDIR/NAME (and on TPU names a slice): letters, digits, ".", "_" and "-", '
+          'starting with a letter or digit, no "/" or "..".')
   if len(set(names)) != len(names):
-    raise ValueError(f'{path}: trial names must be unique, got {names}.')
+    raise errors.UserError(f'{path}: trial names must be unique, got {names}.')
   return trials
+
+
+def _where(e, path):
+  """', line N' of the sweep file where `e` was raised, if it was raised there."""
+  if isinstance(e, SyntaxError) and e.lineno:
+    return f', line {e.lineno}'
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.exists(f.filename) and os.path.samefile(f.filename, path)]
+  return f', line {frames[-1].lineno}' if frames else ''
 
 
 def format_value(value):
@@ -71,54 +106,93 @@ def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):
   trials = load_trials(sweep)
   unknown = set(only) - {name for name, _ in trials}
   if unknown:
-    raise app.UsageError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
-                         f'{[n for n, _ in trials]}.')
-  status = {}
-  for name, overrides in trials:
-    if only and name not in only:
-      continue
-    cmd = trial_command(config, workdir, name, overrides, extra)
-    if dry_run:
-      print(shlex.join(cmd))
-      status[name] = 'dry-run'
-    elif is_finished(os.path.join(workdir, name)):
-      print(f'[sweep] {name}: finished, skipped.', flush=True)
-      status[name] = 'skipped'
-    else:
-      print(f'[sweep] {name}: {shlex.join(cmd)}', flush=True)
-      code = run_trial(cmd)
-      if code == errors.PREEMPTED_EXIT_CODE:  # The trial saved and stopped: so does the sweep.
-        print(f'[sweep] {name}: stopped by a signal after saving its checkpoint; re-run the '
-              'sweep to resume.', flush=True)
+    raise errors.UserError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
+                           f'{[n for n, _ in trials]}.')
+  status, stop = {}, []
+  with stopping_between_trials(stop):
+    for name, overrides in trials:
+      if only and name not in only:
+        continue
+      if stop:  # A signal between trials: start no other.
+        print(f'[sweep] stopped by {stop[0]} before trial {name}.', flush=True)
         status[name] = 'stopped'
         break
-      status[name] = 'ran' if code == 0 else 'failed'
+      cmd = trial_command(config, workdir, name, overrides, extra)
+      if dry_run:
+        print(shlex.join(cmd))
+        status[name] = 'dry-run'
+      elif is_finished(os.path.join(workdir, name)):
+        print(f'[sweep] {name}: finished, skipped.', flush=True)
+        status[name] = 'skipped'
+      else:
+        print(f'[sweep] {name}: {shlex.join(cmd)}', flush=True)
+        code = run_trial(cmd, stop)
+        if code == errors.PREEMPTED_EXIT_CODE:  # The trial saved and stopped: so does the sweep.
+          print(f'[sweep] {name}: stopped by a signal after saving its checkpoint; re-run the '
+                'sweep to resume.', flush=True)
+          status[name] = 'stopped'
+          break
+        status[name] = 'ran' if code == 0 else 'failed'
   return status
 
 
-def run_trial(cmd):
-  """The trial's exit status. Ctrl-C reaches the trial through the terminal's process group,
-  and the trial then saves a checkpoint before it stops: wait for it (subprocess.run would
-  kill it 0.25 s after the KeyboardInterrupt)."""
-  with subprocess.Popen(cmd) as proc:
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # After the fork: not inherited.
+def run_trial(cmd, stop=None):
+  """The trial's exit status. The trial runs in its own session, and SIGTERM or SIGINT to the
+  sweep (Ctrl-C, a scheduler, `kill PID`) is passed on to it once: the trial saves a
+  checkpoint and stops, and the sweep waits for it (subprocess.run would kill it 0.25 s
+  after a KeyboardInterrupt). `stop` gets the signal's name."""
+  stop = [] if stop is None else stop
+  with subprocess.Popen(cmd, start_new_session=True) as proc:
+    def forward(signum, frame):
+      del frame
+      stop.append(signal.Signals(signum).name)
+      print(f'[sweep] {signal.Signals(signum).name}: passed on to the trial; waiting for it to '
+            'save its checkpoint.', flush=True)
+      proc.send_signal(signum)
+    ours = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, forward) for s in ours}  # After the fork: not inherited.
     try:
-      return proc.wait()
+      while True:
+        try:
+          return proc.wait()
+        except InterruptedError:
+          continue
     finally:
-      signal.signal(signal.SIGINT, previous)
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def stopping_between_trials(stop):
+  """SIGTERM or SIGINT while no trial runs: finish the current step of the loop, then stop."""
+  def note(signum, frame):
+    del frame
+    stop.append(signal.Signals(signum).name)
+  ours = (signal.SIGINT, signal.SIGTERM)
+  previous = {s: signal.signal(s, note) for s in ours}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def main(argv):
   # Unparsed --config.* flags are overrides for every trial.
   extra = [a for a in argv[1:] if a.startswith('--config.')]
   rest = [a for a in argv[1:] if not a.startswith('--config.')]
-  if rest:
-    raise app.UsageError(f'unexpected arguments {rest}')
   passed = {'distributed': _DISTRIBUTED.value, 'coordinator_address': _COORDINATOR.value,
             'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value}
   extra = [f'--{k}={v}' for k, v in passed.items() if v is not None] + extra
-  status = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, only=_ONLY.value,
-                     dry_run=_DRY_RUN.value, extra=extra)
+  try:
+    if rest:
+      raise errors.UserError(f'unexpected argument(s) {" ".join(rest)}: flags are written '
+                             '--name=value.')
+    status = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value, only=_ONLY.value,
+                       dry_run=_DRY_RUN.value, extra=extra)
+  except errors.UserError as e:
+    print(f'cvjax.sweep: error: {e}', file=sys.stderr)
+    sys.exit(2)
   failed = [n for n, s in status.items() if s == 'failed']
   print(f'[sweep] {len(status)} trials: ' + ', '.join(f'{n} {s}' for n, s in status.items()))
   if 'stopped' in status.values():

@@ -151,3 +151,21 @@ def test_an_import_with_new_classes_evaluates_and_fine_tunes(resnet18_pth, tmp_p
   after = np.asarray(state.params['conv1']['kernel']).ravel()
   # Training started from the imported stem (a fresh initialisation would be uncorrelated).
   assert not np.array_equal(before, after) and np.corrcoef(before, after)[0, 1] > 0.9
+
+
+def test_non_finite_weights_and_bad_flags_are_refused(resnet18_pth, tmp_path):
+  def poison(state):
+    state['layer2.0.conv1.weight'][0, 0, 0, 0] = float('nan')
+    state['fc.bias'][3] = float('inf')
+  with pytest.raises(UserError, match=r'nan or inf values in 2 tensor\(s\): layer2.0.conv1.weight '
+                     r'\(1 of 73728 values\), fc.bias \(1 of 1000 values\)'):
+    import_weights.import_weights('resnet18', edited(resnet18_pth, tmp_path, poison),
+                                  str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+  with pytest.raises(UserError, match=r'--num_classes=-3; expected at least 1'):
+    import_weights.import_weights('resnet18', resnet18_pth, str(tmp_path / 'run'),
+                                  num_classes=-3)
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(UserError, match=r'file exists and is not a directory'):
+    import_weights.import_weights('resnet18', resnet18_pth, str(tmp_path / 'file'))
+  assert not os.path.exists(tmp_path / 'run')

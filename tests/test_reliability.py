@@ -708,3 +708,64 @@ def test_grain_workers_die_with_their_parent(tmp_path):
   while time.time() < deadline and any(map(alive, children)):
     time.sleep(0.5)
   assert not [c for c in children if alive(c)]
+
+
+# --- Sweeps: bad sweep files, trial names, and SIGTERM to the sweep ---------------------------
+
+SWEEP_FILES = {
+    'raises.py': ('def get_trials(arg=None):\n  raise ValueError("no")\n',
+                  r'raises.py, line 2: ValueError: no'),
+    'syntax.py': ('def get_trials(:\n', r'syntax.py, line 1: SyntaxError'),
+    'missing.py': ('X = 1\n', r'missing.py has no get_trials\(\)'),
+    'none.py': ('def get_trials(arg=None):\n  return None\n',
+                r'get_trials\(\) returned NoneType'),
+    'exits.py': ('import sys\nsys.exit(3)\n', r'exits.py, line 2: SystemExit: 3'),
+    'absolute.py': ('def get_trials(arg=None):\n  return [("/tmp/x", {})]\n',
+                    r"trial name '/tmp/x' is not a plain folder name"),
+    'up.py': ('def get_trials(arg=None):\n  return [("..", {})]\n', r"trial name '..' is not"),
+    'nested.py': ('def get_trials(arg=None):\n  return [("a/../../b", {})]\n', r"'a/../../b'"),
+    'empty_name.py': ('def get_trials(arg=None):\n  return [("", {})]\n', r"trial name ''"),
+    'flag.py': ('def get_trials(arg=None):\n  return [("-x", {})]\n', r"trial name '-x'"),
+}
+
+
+@pytest.mark.parametrize('name', sorted(SWEEP_FILES))
+def test_bad_sweep_files_and_trial_names_are_refused_before_any_trial(tmp_path, name):
+  from cvjax import sweep  # pylint: disable=g-import-not-at-top
+  text, message = SWEEP_FILES[name]
+  (tmp_path / name).write_text(text)
+  with pytest.raises(UserError, match=message):
+    sweep.run_sweep('configs/resnet.py', str(tmp_path / name), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_bad_sweep_file_is_one_paragraph_and_exit_2(tmp_path):
+  (tmp_path / 'up.py').write_text(SWEEP_FILES['up.py'][0])
+  out = subprocess.run([sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
+                        f'--sweep={tmp_path / "up.py"}', f'--workdir={tmp_path / "w"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.startswith('cvjax.sweep: error: sweep file') and out.stderr.count('\n') == 1
+
+
+def test_sigterm_to_a_sweep_stops_its_trial_after_a_checkpoint(idx_dir, tmp_path):
+  (tmp_path / 'two.py').write_text(
+      'def get_trials(arg=None):\n  return [("a", {}), ("b", {})]\n')
+  flags = {**TINY, **LONG, 'dataset.path': idx_dir}
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py:resnet8',
+       f'--sweep={tmp_path / "two.py"}', f'--workdir={tmp_path / "w"}',
+       *(f'--config.{k}={v}' for k, v in flags.items())],
+      cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  log = []
+  for line in proc.stdout:
+    log.append(line)
+    if 'First step' in line:
+      proc.send_signal(signal.SIGTERM)  # To the sweep's pid only.
+  assert proc.wait() == 75, ''.join(log)[-3000:]
+  text = ''.join(log)
+  assert '[sweep] SIGTERM: passed on to the trial' in text
+  assert 'cvjax: stopped by SIGTERM after step' in text and '[sweep] a: stopped' in text
+  trial = tmp_path / 'w' / 'a'
+  assert latest_checkpoint(trial) >= 1 and not (trial / run_lock.LOCK_FILE).exists()
+  assert not (tmp_path / 'w' / 'b').exists()
