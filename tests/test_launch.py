@@ -117,7 +117,7 @@ def test_slurm_dry_run_prints_the_script_and_the_submission(dry):
     ([*TPU, '--parallel=2', 'configs/resnet.py', 'gs://b/w'], 'apply to sweeps'),
     ([*TPU, 'configs/resnet.py', 'gs://b/w', '--sweep=experiments/depth_ablation.py',
       '--only=resnet7'], 'unknown trials'),
-    ([*TPU, 'configs/resnet.py', 'gs://b/w', '--sweep=experiments/nope.py'], 'does not exist'),
+    ([*TPU, 'configs/resnet.py', 'gs://b/w', '--sweep=experiments/nope.py'], 'is not a file'),
     ([*SLURM, 'configs/resnet.py', 'w', '--bogus'], 'unexpected arguments'),
 ])
 def test_bad_launch_input_is_one_paragraph_and_exit_2(dry, argv, message):
@@ -201,3 +201,84 @@ def test_sweep_passes_the_coordinator_flags_to_every_trial():
   for argv in trials:
     assert argv[5:9] == ['--coordinator_address=host0:1234', '--num_processes=2',
                          '--process_id=1', '--config.seed=3'], argv
+
+
+# --- Values that reach a shell or a script: refused, or quoted ---
+
+@pytest.mark.parametrize('argv,message', [
+    ([*SLURM, '--partition=gpu\necho pwned', 'configs/resnet.py', 'w'], "--partition='gpu\\necho"),
+    ([*SLURM, '--job_name=../../x', 'configs/resnet.py', 'w'], "--job_name='../../x' is not"),
+    ([*SLURM, '--time=1:00\nrm -rf ~', 'configs/resnet.py', 'w'], 'a Slurm time limit'),
+    ([*SLURM, 'configs/resnet.py', 'w\n#SBATCH --x'], 'without line breaks'),
+    ([*SLURM, 'configs/resnet.py', 'my runs/w'], 'takes no spaces or quotes'),
+    (['tpu', '--name=--impersonate-service-account=a@b', '--zone=us-central2-b', '--type=v4-8',
+      'configs/resnet.py', 'gs://b/w'], "--name='--impersonate-service-account=a@b' is not a TPU"),
+    (['tpu', '--name=x', '--zone=us-central2-b;id', '--type=v4-8', 'configs/resnet.py',
+      'gs://b/w'], 'a Cloud zone'),
+])
+def test_values_a_target_would_misread_are_refused(dry, argv, message):
+  rc, _, err = dry(*argv, '--dry-run')
+  assert rc == 2 and message in err and 'Traceback' not in err, err
+
+
+def test_trial_names_that_make_bad_slice_names_are_refused(dry, tmp_path):
+  (tmp_path / 's.py').write_text('def get_trials(arg=None):\n  return [("v1.5", {})]\n')
+  rc, _, err = dry(*TPU, '--parallel=1', 'configs/resnet.py', 'gs://b/w', f'--sweep={tmp_path}/s.py')
+  assert rc == 2 and "trial 'v1.5' would run on a slice named 'depth-v1.5'" in err, err
+
+
+STAND_IN = '''#!/bin/bash
+# Stands in for {tool}: records its arguments, runs what it would run.
+printf '%s\\0' "$@" >> "$LOG/{tool}.args"; echo >> "$LOG/{tool}.args"
+{body}
+'''
+
+
+def stand_ins(tmp_path):
+  """A PATH folder with sbatch, srun, gcloud and python3 that record their arguments: sbatch
+  runs the script, gcloud ssh runs its --command with bash."""
+  bin_dir, log = tmp_path / 'bin', tmp_path / 'log'
+  bin_dir.mkdir()
+  log.mkdir()
+  bodies = {'sbatch': 'bash "$1"', 'srun': 'true', 'python3': 'true',
+            'gcloud': 'for a in "$@"; do case $a in describe) echo ACTIVE;; '
+                      'scp) cp cvjax-code.tar.gz "$HOME/";; '
+                      '--command=*) (cd "$HOME" && bash -c "${a#--command=}");; esac; done'}
+  for tool, body in bodies.items():
+    (bin_dir / tool).write_text(STAND_IN.format(tool=tool, body=body))
+    (bin_dir / tool).chmod(0o755)
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'LOG': str(log),
+         'HOME': str(tmp_path / 'home'), 'PYTHONPATH': ROOT}
+  (tmp_path / 'home' / 'cvjax').mkdir(parents=True)
+  return env, log
+
+
+def recorded(log, tool):
+  return [line.split('\0') for line in (log / f'{tool}.args').read_text().split('\0\n')
+          if line]
+
+
+def test_injected_values_reach_the_tools_as_data_not_commands(tmp_path):
+  env, log = stand_ins(tmp_path)
+  evil = '--config.model.name=$(touch PWNED);touch PWNED2'
+  work = tmp_path / 'w'
+  out = subprocess.run([os.path.join(ROOT, 'launch.sh'), *SLURM, 'configs/resnet.py', str(work),
+                        evil], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  srun = recorded(log, 'srun')
+  assert srun == [['python', '-m', 'cvjax.main', '--config=configs/resnet.py',
+                   f'--workdir={work}', evil]]
+  out = subprocess.run([os.path.join(ROOT, 'launch.sh'), *SLURM, '--job_name=a\ntouch PWNED3',
+                        'configs/resnet.py', str(work)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2 and len(recorded(log, 'sbatch')) == 1
+  # A TPU slice: the ssh command runs through a shell on the VM; the value stays one argument.
+  out = subprocess.run([os.path.join(ROOT, 'launch.sh'), *TPU, 'configs/resnet.py', 'gs://b/w',
+                        evil], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  runs = [a for a in recorded(log, 'python3') if 'cvjax.main' in a]
+  assert runs == [['-m', 'cvjax.main', '--config=configs/resnet.py', '--workdir=gs://b/w',
+                   '--distributed=on', evil]]
+  for place in (ROOT, tmp_path, tmp_path / 'home', tmp_path / 'home' / 'cvjax'):
+    assert not [f for f in os.listdir(place) if f.startswith('PWNED')], place

@@ -18,6 +18,7 @@ rank, the process count and the coordinator from Slurm's environment), and submi
 import argparse
 import concurrent.futures
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -82,6 +83,46 @@ def parse(argv):
   return args
 
 
+# What each target accepts (anything else is refused, never quoted into a name): a value
+# starting with '-' would become a flag of gcloud or sbatch, and a newline a line of the job.
+NAMES = {
+    'name': (r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?', 'a TPU name: lowercase letters, digits and '
+             '"-", starting with a letter, at most 63 characters'),
+    'zone': (r'[a-z]+-[a-z]+[0-9]+-[a-z]', 'a Cloud zone such as us-central2-b'),
+    'type': (r'[a-z0-9]+-[0-9]+', 'an accelerator type such as v4-8 or v5litepod-16'),
+    'project': (r'([a-z][a-z0-9.-]*:)?[a-z][-a-z0-9]{4,28}[a-z0-9]', 'a Cloud project ID'),
+    'runtime_version': (r'[a-z0-9][-a-z0-9.]*', 'a TPU software version such as '
+                        'tpu-ubuntu2204-base'),
+    'job_name': (r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}', 'a job name: letters, digits, ".", "_" '
+                 'and "-" (it also names the script WORKDIR/JOB_NAME.sbatch)'),
+    'partition': (r'[A-Za-z0-9_][A-Za-z0-9_.-]*(,[A-Za-z0-9_][A-Za-z0-9_.-]*)*',
+                  'a Slurm partition name, or several separated by commas'),
+    'time': (r'(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE|unlimited|infinite',
+             'a Slurm time limit: MINUTES, HH:MM:SS, D-HH:MM:SS or UNLIMITED'),
+}
+
+
+def check_values(args):
+  """Refuses values that the target would not take as the name they are: a `--name` that
+  gcloud would read as a flag, a `--job_name` that leaves WORKDIR, a newline that the sbatch
+  script would run as a command."""
+  for key, (pattern, what) in NAMES.items():
+    value = getattr(args, key, None)
+    if value not in (None, '') and not re.fullmatch(pattern, value):
+      raise LaunchError(f'--{key}={value!r} is not {what}.')
+  for key in ('config', 'workdir', 'sweep'):
+    value = getattr(args, key, None) or ''
+    if value.startswith('-') or any(c in value for c in '\n\r\0'):
+      raise LaunchError(f'{key.upper()}={value!r}: expected a path (not starting with "-", '
+                        'without line breaks).')
+  if args.target == 'slurm' and re.search(r'\s|["\'\\]', args.workdir):
+    raise LaunchError(f'WORKDIR={args.workdir!r}: the sbatch script names it in an #SBATCH line, '
+                      'which takes no spaces or quotes; choose a path without them.')
+  bad = [o for o in args.overrides if any(c in o for c in '\n\r\0')]
+  if bad:
+    raise LaunchError(f'overrides {bad} hold line breaks.')
+
+
 def require(args, names, example):
   missing = [f'--{n}' for n in names if getattr(args, n) in (None, '')]
   if missing:
@@ -102,8 +143,8 @@ def trials(args):
     return []
   try:
     all_trials = sweep_lib.load_trials(args.sweep)
-  except Exception as e:  # A missing or broken sweep file.
-    raise LaunchError(f'--sweep={args.sweep}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except  # A missing or broken sweep file.
+    raise LaunchError(f'--sweep={args.sweep}: {e}') from None
   unknown = set(args.only) - {n for n, _ in all_trials}
   if unknown:
     raise LaunchError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
@@ -226,6 +267,7 @@ def launch_tpu(args):
   require(args, ('name', 'zone', 'type'),
           './launch.sh tpu --name=my-tpu --zone=us-central2-b --type=v4-8 configs/resnet.py '
           'gs://my-bucket/runs/resnet20')
+  check_values(args)
   if args.parallel < 0:
     raise LaunchError(f'--parallel={args.parallel}; expected a positive number of slices.')
   remote = '://' in args.workdir
@@ -238,6 +280,9 @@ def launch_tpu(args):
     plans = []
     for trial, overrides in trials(args):
       name = f'{args.name}-{trial}'.lower().replace('_', '-')
+      if not re.fullmatch(NAMES['name'][0], name):
+        raise LaunchError(f'trial {trial!r} would run on a slice named {name!r}, which is not '
+                          f'{NAMES["name"][1]}; rename the trial or shorten --name.')
       command = sweep_lib.trial_command(args.config, args.workdir, trial, overrides,
                                         [*distributed, *args.overrides], python='python3')
       plans.append((name, tpu_steps(args, name, command,
@@ -304,6 +349,7 @@ def sbatch_script(args):
 def launch_slurm(args):
   require(args, ('nodes', 'gpus_per_node'),
           './launch.sh slurm --nodes=2 --gpus_per_node=4 configs/resnet.py runs/resnet20')
+  check_values(args)
   if args.nodes <= 0 or args.gpus_per_node <= 0:
     raise LaunchError(f'--nodes={args.nodes} --gpus_per_node={args.gpus_per_node}; expected '
                       'positive numbers.')
