@@ -90,7 +90,9 @@ def storage_error(e):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'cvjax: error: unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
+          f'written --name=value.\n{USAGE}', file=sys.stderr)
+    sys.exit(2)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DRY_RUN.value:
     try:
@@ -190,10 +192,17 @@ def parse_flags(argv):
       raise TypeError(f'config file {path}: get_config() returned '
                       f'{type(_CONFIG.value).__name__}, expected an ml_collections.ConfigDict.')
     return args
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+    if isinstance(e, SystemExit) and not (os.path.isfile(path) and config_file_error(e, path)):
+      raise  # Not the config file's own sys.exit().
     text = str(e)
     loaded = config_file_error(e, path) if os.path.isfile(path) else None
-    if loaded:
+    if isinstance(e, SystemExit):
+      text = f'config file {path} called sys.exit({e.code}) while it was loaded.'
+    elif os.path.isfile(path) and 'must have a value other than None' in text:
+      text = (f'config file {path}: get_config() returned None, expected an '
+              'ml_collections.ConfigDict (is a `return c` missing?).')
+    elif loaded:
       text = loaded
     elif path and not os.path.exists(path):
       text = f'config file {path}: No such file or directory.'

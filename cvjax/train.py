@@ -277,9 +277,50 @@ def check_config(config, num_devices):
   if t.num_steps is not None and t.num_steps <= 0:
     raise UserError(f'train.num_steps={t.num_steps}; expected a positive number of steps (or '
                     'leave it unset and set train.num_epochs).')
-  if t.num_steps is None and not t.num_epochs > 0:
-    raise UserError(f'train.num_epochs={t.num_epochs}; expected a positive number (or set '
+  if t.num_steps is None and not (_is_number(t.num_epochs) and t.num_epochs > 0):
+    raise UserError(f'train.num_epochs={t.num_epochs!r}; expected a positive number (or set '
                     'train.num_steps).')
+  check_values(config)
+
+
+def _is_number(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_values(config):
+  """Signs, ranges and types of the optimizer, schedule, input and seed fields: a negative
+  learning rate or a boundary outside the run trains without a word of warning."""
+  o, sch, inp = config.optimizer, config.schedule, config.input
+  numbers = [  # (field, value, test, what is expected)
+      ('optimizer.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number'),
+      ('optimizer.weight_decay', o.get('weight_decay', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off)'),
+      ('optimizer.momentum', o.get('momentum', 0), lambda v: 0 <= v < 1,
+       'a number in [0, 1) (0: plain SGD)'),
+      ('schedule.decay_factor', sch.get('decay_factor', 1), lambda v: v > 0,
+       'a positive factor (0.1: /10 at each boundary)'),
+  ]
+  for field, value, test, expected in numbers:
+    if not _is_number(value) or not test(value):
+      raise UserError(f'{field}={value!r}; expected {expected}.')
+  integers = [  # (field, value, low, high, meaning)
+      ('schedule.warmup_steps', sch.get('warmup_steps', 0), 0, None, 'steps of linear warm-up'),
+      ('input.crop_padding', inp.get('crop_padding', 0), 0, 256,
+       'pixels of zero padding for random crops; 0: off'),
+      ('input.image_size', inp.get('image_size', 0), 0, 4096,
+       'the side of the input images; 0: as stored'),
+      ('seed', config.get('seed', 0), 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
+  ]
+  for field, value, low, high, meaning in integers:
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+        or (high is not None and value > high)):
+      limit = f'>= {low}' if high is None else f'in [{low}, {high}]'
+      raise UserError(f'{field}={value!r}; expected an integer {limit} ({meaning}).')
+  boundaries = sch.get('boundaries', ())
+  if sch.name == 'piecewise' and (not isinstance(boundaries, (tuple, list)) or not all(
+      _is_number(b) and 0 <= b <= 1 for b in boundaries)):
+    raise UserError(f'schedule.boundaries={boundaries!r}; expected fractions of the run in '
+                    '[0, 1], e.g. (0.5, 0.75): /10 at half and three quarters of the steps.')
 
 
 def check_finite(acc, mngr):

@@ -52,6 +52,12 @@ CONFIG_FILES = {
     'raises.py': ('def get_config(arg=None):\n  raise ValueError("no " + str(arg))\n',
                   r'raises.py, line 2: ValueError: no None'),
     'empty.py': ('X = 1\n', r'empty.py has no get_config\(\)'),
+    'none.py': ('def get_config(arg=None):\n  return None\n', r'none.py: get_config\(\) returned '
+                'None'),
+    'dict.py': ('def get_config(arg=None):\n  return {}\n', r'dict.py: get_config\(\) returned '
+                'dict'),
+    'exits.py': ('import sys\ndef get_config(arg=None):\n  sys.exit(3)\n',
+                 r'exits.py called sys.exit\(3\)'),
 }
 
 
@@ -63,6 +69,39 @@ def test_config_file_that_fails_to_load_names_file_and_line(tmp_path, name):
   out = run_main(tmp_path / 'run', config=str(tmp_path / name))
   assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
   assert re.search('cvjax: error: config file .*' + message, out.stderr), out.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('optimizer.learning_rate', -0.1, 'expected a positive number'),
+    ('optimizer.learning_rate', float('nan'), 'expected a positive number'),
+    ('optimizer.weight_decay', -1e-4, 'expected a number >= 0'),
+    ('optimizer.momentum', -0.5, r'expected a number in \[0, 1\)'),
+    ('optimizer.momentum', 1.0, r'expected a number in \[0, 1\)'),
+    ('schedule.warmup_steps', -3, 'expected an integer >= 0'),
+    ('schedule.boundaries', (0.5, 1.5), r'expected fractions of the run in \[0, 1\]'),
+    ('schedule.boundaries', ('abc',), r'expected fractions of the run in \[0, 1\]'),
+    ('schedule.decay_factor', 0.0, 'expected a positive factor'),
+    ('input.crop_padding', -1, r'expected an integer in \[0, 256\]'),
+    ('input.image_size', 10 ** 6, r'expected an integer in \[0, 4096\]'),
+    ('seed', 2 ** 70, r'expected an integer in \[0, 2147483647\]'),
+    ('seed', -1, r'expected an integer in \[0, 2147483647\]'),
+])
+def test_values_out_of_range_are_refused_before_anything_is_written(idx_dir, tmp_path, field,
+                                                                   value, message):
+  config = tiny_config(idx_dir)
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError, match=f'^{re.escape(field)}=.*{message}'):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_an_extra_argument_is_one_paragraph_and_exit_2(tmp_path):
+  out = run_main(tmp_path / 'run', 'extra')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert 'cvjax: error: unexpected argument(s) extra' in out.stderr
   assert not (tmp_path / 'run').exists()
 
 
