@@ -78,8 +78,14 @@ def write_predictions(path, top5):
 def _read_lines(path, what):
   if not os.path.isfile(path):
     raise UserError(f'the {what} file {path} does not exist.')
-  with open(path) as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise UserError(f'the {what} file {path} is not text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): '
+                    'expected lines of space-separated labels.') from None
+  except OSError as e:
+    raise UserError(f'cannot read the {what} file {path}: {e.strerror or e}.') from None
   while lines and not lines[-1].strip():
     lines.pop()  # A trailing empty line is not an image.
   if not lines:
@@ -122,12 +128,41 @@ def score(predictions_path, labels_path):
           'top5_error': float(np.mean(~in_top5))}
 
 
+def check_writable(path):
+  """Before the evaluation (minutes on ImageNet): can `path` be written?"""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UserError(f'--predictions={path} is a folder; expected a file name.')
+  if not os.path.isdir(folder):
+    raise UserError(f'--predictions={path}: the folder {folder} does not exist.')
+  if not os.access(folder, os.W_OK):
+    raise UserError(f'--predictions={path}: the folder {folder} is not writable.')
+
+
+def read_run_config(workdir):
+  """The config a run saved in WORKDIR/config.json."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise UserError(f'{path} not found: pass --config, or a --workdir written by cvjax.')
+  try:
+    values = json.loads(path.read_text())
+    if not isinstance(values, dict):
+      raise ValueError(f'it holds a {type(values).__name__}, not an object')
+    return ml_collections.ConfigDict(values)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f'{path} is not a config cvjax wrote ({type(e).__name__}: '
+                    f'{str(e)[:200]}); pass the run\'s --config instead.') from None
+
+
 def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO.
   try:
+    if len(argv) > 1:
+      raise UserError(f'unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
+                      'written --name=value.')
     if _SCORE.value or _LABELS.value:
       if not (_SCORE.value and _LABELS.value) or _WORKDIR.value:
         raise UserError('scoring takes --score=PREDICTIONS --labels=LABELS and nothing else.')
@@ -138,14 +173,11 @@ def main(argv):
     if not _WORKDIR.value:
       raise UserError('pass --workdir=DIR (a run or an import) to evaluate, or --score=FILE '
                       '--labels=FILE to score predictions.')
+    if _PREDICTIONS.value:
+      check_writable(_PREDICTIONS.value)
     config = _CONFIG.value
     if config is None:
-      from etils import epath  # pylint: disable=g-import-not-at-top
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      path = epath.Path(_WORKDIR.value) / 'config.json'
-      if not path.exists():
-        raise UserError(f'{path} not found: pass --config, or a --workdir written by cvjax.')
-      config = ml_collections.ConfigDict(json.loads(path.read_text()))
+      config = read_run_config(_WORKDIR.value)
     metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value)
   except UserError as e:
     print(f'\ncvjax: error: {e}', file=sys.stderr)

@@ -271,15 +271,15 @@ def import_weights(model, weights, workdir, config=None, num_classes=None):
 
 def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO.
   try:
+    if len(argv) > 1:
+      raise UserError(f'unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
+                      'written --name=value.')
     config = _CONFIG.value
     identity, path = import_weights(_MODEL.value, _WEIGHTS.value, _WORKDIR.value, config,
                                     _NUM_CLASSES.value)
   except UserError as e:
-    logging.error('%s', e)
     print(f'\ncvjax: error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'wrote {path}: {_MODEL.value}, {identity["num_classes"]} classes, input '

@@ -54,3 +54,20 @@ def test_an_error_is_printed_once(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={tmp_path}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and out.stderr.count('config.json not found') == 1, out.stderr
+
+
+def test_binary_files_a_bad_predictions_path_and_a_garbage_config_are_refused(tmp_path):
+  labels = write(tmp_path, 'labels.txt', '1\n')
+  binary = tmp_path / 'p.bin'
+  binary.write_bytes(b'\x89PNG\r\n\x1a\n\xff\xfe')
+  with pytest.raises(UserError, match=r'p.bin is not text \(byte 0 is'):
+    evaluate.score(str(binary), labels)
+  with pytest.raises(UserError, match=r'the folder .*missing does not exist'):
+    evaluate.check_writable(str(tmp_path / 'missing' / 'p.txt'))
+  with pytest.raises(UserError, match=r'is a folder'):
+    evaluate.check_writable(str(tmp_path))
+  evaluate.check_writable(str(tmp_path / 'p.txt'))
+  for text, why in (('{"model": [garb', 'JSONDecodeError'), ('[1, 2]', 'holds a list')):
+    (tmp_path / 'config.json').write_text(text)
+    with pytest.raises(UserError, match=f'config.json is not a config cvjax wrote .*{why}'):
+      evaluate.read_run_config(str(tmp_path))
