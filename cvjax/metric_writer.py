@@ -85,8 +85,9 @@ class MetricWriter:
   logged past the checkpoint, so curves and metrics.jsonl have each step once."""
 
   def __init__(self, workdir, resume_step=0):
-    # purge_step tells TensorBoard to discard older events at steps >= resume_step + 1.
-    self.events = EventWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
+    # purge_step tells TensorBoard to discard older events at steps >= resume_step + 1: also
+    # from 0, after a run killed before its first checkpoint.
+    self.events = EventWriter(workdir, purge_step=resume_step + 1)
     self.tb = self.events.tb
     self.jsonl = epath.Path(workdir) / 'metrics.jsonl'
     self._records = []

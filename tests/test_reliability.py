@@ -808,3 +808,19 @@ def test_sigterm_to_a_sweep_stops_its_trial_after_a_checkpoint(idx_dir, tmp_path
   trial = tmp_path / 'w' / 'a'
   assert latest_checkpoint(trial) >= 1 and not (trial / run_lock.LOCK_FILE).exists()
   assert not (tmp_path / 'w' / 'b').exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once_when_redone(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from cvjax import metric_writer  # pylint: disable=g-import-not-at-top
+  for _ in range(2):  # The killed run, then the one that starts over from step 0.
+    writer = metric_writer.create(str(tmp_path), resume_step=0)
+    for step in (4, 8):
+      writer.write_scalars(step, {'train/loss': 1.0 / step})
+    writer.close()
+    time.sleep(1.1)  # Event files are named by the second they were opened.
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [e.step for e in events.Scalars('train/loss')] == [4, 8]
+  assert [r['step'] for r in read_jsonl(tmp_path)] == [4, 8]
