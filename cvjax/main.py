@@ -12,7 +12,6 @@ Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
 75 stopped by SIGTERM or SIGINT after saving a checkpoint: re-run the command to resume.
 """
 
-import errno
 import logging as pylogging
 import os
 import shlex
@@ -25,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cvjax import config_help
+from cvjax import errors
 from cvjax.cluster import distributed
 from cvjax import preemption
 from cvjax import train
@@ -63,29 +63,6 @@ class _QuietLibraries(pylogging.Filter):
     return True
 
 
-def storage_error(e):
-  """One paragraph for a failed write (a full disk, a quota, a read-only file system) in
-  `e`'s chain, else None. orbax reports these as ValueError('RESOURCE_EXHAUSTED: ...')."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    text = str(e)
-    errno_ = getattr(e, 'errno', None)
-    if errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or any(
-        m in text for m in ('RESOURCE_EXHAUSTED', 'No space left', 'Disk quota exceeded',
-                            'Read-only file system')):
-      step = re.search(r'"([^"]*)/(\d+)\.orbax-checkpoint-tmp', text)
-      path = re.search(r'local file "([^"]+)"', text)
-      where = (f'the checkpoint at step {step[2]} to {step[1]}' if step else
-               path[1] if path else getattr(e, 'filename', None))
-      why = os.strerror(errno_) if errno_ else (
-          'no space left on the device' if 'RESOURCE_EXHAUSTED' in text or 'No space' in text
-          else text.splitlines()[0][:200])
-      return (f'cannot write {where or "to the workdir"}: {why}. The checkpoints and logs '
-              'written before are intact (a half-written checkpoint is ignored); free some '
-              'space and re-run the same command to resume from the newest checkpoint.')
-    e = e.__cause__ or e.__context__
-  return None
 
 
 def main(argv):
@@ -116,7 +93,7 @@ def main(argv):
           f'{shlex.join(sys.argv[1:])}', file=sys.stderr)
     sys.exit(preemption.EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
-    message = storage_error(e)
+    message = errors.storage_error(e)
     if message is None:
       raise
     pylogging.shutdown()

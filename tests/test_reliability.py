@@ -665,7 +665,7 @@ def test_sigterm_during_start_up_ends_with_a_message_and_exit_75(idx_dir, tmp_pa
 
 
 def test_workdir_entries_of_the_wrong_type_and_a_full_disk_are_one_paragraph(idx_dir, tmp_path):
-  from cvjax import checkpointing, main  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing, errors  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
   (workdir / run_lock.LOCK_FILE).mkdir(parents=True)
   with pytest.raises(UserError, match=r'lock is not a file'):
@@ -681,13 +681,13 @@ def test_workdir_entries_of_the_wrong_type_and_a_full_disk_are_one_paragraph(idx
   orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "params.a/0" in OCDBT database at local '
                      f'file "{workdir}/checkpoints/10.orbax-checkpoint-tmp/state/ocdbt.process_0/"'
                      ': Failed to write 6036 bytes to file 7: No space left on device')
-  assert main.storage_error(RuntimeError('wrapped').with_traceback(None)) is None
+  assert errors.storage_error(RuntimeError('wrapped').with_traceback(None)) is None
   wrapped = RuntimeError('save failed')
   wrapped.__cause__ = orbax
-  assert main.storage_error(wrapped).startswith(
+  assert errors.storage_error(wrapped).startswith(
       f'cannot write the checkpoint at step 10 to {workdir}/checkpoints: no space left')
   full = OSError(28, os.strerror(28), str(workdir / 'metrics.jsonl'))
-  assert main.storage_error(full).startswith(f'cannot write {workdir}/metrics.jsonl: No space')
+  assert errors.storage_error(full).startswith(f'cannot write {workdir}/metrics.jsonl: No space')
 
 
 GRAIN_PARENT = '''
