@@ -15,9 +15,25 @@ Exit status: 0 done; 2 bad input (one paragraph on stderr says what and where);
 import logging as pylogging
 import os
 import shlex
+import signal
 import sys
 import traceback
 
+
+def _stopped_outside_training(signum, frame):
+  """SIGTERM/SIGINT before cvjax.preemption takes over (importing JAX, parsing flags: a few
+  seconds) or after it let go: no step runs, so there is nothing to save."""
+  del frame
+  print(f'\ncvjax: stopped by {signal.Signals(signum).name} while no training step was running; '
+        'nothing was lost. Re-run the same command to continue.', file=sys.stderr, flush=True)
+  os._exit(75)  # pylint: disable=protected-access  # errors.PREEMPTED_EXIT_CODE.
+
+
+if __name__ == '__main__':  # Before the slow imports below.
+  for _s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_s, _stopped_outside_training)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

@@ -664,6 +664,19 @@ def test_sigterm_during_start_up_ends_with_a_message_and_exit_75(idx_dir, tmp_pa
   assert not (workdir / 'checkpoints').exists() and not (workdir / run_lock.LOCK_FILE).exists()
 
 
+def test_sigterm_while_jax_is_imported_ends_with_a_message_and_exit_75(tmp_path):
+  proc = subprocess.Popen([sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py',
+                           f'--workdir={tmp_path / "run"}'], cwd=ROOT, text=True,
+                          stderr=subprocess.PIPE)
+  import time  # pylint: disable=g-import-not-at-top
+  time.sleep(0.5)  # Importing JAX and the models takes seconds.
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 75 and 'Traceback' not in err, err[-2000:]
+  assert 'cvjax: stopped by SIGTERM while no training step was running; nothing was lost.' in err
+  assert not (tmp_path / 'run').exists()
+
+
 def test_workdir_entries_of_the_wrong_type_and_a_full_disk_are_one_paragraph(idx_dir, tmp_path):
   from cvjax import checkpointing, errors  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'run'
