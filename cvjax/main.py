@@ -41,9 +41,9 @@ from ml_collections import config_flags
 
 from cvjax import config_help
 from cvjax import errors
-from cvjax.cluster import distributed
 from cvjax import preemption
 from cvjax import train
+from cvjax.cluster import distributed
 from cvjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',

@@ -536,6 +536,7 @@ def run_evaluate(workdir, *args):
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_config_that_does_not_fit_the_checkpoint_is_refused_and_nothing_moves(idx_dir,
                                                                                tmp_path):
   workdir = tmp_path / 'run'
@@ -569,6 +570,7 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused_and_nothing_moves(
   assert json.load(open(workdir / 'results.json'))['step'] == 6
 
 
+@pytest.mark.slow
 def test_an_evaluation_skips_a_damaged_checkpoint_without_moving_it(idx_dir, tmp_path):
   workdir = tmp_path / 'run'
   common = [f'--config.{k}={v}' for k, v in {**TINY, 'dataset.path': idx_dir,
@@ -622,6 +624,7 @@ def streaming_args(data, workdir, **overrides):
           *(f'--config.{k}={v}' for k, v in flags.items())]
 
 
+@pytest.mark.slow
 def test_a_bad_streamed_image_ends_the_run_with_one_paragraph_and_whole_checkpoints(tmp_path):
   from test_streaming import write_jpeg_folder  # pylint: disable=g-import-not-at-top
   data = write_jpeg_folder(tmp_path / 'data', train_per_class=8)
@@ -654,6 +657,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_ends_with_a_message_and_exit_75(idx_dir, tmp_path):
   workdir = tmp_path / 'run'
   out = subprocess.run([sys.executable, '-c', STARTUP_SIGNAL, *main_args(idx_dir, workdir)],
@@ -664,6 +668,7 @@ def test_sigterm_during_start_up_ends_with_a_message_and_exit_75(idx_dir, tmp_pa
   assert not (workdir / 'checkpoints').exists() and not (workdir / run_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_sigterm_while_jax_is_imported_ends_with_a_message_and_exit_75(tmp_path):
   proc = subprocess.Popen([sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py',
                            f'--workdir={tmp_path / "run"}'], cwd=ROOT, text=True,
@@ -744,6 +749,7 @@ def alive(pid):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='reads /proc')
 def test_grain_workers_die_with_their_parent(tmp_path):
   import time  # pylint: disable=g-import-not-at-top
@@ -800,6 +806,7 @@ def test_a_bad_sweep_file_is_one_paragraph_and_exit_2(tmp_path):
   assert out.stderr.startswith('cvjax.sweep: error: sweep file') and out.stderr.count('\n') == 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_sweep_stops_its_trial_after_a_checkpoint(idx_dir, tmp_path):
   (tmp_path / 'two.py').write_text(
       'def get_trials(arg=None):\n  return [("a", {}), ("b", {})]\n')
