@@ -28,7 +28,7 @@ import time
 
 from cvjax import sweep as sweep_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JAX_VERSION = '0.10.2'
 # What the runs need on the TPU VMs (the tests and benchmarks stay here).
 CODE = ('cvjax', 'configs', 'experiments', 'requirements.txt', 'launch.sh')
