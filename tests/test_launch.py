@@ -247,8 +247,9 @@ def stand_ins(tmp_path):
   for tool, body in bodies.items():
     (bin_dir / tool).write_text(STAND_IN.format(tool=tool, body=body))
     (bin_dir / tool).chmod(0o755)
+  # launch.sh itself runs with this Python ($PYTHON): the stand-in python3 is the VM's.
   env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'LOG': str(log),
-         'HOME': str(tmp_path / 'home'), 'PYTHONPATH': ROOT}
+         'HOME': str(tmp_path / 'home'), 'PYTHONPATH': ROOT, 'PYTHON': sys.executable}
   (tmp_path / 'home' / 'cvjax').mkdir(parents=True)
   return env, log
 
