@@ -54,7 +54,7 @@ def for_config(config):
   """The `conv_general_dilated` that models of this run are built with (logged once)."""
   wanted = config.train.get('native_conv', True)
   float32 = jnp.dtype(config.train.get('compute_dtype', 'float32')) == jnp.float32
-  native = native_for(config)
+  native, warn = native_for(config), False
   if native:
     why = f'oneDNN {onednn.version()} (float32 on CPU)'
   elif jax.default_backend() != 'cpu':
@@ -63,15 +63,16 @@ def for_config(config):
     why = "XLA's (train.native_conv=False)"
   elif not float32:
     why = f"XLA's (compute dtype {config.train.compute_dtype}; oneDNN's are float32 only)"
-  else:
-    why = "XLA's (the oneDNN library is unavailable: see the warning above)"
-  _log_choice(why)
+  else:  # Slower on CPU, and not what the config asked for: a warning.
+    why = "XLA's, slower on CPU (the oneDNN library is unavailable: see the warning above)"
+    warn = True
+  _log_choice(why, warn)
   return functools.partial(conv_general_dilated, native=True) if native else conv_general_dilated
 
 
 @functools.cache
-def _log_choice(why):
-  logging.info('Convolutions: %s.', why)
+def _log_choice(why, warn=False):
+  (logging.warning if warn else logging.info)('Convolutions: %s.', why)
 
 
 def _conv(x, w, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1)):
