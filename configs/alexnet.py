@@ -12,11 +12,11 @@ Arg `imagenet_torchvision`: the same recipe for torchvision's one-tower AlexNet
 224x224 crops), the net whose published weights `python -m cvjax.import_weights --model=alexnet`
 reads. Arg `cifar10`: the paper's net with a 3x3 stride-1 first conv for 32x32 images (see
 cvjax/models/alexnet.py), random crops and flips, 30 epochs.
+
+Measured: not yet measured (no run of any arg).
 """
 
-import ml_collections
-
-from configs import resnet
+from configs import common
 
 
 def get_config(arg=None):
@@ -24,16 +24,18 @@ def get_config(arg=None):
   if arg not in ('imagenet', 'imagenet_torchvision', 'cifar10'):
     raise ValueError(f'configs/alexnet.py:{arg}: expected imagenet, imagenet_torchvision or '
                      'cifar10.')
-  c = resnet.get_config()
+  c = common.base_config()
   torchvision = arg == 'imagenet_torchvision'
-  c.model = ml_collections.ConfigDict(dict(
-      name='alexnet', variant='torchvision' if torchvision else 'paper',
-      groups=1 if torchvision else 2, activation='relu', dropout_rate=0.5))
+  c.model.name = 'alexnet'
+  c.model.variant = 'torchvision' if torchvision else 'paper'  # paper | torchvision.
+  c.model.groups = 1 if torchvision else 2  # Towers: 2 in the paper.
+  c.model.activation = 'relu'
+  c.model.dropout_rate = 0.5  # In the first two dense layers.
   c.optimizer.learning_rate = 0.01
   c.optimizer.weight_decay = 5e-4
   c.schedule.boundaries = (30 / 90, 60 / 90, 80 / 90)
   if arg.startswith('imagenet'):
-    resnet.imagenet_input(c, image_size=224 if torchvision else 227)
+    common.imagenet_input(c, image_size=224 if torchvision else 227)
     c.train.num_epochs = 90.0
   else:
     c.input.normalization = 'per_channel'

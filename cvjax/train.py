@@ -131,17 +131,23 @@ def batch_args(model, config, mesh):
       mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype))
 
 
-def jit_train_step(model, tx, config, mesh):
-  """The train step `(state, data, batch, rng) -> (state, metrics)`, jit-compiled.
+def split_backward(config):
+  """Whether the train step is two XLA programs, forward and backward: `train.split_backward`,
+  or where the config leaves it unset, whether the backend is CPU. XLA:CPU then cannot fuse
+  (and so re-compute) forward work into the backward pass, which made the ResNet-20 step
+  faster (docs/performance.md); elsewhere the one-program step is the plain, unmeasured default.
+  Same result up to float rounding."""
+  split = config.train.get('split_backward')
+  return jax.default_backend() == 'cpu' if split is None else bool(split)
 
-  With `train.split_backward`, forward and backward are two XLA programs: XLA:CPU then
-  cannot fuse (and so re-compute) forward work into the backward pass, which made the
-  ResNet-20 step ~1.2x faster on CPU (cvjax.tools.benchmark). Same result up to float rounding.
-  """
+
+def jit_train_step(model, tx, config, mesh):
+  """The train step `(state, data, batch, rng) -> (state, metrics)`, jit-compiled: one
+  program, or forward and backward as two (`split_backward`)."""
   replicated = NamedSharding(mesh, P())
   batch_kw = batch_args(model, config, mesh)
   skip = config.train.get('skip_nonfinite', False)
-  if not config.train.get('split_backward', False):
+  if not split_backward(config):
     return jax.jit(functools.partial(train_step, tx=tx, skip_nonfinite=skip, **batch_kw),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
   forward = jax.jit(functools.partial(train_forward, **batch_kw))

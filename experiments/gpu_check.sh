@@ -59,7 +59,7 @@ train() {  # name, config arg
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout --signal=TERM --kill-after=60 "$TRAIN_SECONDS" \
     python3 -m cvjax.main --config="configs/resnet.py:$2" --workdir="$RUNS/$1" \
     --config.dataset.path="$CIFAR" --config.train.num_steps="$STEPS" \
-    --config.train.split_backward=False --config.train.eval_every_steps=2000 \
+    --config.train.eval_every_steps=2000 \
     --config.train.keep_checkpoints=1 \
     > "$OUT/$1.log" 2>&1
   echo "$1 exit $? after $((SECONDS - start)) s"

@@ -241,3 +241,16 @@ def test_bfloat16_on_a_cpu_is_named_slow(idx_dir, caplog):
   caplog.clear()
   train.setup(tiny_config(idx_dir))
   assert 'bfloat16' not in caplog.text
+
+
+def test_split_backward_follows_the_backend_unless_the_config_sets_it(monkeypatch):
+  from configs import lenet, resnet  # pylint: disable=g-import-not-at-top
+  cifar, imagenet, one = resnet.get_config(), resnet.get_config('imagenet'), lenet.get_config()
+  assert cifar.train.split_backward is None and one.train.split_backward is False
+  assert jax.default_backend() == 'cpu'
+  assert train.split_backward(cifar) and train.split_backward(imagenet)
+  assert not train.split_backward(one)  # LeNet-5 keeps one program.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not train.split_backward(cifar) and not train.split_backward(imagenet)
+  cifar.train.split_backward = True
+  assert train.split_backward(cifar)

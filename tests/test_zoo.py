@@ -131,17 +131,82 @@ def test_summary_table_rows():
   assert text.splitlines()[0].startswith('| model |') and '269,722' in text
 
 
-CONFIGS = [('lenet', None), ('lenet', 'paper'), ('resnet', 'plain56'), ('resnet', 'imagenet'),
-           ('resnet', 'imagenet_plain18'), ('alexnet', None), ('alexnet', 'imagenet_torchvision'),
-           ('alexnet', 'cifar10'),
-           ('vgg', None), ('vgg', 'cifar10_vgg19')]
+def config_args():
+  """(module, arg) for every arg of every config: the lists the files keep, and those below."""
+  from configs import resnet, vgg  # pylint: disable=g-import-not-at-top
+  return ([('lenet', a) for a in (None, 'modern', 'paper', 'quick')]
+          + [('alexnet', a) for a in (None, 'imagenet', 'imagenet_torchvision', 'cifar10')]
+          + [('resnet', a) for a in (None, 'quick', 'resnet8', 'resnet20', 'resnet56', 'resnet110',
+                                     'resnet1202', 'plain20', 'plain56', *resnet.IMAGENET)]
+          + [('vgg', a) for a in vgg.ARGS])
 
 
-@pytest.mark.parametrize('module,arg', CONFIGS)
-def test_every_config_builds_its_model(module, arg):
+def load_config(module, arg):
   import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  return importlib.import_module(f'configs.{module}').get_config(arg)
+
+
+class FieldsRead:
+  """A config block that records which of its fields are read (as attributes or by get)."""
+
+  def __init__(self, block):
+    self._block, self.read = block, set()
+
+  def __getattr__(self, name):
+    self.read.add(name)
+    return self._block[name]
+
+  def get(self, name, default=None):
+    self.read.add(name)
+    return self._block.get(name, default)
+
+
+@pytest.mark.parametrize('module,arg', config_args())
+def test_every_config_builds_its_model(module, arg):
+  config = load_config(module, arg)
   model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
-  size = 224 if config.dataset.name == 'imagenet2012' else 32
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  size = config.input.image_size or 32
+  channels = 1 if config.model.name == 'lenet5' else 3
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                jnp.zeros((1, size, size, channels))))
   assert jax.tree.leaves(variables['params'])
+
+
+@pytest.mark.parametrize('module,arg', config_args())
+def test_each_config_holds_only_the_model_fields_its_model_reads(module, arg):
+  """No field inherited from another family's config, and none the builder lacks."""
+  block = load_config(module, arg).model
+  fields = FieldsRead(block)
+  models.create_model(fields, num_classes=10, dtype=jnp.float32)
+  assert fields.read == set(block), (f'configs/{module}.py:{arg}: model fields never read: '
+                                     f'{sorted(set(block) - fields.read)}; read but absent: '
+                                     f'{sorted(fields.read - set(block))}')
+
+
+def test_only_the_cifar_resnets_carry_their_cifar_only_fields():
+  """train.remat (resnet_cifar only) and the streaming input's fields (the ImageNet recipes)."""
+  for module, arg in config_args():
+    config = load_config(module, arg)
+    assert ('remat' in config.train) == (config.model.name == 'resnet_cifar'), (module, arg)
+    streams = config.dataset.name == 'imagenet2012'
+    for field in ('random_crop_area', 'random_crop_aspect', 'workers', 'threads'):
+      assert (field in config.input) == streams, (module, arg, field)
+
+
+def test_every_config_in_the_docs_loads():
+  """Each `configs/FILE.py[:arg]` the README, docs/ and experiments/ name (templates such as
+  `imagenet_resnetN` aside) gives a config."""
+  import re  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  paths = [os.path.join(root, 'README.md')] + [
+      os.path.join(d, f) for top in ('docs', 'experiments')
+      for d, _, files in os.walk(os.path.join(root, top)) for f in files
+      if f.endswith(('.md', '.py', '.sh'))]
+  specs = set()
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      specs |= set(re.findall(r'configs/(\w+)\.py(?::([\w.]+))?', f.read()))
+  specs = {(m, a or None) for m, a in specs if m != 'common' and not (a or '').endswith('N')}
+  assert ('resnet', 'imagenet_resnet50') in specs and ('lenet', 'quick') in specs
+  for module, arg in sorted(specs, key=str):
+    assert load_config(module, arg).model.name, (module, arg)

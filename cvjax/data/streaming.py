@@ -353,7 +353,11 @@ def make_input(config, mesh):
       raise UserError(f'train.{key}={config.train[key]} must be a multiple of the '
                       f'{process_count} processes that each read their share.')
   sharding = NamedSharding(mesh, P('data'))
-  workers, threads = inp.get('workers', 0), inp.get('threads', 1)
+  # Configs for data held in memory leave these out: a run that streams such data anyway
+  # gets Inception-style crops and decoding in threads of this process.
+  workers, threads = inp.get('workers', 0), inp.get('threads', 2)
+  area = tuple(inp.get('random_crop_area', (0.08, 1.0)))
+  aspect = tuple(inp.get('random_crop_aspect', (3 / 4, 4 / 3)))
   if workers < 0:  # Leave one core to the training process.
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
   shard = dict(process_index=process_index, process_count=process_count)
@@ -366,8 +370,7 @@ def make_input(config, mesh):
     return stream(train_dataset(
         splits.train, seed=config.seed, batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
-            train_transform, size=size, area=tuple(inp.random_crop_area),
-            aspect=tuple(inp.random_crop_aspect), flip=inp.flip)))
+            train_transform, size=size, area=area, aspect=aspect, flip=inp.flip)))
 
   def eval_batches():
     crop = size if crops == 1 else resize_size(size)  # 10 crops: the eval step cuts them.

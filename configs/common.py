@@ -1,0 +1,94 @@
+"""What every run's config holds, whatever its model: the base each family's config builds on.
+
+A family's file (lenet, alexnet, vgg, resnet) starts from `base_config()`, fills `model` with
+the fields its builder in cvjax/models reads, and changes the recipe's numbers; the ImageNet
+recipes add `imagenet_input`. The values here are those of He et al.'s CIFAR recipe, which the
+families changed in turn before this file existed.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'cifar10'  # A tfds name, or one shipped with cvjax (mnist10k, cifar10_6k).
+  c.dataset.data_dir = ''  # tfds data_dir ('' = tfds default).
+  c.dataset.path = ''  # Local raw files instead of tfds: IDX folder or image folder/.tar.gz.
+  c.dataset.download = True  # Let tfds download when the data is not in data_dir.
+  # memory: the whole dataset on the device; streaming: decoded and augmented by host
+  # workers from disk (ImageNet); auto: streaming for imagenet* and large image folders.
+  c.dataset.pipeline = 'auto'
+
+  c.input = ml_collections.ConfigDict()
+  c.input.image_size = 0  # Zero-pad images to this size (0: keep as is); streaming: the crop.
+  c.input.normalization = 'per_pixel_mean'  # per_pixel_mean | per_channel | imagenet | none.
+  # In memory: random crops from images zero-padded by this (0: off); eval.crops=10 cuts its
+  # crops from test images padded by it.
+  c.input.crop_padding = 4
+  c.input.flip = True  # Random horizontal flips.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.
+
+  c.model = ml_collections.ConfigDict()  # The family's config fills it.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'piecewise'  # piecewise | cosine | constant.
+  # Fractions of the run at which the lr is multiplied by decay_factor (He et al.'s 32k and
+  # 48k of 64k steps).
+  c.schedule.boundaries = (0.5, 0.75)
+  c.schedule.decay_factor = 0.1
+  c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_epochs = 164.0
+  c.train.num_steps = config_dict.placeholder(int)  # Wins over num_epochs when set.
+  c.train.eval_batch_size = 1000
+  c.train.eval_every_steps = 0  # 0: once per epoch.
+  c.train.log_every_steps = 100
+  c.train.checkpoint_every_steps = 2000
+  c.train.keep_checkpoints = 3
+  c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
+  # Forward and backward as two XLA programs (True) or the plain jax.grad step (False).
+  # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),
+  # one elsewhere; decided when the step is built (cvjax.train.split_backward).
+  c.train.split_backward = config_dict.placeholder(bool)
+  c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
+  # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
+  # instead of stopping the run at the first one.
+  c.train.skip_nonfinite = False
+  # float32 convolutions on oneDNN where the backend is CPU (cvjax.ops.convolution; other
+  # backends always keep XLA's). False, or CVJAX_NATIVE=0, keeps XLA's own on CPU too.
+  c.train.native_conv = True
+  return c
+
+
+def imagenet_input(c, image_size=224):
+  """ImageNet through the streaming pipeline (cvjax/data/streaming.py), for the ImageNet
+  recipes of every family."""
+  c.dataset.name = 'imagenet2012'
+  c.input.image_size = image_size
+  c.input.normalization = 'imagenet'
+  c.input.crop_padding = 0
+  # Inception-style random-resized crops to image_size.
+  c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
+  c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
+  # Grain worker processes decoding (0: threads of the training process; -1: one per CPU
+  # core but one, at most 16; docs/performance.md: images/s per core).
+  c.input.workers = -1
+  c.input.threads = 2  # Reading threads per process.
+  c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 1000
