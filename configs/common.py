@@ -30,6 +30,14 @@ def base_config():
   # crops from test images padded by it.
   c.input.crop_padding = 4
   c.input.flip = True  # Random horizontal flips.
+  # When the data stream (dataset.pipeline; `auto` streams large image folders of any
+  # config): Inception-style random-resized crops to image_size, decoded by this many grain
+  # worker processes (0: threads of the training process; -1: one per CPU core but one, at
+  # most 16; docs/performance.md: images/s per core).
+  c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
+  c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
+  c.input.workers = 0
+  c.input.threads = 2  # Reading threads per process.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.
@@ -82,13 +90,7 @@ def imagenet_input(c, image_size=224):
   c.input.image_size = image_size
   c.input.normalization = 'imagenet'
   c.input.crop_padding = 0
-  # Inception-style random-resized crops to image_size.
-  c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
-  c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
-  # Grain worker processes decoding (0: threads of the training process; -1: one per CPU
-  # core but one, at most 16; docs/performance.md: images/s per core).
-  c.input.workers = -1
-  c.input.threads = 2  # Reading threads per process.
+  c.input.workers = -1  # One grain worker per CPU core but one, at most 16.
   c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000

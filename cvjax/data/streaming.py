@@ -353,11 +353,8 @@ def make_input(config, mesh):
       raise UserError(f'train.{key}={config.train[key]} must be a multiple of the '
                       f'{process_count} processes that each read their share.')
   sharding = NamedSharding(mesh, P('data'))
-  # Configs for data held in memory leave these out: a run that streams such data anyway
-  # gets Inception-style crops and decoding in threads of this process.
-  workers, threads = inp.get('workers', 0), inp.get('threads', 2)
-  area = tuple(inp.get('random_crop_area', (0.08, 1.0)))
-  aspect = tuple(inp.get('random_crop_aspect', (3 / 4, 4 / 3)))
+  workers, threads = inp.workers, inp.threads
+  area, aspect = tuple(inp.random_crop_area), tuple(inp.random_crop_aspect)
   if workers < 0:  # Leave one core to the training process.
     workers = max(1, min(16, (os.cpu_count() or 2) - 1))
   shard = dict(process_index=process_index, process_count=process_count)
