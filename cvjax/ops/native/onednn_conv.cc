@@ -4,15 +4,15 @@
 // activations. The kernel is reordered into the blocked layout oneDNN picks (`any`), a small
 // copy per call. Primitives are built once per shape and kept in a cache behind a mutex.
 // Every oneDNN error becomes an FFI error (a Python exception), never a crash; the Python
-// side (cvjax/native_conv.py) only sends shapes oneDNN supports.
+// side (cvjax/ops/onednn.py) only sends shapes oneDNN supports.
 //
 // Scratchpads are the caller's (`scratchpad_mode::user`): every call hands each primitive a
 // buffer owned by the calling thread. oneDNN's default, a library-managed "global"
 // scratchpad, is a thread_local buffer sized when a primitive is *created* and looked up on
 // the thread that *executes* it (oneDNN src/common/scratchpad.cpp). XLA runs custom calls on
 // whichever of its threads is free, so a primitive built on one thread and run on another
-// worked in a buffer that was too small or absent: wrong gradients when several calls
-// overlapped, and crashes on CPUs whose kernels need a larger scratchpad (AVX2-only).
+// worked in a buffer sized for other primitives, or in none: wrong gradients, hangs and
+// crashes once several calls were in flight (tests/test_convolution.py, the stress tests).
 
 #include <cstdint>
 #include <cstdlib>
