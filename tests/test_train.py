@@ -254,3 +254,28 @@ def test_split_backward_follows_the_backend_unless_the_config_sets_it(monkeypatc
   assert not train.split_backward(cifar) and not train.split_backward(imagenet)
   cifar.train.split_backward = True
   assert train.split_backward(cifar)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('split', [True, False])
+def test_the_train_step_is_traced_once_across_evaluations_and_a_resume(idx_dir, tmp_path,
+                                                                       monkeypatch, split):
+  # A second trace would mean a second compilation: e.g. a restored state whose shardings or
+  # dtypes differ from what the step returns, or an evaluation that changed the state's.
+  traces = []
+  for name in ('train_forward', 'train_backward', 'train_step'):
+    original = getattr(train, name)
+
+    def counted(*args, _name=name, _original=original, **kwargs):
+      traces.append(_name)
+      return _original(*args, **kwargs)
+    monkeypatch.setattr(train, name, counted)
+  kw = {'train.eval_every_steps': 2, 'train.checkpoint_every_steps': 2, 'train.log_every_steps': 2,
+        'train.split_backward': split}
+  names = {'train_forward', 'train_backward'} if split else {'train_step'}
+  train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.num_steps': 4}), str(tmp_path))
+  assert sorted(traces) == sorted(names), traces  # 4 steps, 2 evaluations: one trace each.
+  traces.clear()
+  state, _ = train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.num_steps': 8}),
+                                      str(tmp_path))  # Resumes from step 4.
+  assert int(state.step) == 8 and sorted(traces) == sorted(names), traces
