@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from absl import logging
 from etils import epath
@@ -45,15 +46,16 @@ class EventWriter:
     self.workdir = epath.Path(workdir)
     self.remote = is_remote(workdir)
     self._staging = tempfile.mkdtemp(prefix='cvjax-events-') if self.remote else None
-    self._segment = 0
     self.tb = self._open(purge_step)
 
   def _open(self, purge_step=None):
-    if not self.remote:
-      return summary_writer(os.fspath(self.workdir), purge_step=purge_step)
-    self._segment += 1
-    return summary_writer(self._staging, purge_step=purge_step,
-                          filename_suffix=f'.{self._segment:05d}')
+    # tensorboardX names a file by the second it opened it and the host; TensorBoard reads a
+    # folder's files in name order and applies a resume's purge only to what it read before.
+    # A nanosecond suffix keeps files of one host in the order they were opened, also across
+    # a resume in the same second (which would otherwise sort first, or overwrite the file).
+    suffix = f'.{time.time_ns():019d}'
+    return summary_writer(self._staging if self.remote else os.fspath(self.workdir),
+                          purge_step=purge_step, filename_suffix=suffix)
 
   def _upload(self):
     self.tb.close()

@@ -126,3 +126,27 @@ def test_remote_events_are_uploaded_once_each(fake_gcs):
   assert not os.path.exists(writer.events._staging)  # pylint: disable=protected-access
   assert [json.loads(l)['step'] for l in open(bucket / 'run' / 'metrics.jsonl')] == list(
       range(1, 10))
+
+
+@pytest.mark.parametrize('remote', [False, True])
+def test_a_resume_in_the_same_second_keeps_each_step_once(remote, fake_gcs, tmp_path, monkeypatch):
+  """tensorboardX names event files by the second: a resume within it must still sort after
+  the interrupted run's files (else TensorBoard keeps the purged steps) and not replace them."""
+  from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(event_file_writer.time, 'time', lambda: 1796175458.5)
+  run, where = ('gs://fake/run', fake_gcs[0] / 'run') if remote else (tmp_path / 'run',) * 2
+  writer = metric_writer.MetricWriter(run)
+  for step in (4, 8, 12):
+    writer.write_scalars(step, {'train/loss': 1.0 / step})
+    writer.sync()
+  writer.close()
+  writer = metric_writer.MetricWriter(run, resume_step=4)  # Killed after the step-4 checkpoint.
+  for step in (8, 12):
+    writer.write_scalars(step, {'train/loss': 2.0 / step})
+    writer.sync()
+  writer.close()
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(where))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [
+      (4, 0.25), (8, 0.25), (12, pytest.approx(1 / 6))]
