@@ -44,6 +44,14 @@ def base_config():
 
   c.model = ml_collections.ConfigDict()  # The family's config fills it.
 
+  # Several members trained together in one program (cvjax/population.py): `seeds` members
+  # (seeds seed, seed+1, ...) for each combination of the `vary` values, e.g.
+  # vary='model.residual=False,True' (space-separated FIELD=V1,V2 items, FIELD in model.*,
+  # optimizer.* or schedule.*). Each member is the run its own config would train alone.
+  c.population = ml_collections.ConfigDict()
+  c.population.seeds = 1
+  c.population.vary = ''
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.1

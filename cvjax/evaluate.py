@@ -1,12 +1,14 @@
 """Evaluates a saved checkpoint, trained or imported, and scores prediction files:
 
   python -m cvjax.evaluate --workdir=DIR                  # the config the run saved
+  python -m cvjax.evaluate --workdir=DIR --member=NAME     # one member of a population
   python -m cvjax.evaluate --config=configs/resnet.py:imagenet_resnet50_v1.5 --workdir=DIR \
       --config.dataset.path=... [--predictions=FILE]
   python -m cvjax.evaluate --score=FILE --labels=FILE
 
 The first two print the test top-1 and top-5 error of the latest checkpoint in DIR and write
-its error analysis (WORKDIR/error_analysis/); `--predictions=FILE` also writes the top-5
+its error analysis (WORKDIR/error_analysis/; a population member's in WORKDIR/members/NAME/);
+`--predictions=FILE` also writes the top-5
 classes of every test image, the challenge's submission format. `--score` checks such a file
 against labels held by someone else, without the model.
 
@@ -48,12 +50,37 @@ def restore(s, workdir):
   return state
 
 
-def evaluate_checkpoint(config, workdir, predictions_file=None):
-  """Test metrics of the latest checkpoint; writes the error analysis (and predictions)."""
+def member_of(s, state, member, workdir):
+  """(the member's own Setup and train state, its folder) from a population's checkpoint."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  names = [m.name for m in s.members]
+  if member not in names:
+    raise UserError(f'--member={member!r}: {workdir} holds a population of {len(names)} members: '
+                    f'{", ".join(names)}. Pass one of them.')
+  for key, g in zip(s.state_keys, s.groups):
+    for i, m in enumerate(g.members):
+      if m.name == member:
+        one = dataclasses.replace(s, config=m.config, model=g.model, schedule=g.schedule,
+                                  tx=g.tx, init=g.init, abstract_state=g.abstract_state,
+                                  groups=[])
+        return one, jax.tree.map(lambda x, i=i: x[i], state[key]), f'{workdir}/members/{member}'
+
+
+def evaluate_checkpoint(config, workdir, predictions_file=None, member=None):
+  """Test metrics of the latest checkpoint (of a population: of `member`); writes the error
+  analysis (and predictions)."""
   import jax  # pylint: disable=g-import-not-at-top
   from cvjax import error_analysis, metric_writer, train  # pylint: disable=g-import-not-at-top
   s = train.setup(config)
+  if member is None and s.population:
+    raise UserError(f'{workdir} holds a population of {len(s.members)} members: pass '
+                    f'--member=NAME, one of {", ".join(m.name for m in s.members)}.')
+  if member is not None and not s.population:
+    raise UserError(f'--member={member!r}: {workdir} holds one run, not a population.')
   state = restore(s, workdir)
+  if member is not None:
+    s, state, workdir = member_of(s, state, member, workdir)
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
   p_eval_step, test_data = train.jit_evaluation(s, replicated)
   metrics, top5, confidence = train.evaluate(p_eval_step, state, test_data,
@@ -178,7 +205,8 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
       config = read_run_config(_WORKDIR.value)
-    metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value)
+    metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value,
+                                            _MEMBER.value)
   except UserError as e:
     print(f'\ncvjax: error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -186,7 +214,7 @@ def main(argv):
           if 'test/top5_error' in metrics else '')
   print(f'step {analysis["step"]}: {analysis["num_mistakes"]} of {analysis["num_test"]} test '
         f'images misclassified (top-1 error {100 * metrics["test/error"]:.2f}%{top5}); wrote '
-        f'{_WORKDIR.value}/error_analysis/'
+        f'{_WORKDIR.value}{"/members/" + _MEMBER.value if _MEMBER.value else ""}/error_analysis/'
         + (f' and {_PREDICTIONS.value}' if _PREDICTIONS.value else ''))
 
 
@@ -199,6 +227,7 @@ if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run or an import.')
   _PREDICTIONS = flags.DEFINE_string('predictions', None,
                                      'Also write the top-5 classes per test image here.')
+  _MEMBER = flags.DEFINE_string('member', None, 'A population\'s member to evaluate.')
   _SCORE = flags.DEFINE_string('score', None, 'A predictions file to score against --labels.')
   _LABELS = flags.DEFINE_string('labels', None, 'The true labels, one per line, from 1.')
   app.run(main)

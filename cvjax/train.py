@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from cvjax import data as data_lib
 from cvjax import error_analysis
 from cvjax import models
 from cvjax import optim
+from cvjax import population
 from cvjax import preemption
 from cvjax import run_lock
 from cvjax.data import memory
@@ -99,7 +101,8 @@ def _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite=False):
 
 
 def accumulate(acc, metrics):
-  """Adds one step's metrics to the sums since the last log (on the device)."""
+  """Adds one step's metrics to the sums since the last log (on the device); for a population,
+  each member's, elementwise."""
   return {k: jnp.minimum(v, metrics[k]) if k == 'first_nonfinite' else v + metrics[k]
           for k, v in acc.items()}
 
@@ -160,6 +163,61 @@ def jit_train_step(model, tx, config, mesh):
   return step
 
 
+def member_sharding(s):
+  """Whether a population's members are split over the devices (each member's batch on one
+  device: many members) rather than each member's batch (few members). Members must fill the
+  devices evenly, group by group."""
+  n = s.mesh.size
+  return s.population and n > 1 and all(len(g.members) % n == 0 for g in s.groups)
+
+
+def state_sharding(s):
+  """Where the train state lives: replicated, or a population's split along its member axis."""
+  if member_sharding(s):
+    return NamedSharding(s.mesh, P('data'))
+  return NamedSharding(s.mesh, P())
+
+
+def jit_population_step(s):
+  """The train step of a population: `jax.vmap` of `train_step` over each group's members, all
+  groups in one program; `(states, data, batches, rngs)` are dicts by group, the metrics one
+  array per metric with a member axis (members in order)."""
+  config, split = s.config, member_sharding(s)
+  out = state_sharding(s)
+  # Inside the vmap each member's batch is split over the devices, or, when the members are,
+  # whole on its member's device (the vmap then places the member axis on 'data').
+  kw = dict(batch_args(None, config, s.mesh), batch_sharding=NamedSharding(s.mesh, P() if split else P('data')))
+  skip = config.train.get('skip_nonfinite', False)
+  vmap = functools.partial(jax.vmap, in_axes=(0, None, 0, 0), spmd_axis_name='data' if split
+                           else None)
+  steps = {key: vmap(functools.partial(train_step, tx=g.tx, skip_nonfinite=skip,
+                                       **{**kw, 'model': g.model}))
+           for key, g in zip(s.state_keys, s.groups)}
+
+  def step(states, data, batches, rngs):
+    outs = {k: f(states[k], data, batches[k], rngs[k]) for k, f in steps.items()}
+    metrics = [m for _, m in outs.values()]
+    return ({k: st for k, (st, _) in outs.items()},
+            jax.tree.map(lambda *m: jnp.concatenate(m), *metrics))
+  return jax.jit(step, out_shardings=(out, out), donate_argnums=(0,))
+
+
+def population_rngs(s):
+  """(init rngs, train rngs) by group: each member's, derived from its seed as a run alone."""
+  def keys(g, i):
+    return jnp.stack([jax.random.split(jax.random.key(m.config.seed))[i] for m in g.members])
+  return ({k: keys(g, 0) for k, g in zip(s.state_keys, s.groups)},
+          {k: keys(g, 1) for k, g in zip(s.state_keys, s.groups)})
+
+
+def population_batches(s, start_step, sharding):
+  """Each member's own batch indices (its seed's data order), stacked by group."""
+  for step in itertools.count(start_step):
+    yield {k: {'indices': jax.device_put(np.stack(
+        [s.input.train_indices(m.config.seed, step) for m in g.members]), sharding)}
+           for k, g in zip(s.state_keys, s.groups)}
+
+
 def state_initializer(model, tx, input_shape, dtype):
   """`rng -> TrainState`: for jax.eval_shape (shapes only) and for jit (built in place)."""
   def init(rng):
@@ -208,7 +266,8 @@ EVAL_PROGRESS_EVERY_S = 5.0
 
 def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes,
              progress_every_s=EVAL_PROGRESS_EVERY_S):
-  """Test metrics over every example exactly once (the padding is masked out), the top-5
+  """Test metrics over every example exactly once (the padding is masked out; a population's:
+  one value per member), the top-5
   predictions for each test example ([examples, 5], best first; `batches` from
   `Input.eval_batches()`), and each example's probability for its top class. Logs the images
   done and their rate every `progress_every_s` seconds (an evaluation of a large net on a CPU
@@ -219,19 +278,20 @@ def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes,
     if len(outs) > 1:  # One batch in flight: the host keeps pace with the device, so it can tell.
       jax.block_until_ready(outs[-2][0]['count'])
     if len(outs) > 1 and time.perf_counter() - last_note >= progress_every_s:
-      done = int(sum(jax.device_get([o[0]['count'] for o in outs[:-1]])))
+      done = int(sum(np.ravel(c)[0] for c in jax.device_get([o[0]['count'] for o in outs[:-1]])))
       now = time.perf_counter()
       logging.info('evaluating: %d/%d test images, %.0f img/s', done, num_test,
                    (done - last_done) / (now - last_note))
       last_note, last_done = now, done
   sums, predictions = jax.device_get(([o[0] for o in outs], [o[1][0] for o in outs]))
-  confidence = np.concatenate(jax.device_get([o[1][1] for o in outs]))[:num_test]
+  # A population's outputs have a leading member axis: examples are the second-last axis.
+  confidence = np.concatenate(jax.device_get([o[1][1] for o in outs]), axis=-1)[..., :num_test]
   sums = jax.tree.map(lambda *x: sum(x), *sums)
   out = {'test/loss': sums['loss'] / sums['count'], 'test/error': sums['errors'] / sums['count'],
          'test/count': sums['count']}
   if num_classes > 5:
     out['test/top5_error'] = sums['top5_errors'] / sums['count']
-  return out, np.concatenate(predictions)[:num_test], confidence
+  return out, np.concatenate(predictions, axis=-2)[..., :num_test, :], confidence
 
 
 def grad_norms(state, data, batch, rng, **batch_kw):
@@ -333,6 +393,7 @@ def check_finite(acc, mngr):
   """Stops the run when a step since the last check was non-finite, naming the first one;
   the state is then never saved, so the newest checkpoint stays the last good one."""
   count, first = jax.device_get((acc['nonfinite'], acc['first_nonfinite']))
+  count, first = int(np.sum(count)), int(np.min(first))  # A population's: over its members.
   if count:
     mngr.wait_until_finished()
     last = mngr.latest_step()
@@ -365,8 +426,21 @@ def layer_order(model, variables, x):
 
 
 @dataclasses.dataclass
+class Group:
+  """Members whose configs differ only by the seed: one model and optimizer, vmapped."""
+  members: list  # population.Member
+  model: Any
+  schedule: Any
+  tx: Any
+  init: Any  # rng -> one member's TrainState.
+  abstract_state: Any  # One member's.
+
+
+@dataclasses.dataclass
 class Setup:
-  """Everything a run builds from its config before touching the workdir."""
+  """Everything a run builds from its config before touching the workdir. A population's
+  `init`, `abstract_state` and train step hold every group's state, by `state_keys`; `model`,
+  `schedule` and `tx` are then those of its first group."""
   config: Any
   mesh: Any
   input: data_lib.Input
@@ -375,9 +449,22 @@ class Setup:
   tx: Any
   steps_per_epoch: int
   total_steps: int
-  init: Any  # rng -> TrainState.
+  init: Any  # rng -> TrainState (a population: {key: rngs} -> {key: stacked TrainState}).
   abstract_state: Any
   identity: dict  # What a checkpoint must match: the model, the data and its input shape.
+  groups: list = dataclasses.field(default_factory=list)  # A population's; [] for one run.
+
+  @property
+  def population(self):
+    return bool(self.groups)
+
+  @property
+  def members(self):
+    return [m for g in self.groups for m in g.members]
+
+  @property
+  def state_keys(self):
+    return [f'group{i}' for i in range(len(self.groups))]
 
 
 def build_state(config, num_classes, input_shape, total_steps):
@@ -419,27 +506,55 @@ def setup(config, devices=None) -> Setup:
                     'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
                     '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
                     'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
+  if population.is_population(config) and data_lib.pipeline_for(config.dataset) != 'memory':
+    raise UserError('a population (population.seeds > 1 or population.vary) trains on data '
+                    'held on the device; this dataset streams from disk (dataset.pipeline). '
+                    'Train its members as separate runs instead, e.g. a sweep over seed.')
   inp = data_lib.make_input(config, mesh)
   input_shape = tuple(inp.image_shape)
   steps_per_epoch, total_steps = steps_for(config, inp.num_train)
   model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
                                                           total_steps)
   identity = run_identity(config, inp.num_classes, input_shape, inp.identity)
-  return Setup(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
-               abstract_state, identity)
+  if not population.is_population(config):
+    return Setup(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
+                 abstract_state, identity)
+  groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
+            for ms in population.group_members(population.members(config))]
+  keys = [f'group{i}' for i in range(len(groups))]
+  stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
+
+  def init_population(rngs):
+    return {k: jax.vmap(g.init)(rngs[k]) for k, g in zip(keys, groups)}
+  abstract = {k: jax.tree.map(lambda a, n=len(g.members): stacked(a, n), g.abstract_state)
+              for k, g in zip(keys, groups)}
+  identity['population'] = json.loads(json.dumps({  # As saved: tuples as lists.
+      'members': [m.name for g in groups for m in g.members],
+      'models': [g.members[0].config.model.to_dict() for g in groups]}))
+  return Setup(config, mesh, inp, groups[0].model, groups[0].schedule, groups[0].tx,
+               steps_per_epoch, total_steps, init_population, abstract, identity, groups)
 
 
 def jit_evaluation(s: Setup, state_sharding):
-  """(jitted eval step, the eval step's device-resident `test` data)."""
-  test_data = jax.device_put(s.input.test_data, state_sharding)
-  p_eval_step = jax.jit(
-      functools.partial(eval_step, model=s.model, batch_size=s.config.train.eval_batch_size,
-                        batch_sharding=NamedSharding(s.mesh, P('data')),
-                        dtype=jnp.dtype(s.config.train.compute_dtype),
-                        crops=data_lib.eval_crops(s.config),
-                        crop_size=s.input.image_shape[0], padding=s.input.eval_padding),
-      out_shardings=state_sharding)
-  return p_eval_step, test_data
+  """(jitted eval step, the eval step's device-resident `test` data). A population's step
+  evaluates every member on each batch (vmap by group): its outputs gain a member axis."""
+  test_data = jax.device_put(s.input.test_data, NamedSharding(s.mesh, P()))
+  split = member_sharding(s)
+  kw = dict(batch_size=s.config.train.eval_batch_size,
+            batch_sharding=NamedSharding(s.mesh, P() if split else P('data')),
+            dtype=jnp.dtype(s.config.train.compute_dtype), crops=data_lib.eval_crops(s.config),
+            crop_size=s.input.image_shape[0], padding=s.input.eval_padding)
+  if not s.population:
+    return jax.jit(functools.partial(eval_step, model=s.model, **kw),
+                   out_shardings=state_sharding), test_data
+  steps = {k: jax.vmap(functools.partial(eval_step, model=g.model, **kw), in_axes=(0, None, None),
+                       spmd_axis_name='data' if split else None)
+           for k, g in zip(s.state_keys, s.groups)}
+
+  def step(states, test, batch):
+    outs = [f(states[k], test, batch) for k, f in steps.items()]
+    return jax.tree.map(lambda *x: jnp.concatenate(x), *outs)
+  return jax.jit(step, out_shardings=NamedSharding(s.mesh, P())), test_data
 
 
 def hparams(config):
@@ -469,49 +584,97 @@ def train_and_evaluate(config, workdir, *, devices=None):
       return train_loop(s, workdir, stop_requested)
 
 
+def member_dirs(s, workdir):
+  """{member: its folder}: an ordinary run's is the workdir ({None: workdir}); a population's
+  members each have `members/<name>/`, laid out as an ordinary run's."""
+  if not s.population:
+    return {None: epath.Path(workdir)}
+  return {m.name: epath.Path(workdir) / 'members' / m.name for m in s.members}
+
+
+def by_member(s, tree):
+  """{member: its part} of a host tree whose leaves have a member axis ({None: tree})."""
+  if not s.population:
+    return {None: tree}
+  return {m.name: jax.tree.map(lambda x, i=i: x[i], tree) for i, m in enumerate(s.members)}
+
+
+def by_member_of_groups(s, trees):
+  """{member: its part} of {state key: tree with a member axis} (the train state, grad norms)."""
+  if not s.population:
+    return {None: trees}
+  return {m.name: jax.tree.map(lambda x, i=i: x[i], trees[k])
+          for k, g in zip(s.state_keys, s.groups) for i, m in enumerate(g.members)}
+
+
+def current_step(state):
+  steps = [x.step for x in (state.values() if isinstance(state, dict) else [state])]
+  return int(max(np.max(x) for x in jax.device_get(steps)))
+
+
 def train_loop(s: Setup, workdir, stop_requested):
   config = s.config
-  replicated = NamedSharding(s.mesh, P())
-  batch_size = config.train.batch_size
+  sharding = state_sharding(s)
+  num_members = len(s.members) or 1
+  images_per_step = config.train.batch_size * num_members
 
   # --- Train state: restored, or built directly in place. ---
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  if s.population:
+    init_rng, train_rng = population_rngs(s)
+  else:
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   run_dir = epath.Path(workdir)
   run_dir.mkdir(parents=True, exist_ok=True)
   checkpointing.check_shared_workdir(workdir)
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity)
+      mngr, checkpointing.abstract_with_sharding(s.abstract_state, sharding), s.identity)
   if state is None:
-    state = init_state(s.init, init_rng, replicated)
-  start_step = int(state.step)
-  results_file = run_dir / 'results.json'
+    state = init_state(s.init, init_rng, sharding)
+  start_step = current_step(state)
   if start_step >= s.total_steps:
-    finished = already_finished(workdir, results_file, start_step, s.total_steps)
+    finished = already_finished(s, workdir, start_step)
     if finished is not None:
       return state, finished
   elif start_step:
     logging.info('Resuming from the checkpoint at step %d.', start_step)
   t_start = time.perf_counter()
   is_main = jax.process_index() == 0  # Writes the logs, metrics and results.
+  dirs = member_dirs(s, workdir)
   if is_main:
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  writer = metric_writer.create(workdir, resume_step=start_step)
-  num_params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+    for m in s.members:
+      dirs[m.name].mkdir(parents=True, exist_ok=True)
+      (dirs[m.name] / 'config.json').write_text(m.config.to_json_best_effort(indent=2))
+  writers = {name: metric_writer.create(d, resume_step=start_step) for name, d in dirs.items()}
+  schedules = ({m.name: g.schedule for g in s.groups for m in g.members} if s.population
+               else {None: s.schedule})
+  num_params = sum(x.size for x in jax.tree.leaves((s.groups or [s])[0].abstract_state.params))
   logging.info('%s: %d parameters, %d train / %d test examples %s (%s input), %d classes, '
                '%d steps (%d per epoch), %d device(s) in %d process(es).', config.model.name,
                num_params, s.input.num_train, s.input.num_test, s.input.image_shape,
                s.input.pipeline, s.input.num_classes, s.total_steps, s.steps_per_epoch,
                s.mesh.size, jax.process_count())
+  if s.population:
+    logging.info('A population of %d members in %d group(s), %s: %s.', num_members,
+                 len(s.groups), 'members split over the devices' if member_sharding(s) else
+                 "each member's batch split over the devices",
+                 ', '.join(m.name for m in s.members))
 
   # --- Data on the device, and the jitted steps. ---
+  replicated = NamedSharding(s.mesh, P())
   device_data = jax.device_put(s.input.train_data, replicated)
-  p_train_step = jit_train_step(s.model, s.tx, config, s.mesh)
+  if s.population:
+    p_train_step = jit_population_step(s)
+    batches = population_batches(s, start_step, NamedSharding(
+        s.mesh, P('data', None) if member_sharding(s) else P(None, 'data')))
+  else:
+    p_train_step = jit_train_step(s.model, s.tx, config, s.mesh)
+    batches = s.input.train_batches(start_step)  # The batches from start_step on.
   p_eval_step, test_data = jit_evaluation(s, replicated)
   grad_norm_every = config.train.get('grad_norm_every_steps', 0)
   if grad_norm_every:
-    p_grad_norms = jax.jit(functools.partial(grad_norms, **batch_args(s.model, config, s.mesh)),
-                           out_shardings=replicated)
+    p_grad_norms = jit_grad_norms(s)
 
   # --- The loop. ---
   log_every = config.train.log_every_steps
@@ -521,7 +684,6 @@ def train_loop(s: Setup, workdir, stop_requested):
   p_accumulate = jax.jit(accumulate)
   acc, test_metrics, predictions, confidence = None, {}, None, None
   t_last, step_last, excluded, waited = None, start_step, 0.0, 0.0
-  batches = s.input.train_batches(start_step)  # The batches from start_step on, as uninterrupted.
   saved = [start_step]
 
   def save(done, state, acc):
@@ -532,9 +694,14 @@ def train_loop(s: Setup, workdir, stop_requested):
       check_finite(acc, mngr)
     t0 = time.perf_counter()
     checkpointing.save(mngr, done, state, s.identity)
-    writer.sync()  # Logs up to here reach a remote workdir with each checkpoint.
+    for w in writers.values():
+      w.sync()  # Logs up to here reach a remote workdir with each checkpoint.
     excluded += time.perf_counter() - t0
     saved.append(done)
+
+  def close_writers():
+    for w in writers.values():
+      w.close()
 
   in_flight = None
   for step in range(start_step, s.total_steps):
@@ -542,8 +709,10 @@ def train_loop(s: Setup, workdir, stop_requested):
     batch = next(batches)
     waited += time.perf_counter() - t0  # Time the step waits on the input.
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
-      writer.write_scalars(step, jax.device_get(p_grad_norms(state, device_data, batch,
-                                                             train_rng)))
+      norms = by_member_of_groups(s, jax.device_get(p_grad_norms(state, device_data, batch,
+                                                                 train_rng)))
+      for name, n in norms.items():
+        writers[name].write_scalars(step, n)
     if t_last is None:
       logging.info('Compiling the train step; the first step waits for it (seconds to a '
                    'minute on a CPU).')
@@ -571,20 +740,22 @@ def train_loop(s: Setup, workdir, stop_requested):
       acc = None
       now = time.perf_counter()
       elapsed = now - t_last - excluded
-      ips = (done - step_last) * batch_size / elapsed if done > step_last else 0.0
-      count = sums['count'] or np.nan  # 0 when train.skip_nonfinite skipped every step.
-      scalars = {'train/loss': sums['loss'] / count, 'train/error': sums['errors'] / count,
-                 'train/learning_rate': float(s.schedule(step)),
-                 'train/images_per_second': ips,
-                 'train/input_wait_fraction': waited / elapsed if elapsed > 0 else 0.0}
-      if skip_nonfinite:
-        scalars['train/skipped_nonfinite'] = sums['nonfinite']
-      writer.write_scalars(done, scalars)
-      eta = (s.total_steps - done) * batch_size / ips if ips else 0
-      logging.info('step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  input wait '
-                   '%.0f%%  ETA %s', done, s.total_steps, scalars['train/loss'],
-                   100 * scalars['train/error'], scalars['train/learning_rate'], ips,
-                   100 * scalars['train/input_wait_fraction'], _fmt_time(eta))
+      ips = (done - step_last) * images_per_step / elapsed if done > step_last else 0.0
+      logged = {}
+      for name, m in by_member(s, sums).items():
+        count = m['count'] or np.nan  # 0 when train.skip_nonfinite skipped every step.
+        logged[name] = {'train/loss': m['loss'] / count, 'train/error': m['errors'] / count,
+                        'train/learning_rate': float(schedules[name](step)),
+                        'train/images_per_second': ips,
+                        'train/input_wait_fraction': waited / elapsed if elapsed > 0 else 0.0}
+        if skip_nonfinite:
+          logged[name]['train/skipped_nonfinite'] = m['nonfinite']
+        writers[name].write_scalars(done, logged[name])
+      eta = (s.total_steps - done) * images_per_step / ips if ips else 0
+      first = next(iter(logged.values()))
+      logging.info('step %d/%d  %s  lr %.4g  %.0f img/s  input wait %.0f%%  ETA %s', done,
+                   s.total_steps, progress_metrics(logged, 'train'), first['train/learning_rate'],
+                   ips, 100 * first['train/input_wait_fraction'], _fmt_time(eta))
       t_last, step_last, excluded, waited = now, done, 0.0, 0.0
 
     if done == s.total_steps:  # Saved before the final evaluation: a stop there loses nothing.
@@ -597,11 +768,10 @@ def train_loop(s: Setup, workdir, stop_requested):
       test_metrics, predictions, confidence = evaluate(
           p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
           s.input.num_classes)
-      writer.write_scalars(done, test_metrics)
-      logging.info('step %d/%d  test loss %.4f  error %.2f%%%s', done, s.total_steps,
-                   test_metrics['test/loss'], 100 * test_metrics['test/error'],
-                   f'  top-5 error {100 * test_metrics["test/top5_error"]:.2f}%'
-                   if 'test/top5_error' in test_metrics else '')
+      logged = by_member(s, test_metrics)
+      for name, m in logged.items():
+        writers[name].write_scalars(done, m)
+      logging.info('step %d/%d  test %s', done, s.total_steps, progress_metrics(logged, 'test'))
       excluded += time.perf_counter() - t0
 
     stop = stop_requested(done)  # SIGTERM or SIGINT: save this step and stop.
@@ -610,29 +780,72 @@ def train_loop(s: Setup, workdir, stop_requested):
     if stop and done < s.total_steps:
       logging.warning('Stopping after step %d (%s): its checkpoint is saved.', done, stop)
       mngr.wait_until_finished()
-      writer.close()
+      close_writers()
       raise preemption.Preempted(done, stop)
 
   batches.close()  # Stops the streaming workers.
   mngr.wait_until_finished()
-  if int(state.step) >= s.total_steps:
+  final = {}
+  if current_step(state) >= s.total_steps:
     if predictions is None:  # Nothing left to train: evaluate the restored state.
       logging.info('The checkpoint at step %d is the last of this run; evaluating it.',
-                   int(state.step))
+                   current_step(state))
       test_metrics, predictions, confidence = evaluate(
           p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
           s.input.num_classes)
+    final = by_member(s, {k: np.asarray(v) for k, v in test_metrics.items()})
     if is_main:
-      results = finish(workdir, s, state, test_metrics, predictions, confidence, writer)
+      results = finish(workdir, s, state, test_metrics, predictions, confidence, writers)
       logging.info('%s', summary_line(
           results, workdir, f'Finished {config.model.name} at step {results["step"]} in '
           f'{_fmt_time(time.perf_counter() - t_start)}'))
-  writer.close()
-  return state, {k: float(v) for k, v in test_metrics.items()}
+  close_writers()
+  final = {name: {k: float(v) for k, v in m.items()} for name, m in final.items()}
+  return state, final[None] if not s.population else final
+
+
+def progress_metrics(logged, split):
+  """'loss 0.4321  error 12.34%' of one run; of a population, each as 'mean (min-max)' over
+  its members, so the line stays one line."""
+  parts = []
+  for key, fmt, scale in (('loss', '%.4f', 1), ('error', '%.2f%%', 100),
+                          ('top5_error', '%.2f%%', 100)):
+    values = [m[f'{split}/{key}'] * scale for m in logged.values() if f'{split}/{key}' in m]
+    if not values:
+      continue
+    name = 'top-5 error' if key == 'top5_error' else key
+    if len(values) == 1:
+      parts.append(f'{name} {fmt % values[0]}')
+    else:
+      mean, low, high = population.summary(values)
+      parts.append(f'{name} {fmt % mean} ({fmt % low}-{fmt % high})'.replace('%%', '%'))
+  text = '  '.join(parts)
+  return text if len(logged) == 1 else f'{text}  over {len(logged)} members'
+
+
+def jit_grad_norms(s):
+  """`grad_norms`, jitted; a population's by group (its layers differ between groups)."""
+  replicated = NamedSharding(s.mesh, P())
+  kw = batch_args(s.model, s.config, s.mesh)
+  if not s.population:
+    return jax.jit(functools.partial(grad_norms, **kw), out_shardings=replicated)
+  fns = {k: jax.vmap(functools.partial(grad_norms, **{**kw, 'model': g.model,
+                                                       'batch_sharding': replicated}),
+                     in_axes=(0, None, 0, 0)) for k, g in zip(s.state_keys, s.groups)}
+  return jax.jit(lambda st, data, b, r: {k: f(st[k], data, b[k], r[k]) for k, f in fns.items()},
+                 out_shardings=replicated)
 
 
 def summary_line(results, workdir, head):
   """One readable line for the end of a run: `head`, how well it did, what it wrote."""
+  if 'members' in results:
+    errors = [100 * r['test/error'] for r in results['members'].values()]
+    mean, low, high = population.summary(errors)
+    std = np.std(errors, ddof=1) if len(errors) > 1 else 0.0
+    return (f'{head}: test error {mean:.2f} ± {std:.2f}% over {len(errors)} members (best '
+            f'{low:.2f}%, worst {high:.2f}%). Wrote {workdir}/results.json and each member\'s '
+            f'results, error analysis and curves in {workdir}/members/; `tensorboard --logdir '
+            f'{workdir}` overlays them.')
   top5 = (f', top-5 {100 * results["test/top5_error"]:.2f}%'
           if 'test/top5_error' in results else '')
   train = (f'; train error {100 * results["train/error"]:.2f}% over the last log interval'
@@ -642,39 +855,64 @@ def summary_line(results, workdir, head):
           f'{workdir}/error_analysis/; `tensorboard --logdir {workdir}` shows the curves.')
 
 
-def already_finished(workdir, results_file, step, total_steps):
+def already_finished(s, workdir, step):
   """The final test metrics of a run that finished at `step` (its results.json), after saying
   so; None when it still has to be evaluated and written (then the caller does that)."""
+  results_file = epath.Path(workdir) / 'results.json'
   try:
     results = json.loads(results_file.read_text()) if results_file.exists() else None
   except (OSError, ValueError):
     results = None
+  needed = {'test/error', 'test/count', 'num_mistakes'}
   if (jax.process_count() > 1 or not results or results.get('step') != step
-      or not {'test/error', 'test/count', 'num_mistakes'} <= set(results)):
+      or not (set(results.get('members', {})) == {m.name for m in s.members} and all(
+          needed <= set(r) for r in results['members'].values()) if s.population
+              else needed <= set(results))):
     return None  # Several processes evaluate together; a missing results.json is rewritten.
   logging.info('%s Nothing to train (this config runs %d steps): re-evaluate with `python -m '
                'cvjax.evaluate --workdir=%s`, or train longer with a larger train.num_epochs.',
                summary_line(results, workdir, f'This run already finished at step {step}'),
-               total_steps, workdir)
-  return {k: float(v) for k, v in results.items() if k.startswith('test/')}
+               s.total_steps, workdir)
+  tests = lambda r: {k: float(v) for k, v in r.items() if k.startswith('test/')}
+  if s.population:
+    return {name: tests(r) for name, r in results['members'].items()}
+  return tests(results)
 
 
-def finish(workdir, s: Setup, state, test_metrics, predictions, confidence, writer):
-  """End of a run: error analysis, HParams, and results.json (which marks the run done)."""
-  analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels,
-                                  predictions[:, 0], s.input.class_names, step=int(state.step),
-                                  writer=writer.tb, confidence=confidence)
-  final = {k: float(v) for k, v in test_metrics.items()}
-  train_records = [r for r in writer.records() if 'train/error' in r]
-  if train_records:
-    final['train/error'] = train_records[-1]['train/error']
-    final['train/loss'] = train_records[-1]['train/loss']
-  writer.write_hparams(hparams(s.config), final)
-  example = jax.ShapeDtypeStruct((1, *s.input.image_shape),
-                                 jnp.dtype(s.config.train.compute_dtype))
-  variables = {'params': s.abstract_state.params, **s.abstract_state.model_state}
-  results = {'step': int(state.step), **final, 'num_mistakes': analysis['num_mistakes'],
-             'num_params': int(sum(p.size for p in jax.tree.leaves(s.abstract_state.params))),
-             'layer_order': layer_order(s.model, variables, example)}
-  (epath.Path(workdir) / 'results.json').write_text(json.dumps(results, indent=1))
-  return results
+def finish(workdir, s: Setup, state, test_metrics, predictions, confidence, writers):
+  """End of a run: error analysis, HParams, and results.json (which marks the run done); a
+  population's for each member, then its own results.json with every member's and their mean
+  and standard deviation."""
+  dirs, step = member_dirs(s, workdir), current_step(state)
+  tests = by_member(s, {k: np.asarray(v) for k, v in test_metrics.items()})
+  preds, conf = by_member(s, predictions), by_member(s, confidence)
+  groups = ({m.name: (m.config, g) for g in s.groups for m in g.members} if s.population else
+            {None: (s.config, s)})
+  results = {}
+  for name, (config, g) in groups.items():
+    writer = writers[name]
+    analysis = error_analysis.write(dirs[name], s.input.test_images, s.input.test_labels,
+                                    preds[name][:, 0], s.input.class_names, step=step,
+                                    writer=writer.tb, confidence=conf[name])
+    final = {k: float(v) for k, v in tests[name].items()}
+    train_records = [r for r in writer.records() if 'train/error' in r]
+    if train_records:
+      final['train/error'] = train_records[-1]['train/error']
+      final['train/loss'] = train_records[-1]['train/loss']
+    writer.write_hparams(hparams(config), final)
+    example = jax.ShapeDtypeStruct((1, *s.input.image_shape),
+                                   jnp.dtype(config.train.compute_dtype))
+    variables = {'params': g.abstract_state.params, **g.abstract_state.model_state}
+    results[name] = {'step': step, **final, 'num_mistakes': analysis['num_mistakes'],
+                     'num_params': int(sum(p.size for p in jax.tree.leaves(
+                         g.abstract_state.params))),
+                     'layer_order': layer_order(g.model, variables, example)}
+    (dirs[name] / 'results.json').write_text(json.dumps(results[name], indent=1))
+  if not s.population:
+    return results[None]
+  keys = [k for k in results[s.members[0].name] if k.startswith(('test/', 'train/'))]
+  table = {k: np.array([r[k] for r in results.values()]) for k in keys}
+  out = {'step': step, 'members': results, 'mean': {k: float(v.mean()) for k, v in table.items()},
+         'std': {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in table.items()}}
+  (epath.Path(workdir) / 'results.json').write_text(json.dumps(out, indent=1))
+  return out

@@ -27,6 +27,9 @@ class Input:
   test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
   identity: dict  # What a checkpoint records of its data (see `identity`).
   eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
+  # In memory: (seed, step) -> that step's example indices in the seed's data order (one per
+  # member of a population); None when streamed.
+  train_indices: Callable = None
 
   @property
   def num_classes(self):

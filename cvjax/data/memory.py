@@ -71,16 +71,21 @@ def in_memory_input(config, mesh) -> Input:
   padded = num_eval_batches * eval_batch - len(test_images)  # Padded, then masked out.
   batch_sharding = NamedSharding(mesh, P('data'))
 
+  per_epoch, permutations = n // batch_size, {}
+
+  def train_indices(seed, step):
+    """The examples of `step` in the data order of `seed`: a function of the two only."""
+    epoch = step // per_epoch
+    if permutations.get(seed, (None,))[0] != epoch:  # One epoch's order per seed kept.
+      permutations[seed] = epoch, epoch_permutation(seed, epoch, n)
+    i = step % per_epoch
+    return permutations[seed][1][i * batch_size:(i + 1) * batch_size]
+
   def train_batches(start_step):
-    per_epoch, epoch = n // batch_size, -1
+    # Every process computes the same global indices; device_put keeps the rows of its own
+    # devices, so the batch and its order do not depend on the number of processes.
     for step in itertools.count(start_step):
-      if step // per_epoch != epoch:
-        epoch = step // per_epoch
-        perm = epoch_permutation(config.seed, epoch, n)
-      i = step % per_epoch
-      # Every process computes the same global indices; device_put keeps the rows of its own
-      # devices, so the batch and its order do not depend on the number of processes.
-      yield {'indices': jax.device_put(perm[i * batch_size:(i + 1) * batch_size], batch_sharding)}
+      yield {'indices': jax.device_put(train_indices(config.seed, step), batch_sharding)}
 
   def eval_batches():
     return ({'index': np.int32(i)} for i in range(num_eval_batches))
@@ -94,6 +99,7 @@ def in_memory_input(config, mesh) -> Input:
                  'mask': np.pad(np.ones(len(test_images), np.bool_), (0, padded)),
                  'mean': mean, 'std': std},
       train_batches=train_batches, eval_batches=eval_batches, test_labels=data.test_labels,
+      train_indices=train_indices,
       test_images=test_images,
       identity=identity(data.class_names, data.train_labels, data.test_labels),
       eval_padding=config.input.crop_padding)

@@ -1,0 +1,151 @@
+"""Populations: several members of one config trained together, in one jitted program.
+
+`population.seeds=S` trains S members with seeds `seed, seed+1, ...`; `population.vary`
+multiplies them by the values of model, optimizer or schedule fields, e.g.
+`'model.residual=False,True'` (space-separated `field=v1,v2` items). Each member is exactly
+the run `cvjax.main` would train alone with the member's config: its own initialisation, data
+order, augmentation and dropout draws (all from its seed), on the data held once on the
+device.
+
+Members whose configs differ only by the seed form a group: one model, one optimizer, and a
+train state with a leading member axis, trained by `jax.vmap` of the ordinary train step.
+Groups that differ in a field (plain and residual twins, two depths, two learning rates) are
+separate vmaps in the same program, so the model code never sees a member axis.
+
+A population's workdir holds the whole population's checkpoints, and one folder per member,
+`members/<name>/`, laid out as an ordinary run's (config.json, metrics.jsonl, results.json,
+error_analysis/, TensorBoard events): TensorBoard overlays them, cvjax.tools.report reads them,
+`cvjax.evaluate --member=NAME` evaluates one.
+"""
+
+import ast
+import dataclasses
+import itertools
+import json
+
+import jax
+import numpy as np
+
+from cvjax.errors import UserError
+
+# What a member may change: the net and its training, not the data, the batch or the run length
+# (those are shared by every member of the one program).
+VARIABLE_SECTIONS = ('model', 'optimizer', 'schedule')
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  name: str
+  config: object  # ml_collections.ConfigDict: what cvjax.main would train alone.
+
+
+def size(config):
+  """The number of members `config` trains (1: an ordinary run)."""
+  return len(members(config)) if is_population(config) else 1
+
+
+def is_population(config):
+  pop = config.get('population')
+  return bool(pop) and (pop.get('seeds', 1) != 1 or bool(pop.get('vary', '').strip()))
+
+
+def parse_vary(config, text):
+  """`'model.residual=False,True optimizer.learning_rate=0.1,0.05'` -> [(field, values)],
+  each value of the type the config's field holds."""
+  out = []
+  for item in text.split():
+    field, eq, values = item.partition('=')
+    section, _, key = field.partition('.')
+    if not eq or not values or section not in VARIABLE_SECTIONS or not key:
+      raise UserError(
+          f'population.vary item {item!r}: expected FIELD=V1,V2,... with FIELD in '
+          f'{", ".join(s + ".*" for s in VARIABLE_SECTIONS)}, e.g. '
+          "population.vary='model.residual=False,True'. The data, the batch and the run length "
+          'are shared by every member.')
+    if key not in config[section]:
+      raise UserError(f'population.vary names {field}, which this config does not have; '
+                      f'{section} has: {", ".join(sorted(config[section]))}.')
+    current = config[section][key]
+    parsed = [_parse(field, v, current) for v in values.split(',')]
+    if len(set(map(repr, parsed))) != len(parsed):
+      raise UserError(f'population.vary item {item!r} repeats a value.')
+    out.append((field, parsed))
+  if len({f for f, _ in out}) != len(out):
+    raise UserError(f'population.vary={text!r} names a field twice.')
+  return out
+
+
+def _parse(field, text, current):
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise UserError(f'population.vary: {field}={text!r} is not a value like the field\'s '
+                    f'current {current!r}.') from None
+  if isinstance(current, bool) != isinstance(value, bool) or (
+      isinstance(current, (int, float)) and not isinstance(value, (int, float))):
+    raise UserError(f'population.vary: {field}={text!r} has type {type(value).__name__}; the '
+                    f'field holds a {type(current).__name__} ({current!r}).')
+  return float(value) if isinstance(current, float) else value
+
+
+def members(config):
+  """The members, grouped: the members of a group (same config but the seed) are adjacent."""
+  pop = config.population
+  seeds = pop.get('seeds', 1)
+  if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+    raise UserError(f'population.seeds={seeds!r}; expected an integer >= 1 (members per set of '
+                    'population.vary values, seeds seed, seed+1, ...).')
+  vary = parse_vary(config, pop.get('vary', ''))
+  out = []
+  for values in itertools.product(*[v for _, v in vary]):
+    for i in range(seeds):
+      c = config.copy_and_resolve_references()
+      for (field, _), value in zip(vary, values):
+        section, key = field.split('.', 1)
+        c[section][key] = value
+      c.seed = config.seed + i
+      c.population.seeds, c.population.vary = 1, ''
+      label = [f'{f.split(".")[-1]}{_label(v)}' for (f, _), v in zip(vary, values)]
+      out.append(Member('_'.join(label + [f'seed{c.seed}']), c))
+  return out
+
+
+def _label(value):
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def group_members(members_):
+  """[[member, ...], ...]: members whose configs differ only by the seed, in order."""
+  groups, keys = [], []
+  for m in members_:
+    key = _without_seed(m.config)
+    if keys and keys[-1] == key:
+      groups[-1].append(m)
+    else:
+      keys.append(key)
+      groups.append([m])
+  return groups
+
+
+def _without_seed(config):
+  d = json.loads(config.to_json_best_effort())
+  d.pop('seed', None)
+  return json.dumps(d, sort_keys=True)
+
+
+def stack(trees):
+  """The trees of the members as one tree with a leading member axis."""
+  return jax.tree.map(lambda *x: np.stack(x), *trees)
+
+
+def unstack(tree, n):
+  """The i-th member of a tree with a leading member axis, for i < n."""
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def summary(values):
+  """'mean (min-max)' of the members' values, for the progress line."""
+  values = np.asarray(values, np.float64)
+  return values.mean(), values.min(), values.max()

@@ -1,0 +1,171 @@
+"""Populations (cvjax/population.py): each member equals the same run trained alone."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, child_env, tiny_config
+from cvjax import evaluate, population, train
+from cvjax.errors import UserError
+
+
+def population_config(idx_dir, seeds=2, vary='', **overrides):
+  c = tiny_config(idx_dir, **overrides)
+  c.population.seeds = seeds
+  c.population.vary = vary
+  return c
+
+
+def test_members_are_named_configs_of_their_own(idx_dir):
+  c = population_config(idx_dir, seeds=2, vary='model.residual=False,True')
+  c.seed = 7
+  members = population.members(c)
+  assert [m.name for m in members] == ['residualFalse_seed7', 'residualFalse_seed8',
+                                       'residualTrue_seed7', 'residualTrue_seed8']
+  assert [(m.config.seed, m.config.model.residual) for m in members] == [
+      (7, False), (8, False), (7, True), (8, True)]
+  assert all(not population.is_population(m.config) for m in members)
+  groups = population.group_members(members)
+  assert [[m.name for m in g] for g in groups] == [
+      ['residualFalse_seed7', 'residualFalse_seed8'], ['residualTrue_seed7', 'residualTrue_seed8']]
+  lr = population.members(population_config(idx_dir, seeds=1,
+                                            vary='optimizer.learning_rate=0.1,0.05'))
+  assert [m.config.optimizer.learning_rate for m in lr] == [0.1, 0.05]
+
+
+@pytest.mark.parametrize('vary, message', [
+    ('train.batch_size=8,16', 'shared by every member'),
+    ('model.residul=False,True', 'does not have'),
+    ('model.residual=0,1', 'holds a bool'),
+    ('model.residual', 'expected FIELD=V1,V2'),
+    ('model.depth=8,8', 'repeats a value'),
+])
+def test_bad_vary_is_a_clear_error(idx_dir, vary, message):
+  with pytest.raises(UserError, match=message):
+    population.members(population_config(idx_dir, vary=vary))
+
+
+def test_bad_seeds_is_a_clear_error(idx_dir):
+  with pytest.raises(UserError, match='population.seeds'):
+    population.members(population_config(idx_dir, seeds=0))
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_each_member_equals_its_run_alone(idx_dir, tmp_path):
+  """Plain and residual twins x 2 seeds in one program: every member's parameters, BatchNorm
+  statistics, optimizer state and test metrics after 12 SGD steps are those of its config
+  trained alone, to float tolerance."""
+  c = population_config(idx_dir, seeds=2, vary='model.residual=False,True')
+  pop_state, pop_metrics = train.train_and_evaluate(c, str(tmp_path / 'pop'))
+  s = train.setup(c)
+  states = train.by_member_of_groups(s, jax.device_get(pop_state))
+  assert set(pop_metrics) == set(states) == {m.name for m in s.members}
+  for m in s.members:
+    alone_state, alone_metrics = train.train_and_evaluate(m.config, str(tmp_path / m.name))
+    for a, b in zip(leaves(states[m.name]), leaves(alone_state)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    for k, v in alone_metrics.items():
+      np.testing.assert_allclose(pop_metrics[m.name][k], v, rtol=1e-4, atol=1e-6)
+    # The member's folder is laid out as its run alone.
+    ours = json.load(open(tmp_path / 'pop' / 'members' / m.name / 'results.json'))
+    alone = json.load(open(tmp_path / m.name / 'results.json'))
+    assert set(ours) == set(alone) and ours['num_mistakes'] == alone['num_mistakes']
+    rows = lambda d: [(r['step'], sorted(r)) for r in map(json.loads, open(d / 'metrics.jsonl'))]
+    assert rows(tmp_path / 'pop' / 'members' / m.name) == rows(tmp_path / m.name)
+    assert json.load(open(tmp_path / 'pop' / 'members' / m.name / 'config.json'))['seed'] == \
+        m.config.seed
+  # Not one net four times: seeds start apart, twins (same seed, same start) train apart.
+  kernel = lambda name: leaves(states[name].params)[-1]
+  assert not np.allclose(kernel('residualFalse_seed0'), kernel('residualFalse_seed1'))
+  assert not np.allclose(kernel('residualFalse_seed0'), kernel('residualTrue_seed0'))
+  summary = json.load(open(tmp_path / 'pop' / 'results.json'))
+  errors = [pop_metrics[m.name]['test/error'] for m in s.members]
+  np.testing.assert_allclose(summary['mean']['test/error'], np.mean(errors), rtol=1e-6)
+  np.testing.assert_allclose(summary['std']['test/error'], np.std(errors, ddof=1), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_population_equals_an_uninterrupted_one(idx_dir, tmp_path):
+  c = population_config(idx_dir, seeds=3)
+  run = tmp_path / 'run'
+  whole, metrics = train.train_and_evaluate(c, str(run))
+  # Interrupted after the step-4 checkpoint: the resumed run redoes steps 5-12 bit for bit.
+  for step in ('8', '12'):
+    shutil.rmtree(run / 'checkpoints' / step)
+  os.remove(run / 'results.json')
+  resumed, again = train.train_and_evaluate(c, str(run))
+  for a, b in zip(leaves(whole), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert again == metrics
+  rows = [json.loads(l) for l in open(run / 'members' / 'seed2' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows if 'train/loss' in r] == [4, 8, 12]
+  # Finished: a re-run trains nothing and returns every member's metrics.
+  assert train.train_and_evaluate(c, str(run))[1] == metrics
+  # cvjax.evaluate takes a member: its metrics are the population's for it.
+  os.remove(run / 'members' / 'seed1' / 'error_analysis' / 'confusion.png')
+  one, analysis = evaluate.evaluate_checkpoint(c, str(run), member='seed1')
+  assert one == pytest.approx(metrics['seed1'], rel=1e-6) and analysis['step'] == 12
+  assert os.path.exists(run / 'members' / 'seed1' / 'error_analysis' / 'confusion.png')
+  with pytest.raises(UserError, match='seed0, seed1, seed2'):
+    evaluate.evaluate_checkpoint(c, str(run))
+  with pytest.raises(UserError, match='seed0, seed1, seed2'):
+    evaluate.evaluate_checkpoint(c, str(run), member='seed9')
+
+
+def test_a_population_on_streamed_data_is_a_clear_error(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ('train', 'test'):
+    for cls in ('a', 'b'):
+      os.makedirs(tmp_path / split / cls)
+      for i in range(2):
+        Image.new('RGB', (12, 12), (i * 100, 0, 0)).save(tmp_path / split / cls / f'{i}.png')
+  c = population_config(str(tmp_path), **{'train.batch_size': 2, 'train.eval_batch_size': 2})
+  c.dataset.pipeline = 'streaming'
+  with pytest.raises(UserError, match='held on the device'):
+    train.setup(c)
+
+
+@pytest.mark.slow
+def test_eight_devices_agree_with_one(idx_dir, tmp_path):
+  """On 8 simulated devices, 8 members are split over the devices (a member's batch whole on
+  its device) and 2 members each have their batch split over the devices; both give the
+  parameters of the same population on one device."""
+  script = f'''
+import jax, numpy as np
+from conftest import ROOT, child_env, tiny_config
+from cvjax import train
+assert len(jax.devices()) == 8
+def config(seeds, vary):
+  c = tiny_config({idx_dir!r}, **{{'train.num_steps': 6, 'train.native_conv': False}})
+  c.population.seeds, c.population.vary = seeds, vary
+  return c
+for seeds, vary, split in ((8, '', True), (1, 'model.residual=False,True', False)):
+  c = config(seeds, vary)
+  assert train.member_sharding(train.setup(c)) == split
+  one, m1 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/one{{seeds}}',
+                                     devices=jax.devices()[:1])
+  eight, m8 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/eight{{seeds}}')
+  kernel = eight['group0'].params['head']['kernel']
+  assert kernel.sharding.mesh.size == 8
+  assert (*kernel.sharding.spec, None)[0] == ('data' if split else None), kernel.sharding.spec
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               *[{{k: (s.params, s.model_state) for k, s in st.items()}}
+                 for st in jax.device_get((one, eight))])
+  for name in m1:
+    np.testing.assert_allclose(m1[name]['test/loss'], m8[name]['test/loss'], rtol=1e-4)
+print('AGREE')
+'''
+  env = child_env(XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0 and 'AGREE' in out.stdout, out.stderr[-3000:]
