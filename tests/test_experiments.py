@@ -70,19 +70,19 @@ def test_sweep_skips_finished_and_resumes_interrupted(tiny_sweep):
 
 
 def test_sweep_dry_run_and_expansion():
-  trials = sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:quick'))
+  trials = sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:single,quick'))
   names = [n for n, _ in trials]
   assert names == ['plain20', 'plain32', 'plain44', 'plain56', 'resnet20', 'resnet32', 'resnet44',
                    'resnet56', 'resnet110']
   assert all(o['train.num_epochs'] == 3.0 for _, o in trials)
   assert dict(trials)['resnet110']['schedule.warmup_steps'] == 400
-  full = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py')))
+  full = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:single')))
   assert 'train.num_epochs' not in full['plain56']
   acts = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/activations.py')))
   assert len(acts) == 9 and acts['sigmoid44']['model.batch_norm'] is False
   out = subprocess.run(
       [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
-       '--sweep=experiments/depth_ablation.py:quick', '--workdir=/nonexistent', '--dry_run',
+       '--sweep=experiments/depth_ablation.py:single,quick', '--workdir=/nonexistent', '--dry_run',
        '--only=plain56,resnet56', '--config.train.batch_size=64'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   lines = [l for l in out.stdout.splitlines() if 'cvjax.main' in l]

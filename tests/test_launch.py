@@ -66,14 +66,14 @@ def test_tpu_run_dry_run_prints_every_step(dry):
 
 def test_tpu_sweep_runs_its_trials_on_one_slice(dry):
   rc, lines, _ = dry(*TPU, '--dry-run', 'configs/resnet.py', 'gs://bucket/depth',
-                     '--sweep=experiments/depth_ablation.py:quick', '--only=plain20,resnet20')
+                     '--sweep=experiments/depth_ablation.py:quick', '--only=depth20,depth56')
   assert rc == 0
   gcloud = commands(lines, 'gcloud')
   assert sum(c[4] == 'create' for c in gcloud) == 1
   assert gcloud[-1][-1] == (
       '--command=cd ~/cvjax && python3 -m cvjax.sweep --config=configs/resnet.py '
       '--sweep=experiments/depth_ablation.py:quick --workdir=gs://bucket/depth '
-      '--only=plain20,resnet20 --distributed=on')
+      '--only=depth20,depth56 --distributed=on')
   assert not any('delete' in c for c in gcloud)  # Kept without --delete.
 
 
@@ -83,16 +83,15 @@ def test_tpu_parallel_sweep_gives_each_trial_its_slice(dry):
   assert rc == 0
   gcloud = commands(lines, 'gcloud')
   creates = [c[5] for c in gcloud if c[3:5] == ['queued-resources', 'create']]
-  assert creates == ['depth-plain20', 'depth-plain32', 'depth-plain44', 'depth-plain56',
-                     'depth-resnet20', 'depth-resnet32', 'depth-resnet44', 'depth-resnet56',
+  assert creates == ['depth-depth20', 'depth-depth32', 'depth-depth44', 'depth-depth56',
                      'depth-resnet110']
   checks = [c[-1] for c in gcloud if c[1] == 'storage']
-  assert checks[0] == 'gs://bucket/depth/plain20/results.json' and len(checks) == 9
+  assert checks[0] == 'gs://bucket/depth/depth20/results.json' and len(checks) == 5
   runs = [c[-1] for c in gcloud if c[3:5] == ['tpu-vm', 'ssh'] and 'cvjax.main' in c[-1]]
   assert runs[-1] == ('--command=cd ~/cvjax && python3 -m cvjax.main --config=configs/resnet.py '
                       '--workdir=gs://bucket/depth/resnet110 --distributed=on --config.seed=1 '
                       '--config.model.depth=110 --config.model.residual=True '
-                      '--config.schedule.warmup_steps=400')
+                      '--config.schedule.warmup_steps=400 --config.population.seeds=5')
 
 
 def test_slurm_dry_run_prints_the_script_and_the_submission(dry):
@@ -192,7 +191,7 @@ def test_half_given_coordinates_are_refused(no_join):
 def test_sweep_passes_the_coordinator_flags_to_every_trial():
   out = subprocess.run(
       [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
-       '--sweep=experiments/depth_ablation.py', '--workdir=runs/depth', '--only=plain20,resnet20',
+       '--sweep=experiments/depth_ablation.py', '--workdir=runs/depth', '--only=depth20,resnet110',
        '--dry_run', '--coordinator_address=host0:1234', '--num_processes=2', '--process_id=1',
        '--config.seed=3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
