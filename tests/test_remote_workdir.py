@@ -103,6 +103,19 @@ def test_a_run_a_resume_and_a_report_write_through_epath(idx_dir, sweep_dir, tmp
   assert not os.path.exists(tmp_path / 'gs:')
 
 
+def test_a_report_of_populations_reads_through_epath(sweep_dir):
+  """Population members (members/<name>/) are found and read in a bucket too."""
+  import test_report  # pylint: disable=g-import-not-at-top
+  workdir, where = sweep_dir
+  members = test_report.write_population(str(where / 'depth20'), 20, seeds=2)
+  test_report.write_population(str(where / 'depth56'), 56, seeds=2, finished=False)
+  report.write_report(workdir)
+  rows = test_report.table(where / 'report' / 'table6.md')
+  errors = [members[f'residualTrue_seed{s}']['test/error'] for s in range(2)]
+  assert rows[('ResNet', '20')]['test error (%)'] == test_report.pm(errors)
+  assert rows[('ResNet', '56')]['steps'] == '(unfinished)'
+
+
 def test_remote_events_are_uploaded_once_each(fake_gcs):
   """tensorboardX's own gs:// writer uploads the whole file at every flush; ours uploads
   each finished segment once, at sync."""
