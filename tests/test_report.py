@@ -261,15 +261,25 @@ def test_depth_ablation_trials_are_populations():
     sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:fast'))
 
 
-def test_population_values_pass_through_the_sweep_and_the_override_parser(tmp_path):
+@pytest.mark.parametrize('sweep_file,vary', [
+    ('experiments/depth_ablation.py:quick', VARY),
+    ('two_fields.py', 'model.residual=False,True optimizer.learning_rate=0.1,0.05')])
+def test_population_values_pass_through_the_sweep_and_the_override_parser(
+    sweep_file, vary, tmp_path):
+  if sweep_file == 'two_fields.py':  # Two items: a space inside the value too.
+    sweep_file = str(tmp_path / sweep_file)
+    with open(sweep_file, 'w') as f:
+      f.write('def get_trials(arg=None):\n'
+              f'  return [("depth56", {{"model.depth": 56, "population.seeds": 3, '
+              f'"train.num_epochs": 3.0, "population.vary": {vary!r}}})]\n')
   out = subprocess.run(
-      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
-       '--sweep=experiments/depth_ablation.py:quick', f'--workdir={tmp_path}/runs', '--dry_run',
-       '--only=depth56'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+      [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py', f'--sweep={sweep_file}',
+       f'--workdir={tmp_path}/runs', '--dry_run', '--only=depth56'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   (line,) = [l for l in out.stdout.splitlines() if 'cvjax.main' in l]
-  argv = shlex.split(line)
-  assert f'--config.population.vary={VARY}' in argv and '--config.population.seeds=3' in argv
+  argv = shlex.split(line)  # The printed command, as a shell would split it.
+  assert f'--config.population.vary={vary}' in argv and '--config.population.seeds=3' in argv
   # The same arguments through ml_collections' parser, as cvjax.main reads them. Until
   # configs/common.py has `population`, a wrapper adds the field.
   wrapper = tmp_path / 'with_population.py'
@@ -286,5 +296,5 @@ def test_population_values_pass_through_the_sweep_and_the_override_parser(tmp_pa
                                            sys_argv=main_argv)
   values(main_argv)
   config = holder.value
-  assert config.population.vary == VARY and config.population.seeds == 3
+  assert config.population.vary == vary and config.population.seeds == 3
   assert config.model.depth == 56 and config.train.num_epochs == 3.0

@@ -284,7 +284,8 @@ def table6(nets):
   for net in [n for n in nets if _is_cifar_resnet(n['config'])]:
     m, runs = net['config']['model'], finished_runs(net)
     depth, residual = m['depth'], m['residual']
-    params = next((f'{r["results"]["num_params"]:,}' for r in runs if r['results']), '-')
+    params = next((f'{r["results"]["num_params"]:,}' for r in runs
+                   if (r['results'] or {}).get('num_params')), '-')
     test = [final(r, 'test/error') for r in runs]
     s = stats(test)
     best = _pct(s[2]) if s and s[3] > 1 else '-'
@@ -306,7 +307,7 @@ def steps_per_epoch(net):
   the end of epoch 1. None when neither says (train.num_steps and a custom eval schedule)."""
   t = net['config']['train']
   for run in net['runs']:
-    if run['results'] and not t.get('num_steps') and t.get('num_epochs', 0) >= 1:
+    if run['results'] and not t.get('num_steps') and (t.get('num_epochs') or 0) >= 1:
       return int(run['results']['step'] // t['num_epochs'])
   if not t.get('eval_every_steps'):
     for run in net['runs']:
