@@ -40,7 +40,7 @@ def made_up_error(depth, residual, seed, epoch):
 def write_run(folder, config, finished=True, epochs=EPOCHS, grad_norms=None):
   """An ordinary run folder as cvjax.main leaves it; returns its final test error."""
   os.makedirs(folder, exist_ok=True)
-  m = config['model']
+  depth, residual = config['model'].get('depth', 5), config['model'].get('residual', True)
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(config, f)
   rows = []
@@ -48,16 +48,16 @@ def write_run(folder, config, finished=True, epochs=EPOCHS, grad_norms=None):
     rows.append({'step': 0, **{f'grad_norm/conv{i}': g for i, g in enumerate(grad_norms)}})
   for step in range(130, epochs * PER_EPOCH + 1, 130):
     rows.append({'step': step, 'train/loss': 1.0, 'train/error': made_up_error(
-        m['depth'], m['residual'], config['seed'], step / PER_EPOCH) - 0.07})
+        depth, residual, config['seed'], step / PER_EPOCH) - 0.07})
     if step % PER_EPOCH == 0:
       rows.append({'step': step, 'test/loss': 1.0, 'test/error': made_up_error(
-          m['depth'], m['residual'], config['seed'], step // PER_EPOCH)})
+          depth, residual, config['seed'], step // PER_EPOCH)})
   with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
     f.write(''.join(json.dumps(r) + '\n' for r in rows))
   error = rows[-1]['test/error']
   results = {'step': epochs * PER_EPOCH, 'test/error': error, 'test/count': 10000.0,
              'train/error': rows[-2]['train/error'], 'num_mistakes': int(error * 10000),
-             'num_params': 1000 * m['depth'] + m['residual']}
+             'num_params': 1000 * depth + residual}
   if finished:
     with open(os.path.join(folder, 'results.json'), 'w') as f:
       json.dump(results, f)
@@ -149,6 +149,33 @@ def test_runs_that_differ_beyond_the_seed_are_other_nets(tmp_path):
   assert rows[('plain (optimizer.learning_rate=0.05)', '20')]['seeds'] == '1'
   assert rows[('plain (optimizer.learning_rate=0.1)', '20')]['seeds'] == '2'
   assert rows[('ResNet', '20')]['seeds'] == '2'
+
+
+def test_every_net_over_its_seeds_with_the_median_seed(mixed, tmp_path):
+  rows = table(os.path.join(mixed['out'], 'nets.md'))
+  names = ['residualTrue_seed0', 'residualTrue_seed1', 'residualTrue_seed2', 'resnet20']
+  errors = {name: mixed['finished'][name]['test/error'] for name in names}
+  row = rows[('ResNet-20', '4')]
+  assert row['test error (%)'] == pm(list(errors.values()))
+  median = sorted(errors, key=errors.get)[1]  # The lower of the two middle ones.
+  assert row['median seed'] == (median if median == 'resnet20' else f'depth20/{median}')
+  # Any model: a LeNet-5 population of 5 seeds, no Figure 6 or Table 6.
+  from configs import lenet  # pylint: disable=g-import-not-at-top
+  errors = {}
+  for seed in range(5):
+    config = json.loads(lenet.get_config().to_json())
+    config.update(seed=seed, population={'seeds': 1, 'vary': ''})
+    config['train'].update(num_epochs=float(EPOCHS), eval_every_steps=0)
+    result = write_run(str(tmp_path / 'lenet' / 'members' / f'seed{seed}'), config)
+    errors[f'lenet/seed{seed}'] = result['test/error']
+  (tmp_path / 'lenet' / 'results.json').write_text('{"members": {}}')
+  out = report.write_report(str(tmp_path))
+  row = table(os.path.join(out, 'nets.md'))[('lenet5, tanh', '5')]
+  assert row['test error (%)'] == pm(list(errors.values()))
+  assert row['best (%)'] == f'{100 * min(errors.values()):.2f}'
+  assert row['median seed'] == sorted(errors, key=errors.get)[2]
+  assert not os.path.exists(os.path.join(out, 'table6.md'))
+  assert not os.path.exists(os.path.join(out, 'figure6.png'))
 
 
 def test_an_unfinished_population_is_reported_unfinished(mixed):

@@ -11,6 +11,8 @@ the seed are one net, reported over its seeds (mean ± sample std, n-1). Writes 
                     the mean over seeds, the band the seeds' min to max of the test error;
   table6.md         per net: parameters, test error mean ± std, best, seeds, beside the paper's
                     Table 6 and a 5-seed reproduction of its recipe;
+  nets.md           every net (any model) over its seeds, with the run of the median seed,
+                    where some net has several;
   epochs.md         test error of every net at a few epochs of its run, mean ± std;
   leaderboard.md    every run (population members too) ranked by final test error;
   grad_norms.png/md gradient norm against layer index (log scale), one line per net (mean,
@@ -364,6 +366,30 @@ def epochs_table(nets):
   return '\n'.join(rows)
 
 
+def median_run(runs):
+  """The run with the median final test error (the lower one of an even count): the one whose
+  error_analysis/ shows a typical seed's mistakes."""
+  ranked = sorted((r for r in runs if final(r, 'test/error') is not None),
+                  key=lambda r: final(r, 'test/error'))
+  return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+
+def nets_table(nets):
+  """Every net (any model) over its seeds: the numbers of Table 6 without the paper's."""
+  rows = ['| net | seeds | test error (%) | best (%) | train error (%) | median seed | steps |',
+          '|---|---:|---:|---:|---:|---|---:|']
+  for net in nets:
+    runs = finished_runs(net)
+    test = [final(r, 'test/error') for r in runs]
+    s = stats(test)
+    median = median_run(runs)
+    rows.append(f'| {net["label"]} | {len(net["runs"])} | {_pct_pm(test)} | '
+                f'{_pct(s[2]) if s and s[3] > 1 else "-"} | '
+                f'{_pct_pm([final(r, "train/error") for r in runs])} | '
+                f'{median["name"] if median else "-"} | {_steps(net)} |')
+  return '\n'.join(rows)
+
+
 def leaderboard(runs):
   ranked = sorted(runs, key=lambda r: (final(r, 'test/error') is None,
                                        final(r, 'test/error') or 0))
@@ -465,6 +491,12 @@ def write_report(sweep_dir):
              'ResNet-110 as the best of 5 runs, and their mean ± std). 5-seed reproduction: '
              'the paper\'s recipe rerun in PyTorch, 5 seeds, mean ± std (github.com/nabla0001/'
              'resnet).', '']
+  if any(len(n['runs']) > 1 for n in nets):
+    table = nets_table(nets)
+    (out / 'nets.md').write_text(table + '\n')
+    page += ['## Nets over seeds', '', table, '',
+             'Median seed: the run with the median test error (of an even number, the lower); '
+             'its error_analysis/ shows a typical seed\'s mistakes.', '']
   epochs = epochs_table(nets)
   if epochs:
     (out / 'epochs.md').write_text(epochs + '\n')
