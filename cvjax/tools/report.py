@@ -8,7 +8,8 @@ exists), or DIR's own files for a single run or population. Runs whose configs d
 the seed are one net, reported over its seeds (mean ± sample std, n-1). Writes DIR/report/:
   figure6.png       training error (dashed) and test error (solid) against iterations, plain
                     nets left, ResNets right, one colour per depth (He et al. 2015, Figure 6):
-                    the mean over seeds, the band the seeds' min to max of the test error;
+                    each net's mean over its seeds, with a band from the lowest to the
+                    highest seed's test error;
   table6.md         per net: parameters, test error mean ± std, best, seeds, beside the paper's
                     Table 6 and a 5-seed reproduction of its recipe;
   nets.md           every net (any model) over its seeds, with the run of the median seed,
