@@ -81,6 +81,10 @@ def base_config():
   # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),
   # one elsewhere; decided when the step is built (cvjax.train.split_backward).
   c.train.split_backward = config_dict.placeholder(bool)
+  # Train steps per dispatch from the host (in-memory data): a lax.scan of this many steps in
+  # one program, which removes the per-step host overhead that bounds small nets on GPUs and
+  # TPUs. Logs, evaluations and checkpoints keep their steps (a call stops at them).
+  c.train.steps_per_call = 1
   c.train.grad_norm_every_steps = 0  # Log per-layer gradient norms every N steps (0: off).
   # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
   # instead of stopping the run at the first one.

@@ -178,28 +178,103 @@ def state_sharding(s):
   return NamedSharding(s.mesh, P())
 
 
-def jit_population_step(s):
+def _population_parts(s):
+  """(vmap with the population's in_axes and member placement, the batch arguments of its
+  steps, skip_nonfinite)."""
+  split = member_sharding(s)
+  # Inside the vmap each member's batch is split over the devices, or, when the members are,
+  # whole on its member's device (the vmap then places the member axis on 'data').
+  kw = dict(batch_args(None, s.config, s.mesh),
+            batch_sharding=NamedSharding(s.mesh, P() if split else P('data')))
+  vmap = functools.partial(jax.vmap, spmd_axis_name='data' if split else None)
+  return vmap, kw, s.config.train.get('skip_nonfinite', False)
+
+
+def _concat_members(metrics):
+  return jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)
+
+
+def population_step(s):
   """The train step of a population: `jax.vmap` of `train_step` over each group's members, all
   groups in one program; `(states, data, batches, rngs)` are dicts by group, the metrics one
   array per metric with a member axis (members in order)."""
-  config, split = s.config, member_sharding(s)
-  out = state_sharding(s)
-  # Inside the vmap each member's batch is split over the devices, or, when the members are,
-  # whole on its member's device (the vmap then places the member axis on 'data').
-  kw = dict(batch_args(None, config, s.mesh), batch_sharding=NamedSharding(s.mesh, P() if split else P('data')))
-  skip = config.train.get('skip_nonfinite', False)
-  vmap = functools.partial(jax.vmap, in_axes=(0, None, 0, 0), spmd_axis_name='data' if split
-                           else None)
+  vmap, kw, skip = _population_parts(s)
   steps = {key: vmap(functools.partial(train_step, tx=g.tx, skip_nonfinite=skip,
-                                       **{**kw, 'model': g.model}))
+                                       **{**kw, 'model': g.model}), in_axes=(0, None, 0, 0))
            for key, g in zip(s.state_keys, s.groups)}
 
   def step(states, data, batches, rngs):
     outs = {k: f(states[k], data, batches[k], rngs[k]) for k, f in steps.items()}
-    metrics = [m for _, m in outs.values()]
-    return ({k: st for k, (st, _) in outs.items()},
-            jax.tree.map(lambda *m: jnp.concatenate(m), *metrics))
-  return jax.jit(step, out_shardings=(out, out), donate_argnums=(0,))
+    return {k: st for k, (st, _) in outs.items()}, _concat_members([m for _, m in outs.values()])
+  return step
+
+
+def jit_population_split_step(s):
+  """`population_step` as two programs, forward and backward (`split_backward`), each a vmap
+  of `train_forward` / `train_backward` by group."""
+  vmap, kw, skip = _population_parts(s)
+  fwd = {key: vmap(functools.partial(train_forward, **{**kw, 'model': g.model}),
+                   in_axes=(0, None, 0, 0)) for key, g in zip(s.state_keys, s.groups)}
+  bwd = {key: vmap(functools.partial(train_backward, tx=g.tx, skip_nonfinite=skip))
+         for key, g in zip(s.state_keys, s.groups)}
+  forward = jax.jit(lambda states, data, batches, rngs: {
+      k: f(states[k], data, batches[k], rngs[k]) for k, f in fwd.items()})
+
+  def backward_all(states, outs):
+    new = {}
+    for k, f in bwd.items():
+      vjp, metrics, new_vars = outs[k]
+      new[k] = f(states[k], vjp, new_vars, metrics)
+    return {k: st for k, (st, _) in new.items()}, _concat_members([m for _, m in new.values()])
+  sharding = state_sharding(s)
+  backward = jax.jit(backward_all, out_shardings=(sharding, sharding), donate_argnums=(0,))
+  return lambda states, data, batches, rngs: backward(states, forward(states, data, batches,
+                                                                      rngs))
+
+
+def multi_step(step, k):
+  """`k` steps of `step` in one program, a `lax.scan` over the batches' leading axis; returns
+  the metrics summed over the k steps (as `accumulate` would), so the host dispatches once."""
+  def steps(state, data, batches, rng):
+    state, metrics = jax.lax.scan(lambda st, b: step(st, data, b, rng), state, batches, length=k)
+    return state, {key: jnp.min(v, 0) if key == 'first_nonfinite' else jnp.sum(v, 0)
+                   for key, v in metrics.items()}
+  return steps
+
+
+def jit_train_steps(s, k=1):
+  """`(state, data, batch, rng) -> (state, metrics)` for `k` steps (`train.steps_per_call`;
+  the batch then has a leading axis of k), jit-compiled; a single step may be two programs
+  (`split_backward`), k steps are one."""
+  if k == 1 and split_backward(s.config):
+    return jit_population_split_step(s) if s.population else jit_train_step(
+        s.model, s.tx, s.config, s.mesh)
+  if not s.population and k == 1:
+    return jit_train_step(s.model, s.tx, s.config, s.mesh)
+  if s.population:
+    step = population_step(s)
+  else:
+    step = functools.partial(train_step, tx=s.tx, skip_nonfinite=s.config.train.get(
+        'skip_nonfinite', False), **batch_args(s.model, s.config, s.mesh))
+  sharding = state_sharding(s)
+  return jax.jit(multi_step(step, k) if k > 1 else step, out_shardings=(sharding, sharding),
+                 donate_argnums=(0,))
+
+
+def indices_batch(s, step, k):
+  """The batch argument of steps [step, step + k) on in-memory data: each member's example
+  indices in its own seed's data order, [k, members, batch] with the axes a single step or a
+  single run does not have left out, placed as the train step wants them."""
+  def one(t):
+    if not s.population:
+      return s.input.train_indices(s.config.seed, t)
+    return {key: np.stack([s.input.train_indices(m.config.seed, t) for m in g.members])
+            for key, g in zip(s.state_keys, s.groups)}
+  batch = one(step) if k == 1 else population.stack([one(t) for t in range(step, step + k)])
+  members = (('data', None) if member_sharding(s) else (None, 'data')) if s.population else (
+      'data',)
+  sharding = NamedSharding(s.mesh, P(*(None,) * (k > 1), *members))
+  return jax.tree.map(lambda x: {'indices': jax.device_put(x, sharding)}, batch)
 
 
 def population_rngs(s):
@@ -208,14 +283,6 @@ def population_rngs(s):
     return jnp.stack([jax.random.split(jax.random.key(m.config.seed))[i] for m in g.members])
   return ({k: keys(g, 0) for k, g in zip(s.state_keys, s.groups)},
           {k: keys(g, 1) for k, g in zip(s.state_keys, s.groups)})
-
-
-def population_batches(s, start_step, sharding):
-  """Each member's own batch indices (its seed's data order), stacked by group."""
-  for step in itertools.count(start_step):
-    yield {k: {'indices': jax.device_put(np.stack(
-        [s.input.train_indices(m.config.seed, step) for m in g.members]), sharding)}
-           for k, g in zip(s.state_keys, s.groups)}
 
 
 def state_initializer(model, tx, input_shape, dtype):
@@ -335,6 +402,7 @@ def check_config(config, num_devices):
       'checkpoint_every_steps': (0, 'save every N steps; 0: only at the end and on preemption'),
       'eval_every_steps': (0, 'evaluate every N steps; 0: once per epoch'),
       'grad_norm_every_steps': (0, 'log gradient norms every N steps; 0: off'),
+      'steps_per_call': (1, 'train steps per dispatch of the jitted loop'),
   }
   for key, (low, meaning) in at_least.items():
     value = t.get(key, low)
@@ -506,7 +574,12 @@ def setup(config, devices=None) -> Setup:
                     'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
                     '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
                     'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
-  if population.is_population(config) and data_lib.pipeline_for(config.dataset) != 'memory':
+  streamed = data_lib.pipeline_for(config.dataset) != 'memory'
+  if streamed and config.train.get('steps_per_call', 1) > 1:
+    raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
+                    'held on the device; this dataset streams from disk (dataset.pipeline), one '
+                    'batch per call: leave train.steps_per_call=1.')
+  if population.is_population(config) and streamed:
     raise UserError('a population (population.seeds > 1 or population.vary) trains on data '
                     'held on the device; this dataset streams from disk (dataset.pipeline). '
                     'Train its members as separate runs instead, e.g. a sweep over seed.')
@@ -664,13 +737,14 @@ def train_loop(s: Setup, workdir, stop_requested):
   # --- Data on the device, and the jitted steps. ---
   replicated = NamedSharding(s.mesh, P())
   device_data = jax.device_put(s.input.train_data, replicated)
-  if s.population:
-    p_train_step = jit_population_step(s)
-    batches = population_batches(s, start_step, NamedSharding(
-        s.mesh, P('data', None) if member_sharding(s) else P(None, 'data')))
-  else:
-    p_train_step = jit_train_step(s.model, s.tx, config, s.mesh)
-    batches = s.input.train_batches(start_step)  # The batches from start_step on.
+  per_call = config.train.get('steps_per_call', 1)
+  train_steps = {}  # Jitted, by the number of steps a call takes.
+  if s.input.train_indices is None:  # Streamed: the batches from start_step on.
+    batches = s.input.train_batches(start_step)
+    next_batch = lambda step, k: next(batches)
+  else:  # In memory: any steps' indices, made on the host.
+    batches = None
+    next_batch = functools.partial(indices_batch, s)
   p_eval_step, test_data = jit_evaluation(s, replicated)
   grad_norm_every = config.train.get('grad_norm_every_steps', 0)
   if grad_norm_every:
@@ -703,22 +777,29 @@ def train_loop(s: Setup, workdir, stop_requested):
     for w in writers.values():
       w.close()
 
-  in_flight = None
-  for step in range(start_step, s.total_steps):
+  # Each call trains up to `per_call` steps, and stops at the next step that logs, evaluates,
+  # checkpoints or measures gradients, so those happen at the same steps whatever per_call is.
+  events = [e for e in (log_every, eval_every, ckpt_every, grad_norm_every) if e]
+  in_flight, done = None, start_step
+  while done < s.total_steps:
+    step = done
+    k = min([per_call, s.total_steps - step] + [e - step % e for e in events])
     t0 = time.perf_counter()
-    batch = next(batches)
+    batch = next_batch(step, k)
     waited += time.perf_counter() - t0  # Time the step waits on the input.
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
-      norms = by_member_of_groups(s, jax.device_get(p_grad_norms(state, device_data, batch,
+      first = batch if k == 1 else next_batch(step, 1)
+      norms = by_member_of_groups(s, jax.device_get(p_grad_norms(state, device_data, first,
                                                                  train_rng)))
       for name, n in norms.items():
         writers[name].write_scalars(step, n)
-    if t_last is None:
-      logging.info('Compiling the train step; the first step waits for it (seconds to a '
-                   'minute on a CPU).')
-    state, metrics = p_train_step(state, device_data, batch, train_rng)
+    if k not in train_steps:
+      logging.info('Compiling the train step%s; the first call waits for it (seconds to a '
+                   'minute on a CPU).', f' ({k} steps per call)' if k > 1 else '')
+      train_steps[k] = jit_train_steps(s, k)
+    state, metrics = train_steps[k](state, device_data, batch, train_rng)
     acc = metrics if acc is None else p_accumulate(acc, metrics)
-    done = step + 1
+    done = step + k
     # At most two steps in flight: the host waits for the previous one after dispatching
     # this one, so a signal stops the run within a step or two (not a queue of them).
     if in_flight is not None:
@@ -745,7 +826,7 @@ def train_loop(s: Setup, workdir, stop_requested):
       for name, m in by_member(s, sums).items():
         count = m['count'] or np.nan  # 0 when train.skip_nonfinite skipped every step.
         logged[name] = {'train/loss': m['loss'] / count, 'train/error': m['errors'] / count,
-                        'train/learning_rate': float(schedules[name](step)),
+                        'train/learning_rate': float(schedules[name](done - 1)),
                         'train/images_per_second': ips,
                         'train/input_wait_fraction': waited / elapsed if elapsed > 0 else 0.0}
         if skip_nonfinite:
@@ -783,7 +864,8 @@ def train_loop(s: Setup, workdir, stop_requested):
       close_writers()
       raise preemption.Preempted(done, stop)
 
-  batches.close()  # Stops the streaming workers.
+  if batches is not None:
+    batches.close()  # Stops the streaming workers.
   mngr.wait_until_finished()
   final = {}
   if current_step(state) >= s.total_steps:

@@ -61,11 +61,13 @@ def leaves(tree):
 
 
 @pytest.mark.slow
-def test_each_member_equals_its_run_alone(idx_dir, tmp_path):
-  """Plain and residual twins x 2 seeds in one program: every member's parameters, BatchNorm
-  statistics, optimizer state and test metrics after 12 SGD steps are those of its config
-  trained alone, to float tolerance."""
-  c = population_config(idx_dir, seeds=2, vary='model.residual=False,True')
+@pytest.mark.parametrize('split', [False, True])
+def test_each_member_equals_its_run_alone(idx_dir, tmp_path, split):
+  """Plain and residual twins x 2 seeds in one program (or its forward and backward as two):
+  every member's parameters, BatchNorm statistics, optimizer state and test metrics after 12
+  SGD steps are those of its config trained alone, to float tolerance."""
+  c = population_config(idx_dir, seeds=2, vary='model.residual=False,True',
+                        **{'train.split_backward': split})
   pop_state, pop_metrics = train.train_and_evaluate(c, str(tmp_path / 'pop'))
   s = train.setup(c)
   states = train.by_member_of_groups(s, jax.device_get(pop_state))
@@ -169,3 +171,32 @@ print('AGREE')
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and 'AGREE' in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize('seeds', [1, 2])
+def test_several_steps_per_call_equal_single_steps(idx_dir, tmp_path, seeds):
+  """train.steps_per_call=5: a lax.scan of 5 steps per dispatch gives the states and the
+  logged metrics of single steps (one run and a population); logs, evaluations and checkpoints
+  stay at their steps (4, 6, 8, 12: calls of 4, 2, 2, 4 steps)."""
+  runs = {}
+  for k in (1, 5):
+    c = population_config(idx_dir, seeds=seeds, **{'train.steps_per_call': k,
+                                                    'train.split_backward': False})
+    runs[k] = train.train_and_evaluate(c, str(tmp_path / f'k{k}'))
+  for a, b in zip(leaves(runs[1][0]), leaves(runs[5][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  member = 'seed1' if seeds > 1 else ''
+  rows = {k: [json.loads(l) for l in open(tmp_path / f'k{k}' / 'members' / member /
+                                          'metrics.jsonl' if member else
+                                          tmp_path / f'k{k}' / 'metrics.jsonl')] for k in (1, 5)}
+  assert [r['step'] for r in rows[1]] == [r['step'] for r in rows[5]]
+  for a, b in zip(rows[1], rows[5]):
+    for key in ('train/loss', 'train/error', 'test/loss', 'train/learning_rate'):
+      if key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+  assert sorted(int(p) for p in os.listdir(tmp_path / 'k5' / 'checkpoints')) == [4, 8, 12]
+
+
+def test_steps_per_call_is_checked(idx_dir):
+  with pytest.raises(UserError, match='train.steps_per_call=0'):
+    train.setup(population_config(idx_dir, seeds=1, **{'train.steps_per_call': 0}))

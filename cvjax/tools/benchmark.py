@@ -2,6 +2,8 @@
 
   python -m cvjax.tools.benchmark --model=resnet20 --batch_size=128 [--steps=N]
       [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
+  python -m cvjax.tools.benchmark --model=resnet20,lenet5 --variants= --population=1,2,5,10 \
+      [--steps_per_call=1,10]
 
 Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (224x224x3,
 1000 classes; no PyTorch twin) and lenet5 (32x32x1). For each model, dtype and
@@ -11,6 +13,11 @@ run, and the process's peak host memory so far (a high-water mark: run one model
 process to attribute it); the last line is one JSON object with every figure.
 The step is the real one (`train.jit_train_step`: gather from a device-resident dataset,
 augmentation, forward, backward, SGD update) on random images.
+
+`--population=P,...` adds a table of the population step (`population.seeds=P`, one program
+for P members, cvjax/population.py) and `--steps_per_call=K,...` of K steps per dispatch, on
+the data that ship with cvjax (cifar10_6k for the CIFAR nets, mnist10k for LeNet-5): time
+per step of the whole population, and per member-step against P single runs.
 """
 
 import itertools
@@ -47,6 +54,9 @@ _SCAN = flags.DEFINE_bool('scan_blocks', None, 'model.scan_blocks (default: the 
 _CONV = flags.DEFINE_list('conv', ['native', 'xla'],
                           'Convolution backends to time: native (oneDNN FFI calls, '
                           'train.native_conv=True) and/or xla (XLA\'s own).')
+_POPULATION = flags.DEFINE_list('population', [], 'Population sizes to time (e.g. 1,2,5,10).')
+_PER_CALL = flags.DEFINE_list('steps_per_call', ['1'], 'Steps per dispatch for the population '
+                              'table (e.g. 1,10).')
 _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
                               'Step variants: one_program (forward+backward in one XLA '
                               'program), split (train.split_backward=True).')
@@ -148,6 +158,58 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
           'peak_host_memory_mib': peak_mib}
 
 
+def run_population(name, members, per_call, batch_size, steps, warmup):
+  """Step time of a population of `members` seeds, `per_call` steps per dispatch, through
+  the training loop's own setup and step (`train.setup`, `train.jit_train_steps`)."""
+  config = model_config(name)
+  config.dataset.name = 'mnist10k' if name == 'lenet5' else 'cifar10_6k'
+  config.dataset.path = ''
+  config.train.batch_size = batch_size
+  config.train.num_steps = 10_000
+  config.train.steps_per_call = per_call
+  config.population.seeds = members
+  s = train.setup(config)
+  sharding = train.state_sharding(s)
+  init_rng = (train.population_rngs(s)[0] if s.population else jax.random.key(0))
+  state = train.init_state(s.init, init_rng, sharding)
+  data = jax.device_put(s.input.train_data, NamedSharding(s.mesh, P()))
+  rng = train.population_rngs(s)[1] if s.population else jax.random.key(1)
+  step = train.jit_train_steps(s, per_call)
+  batches = [train.indices_batch(s, i * per_call, per_call) for i in range(4)]
+  t0 = time.perf_counter()
+  state, _ = step(state, data, batches[0], rng)
+  jax.block_until_ready(state)
+  first = time.perf_counter() - t0
+  calls = max(1, -(-steps // per_call))
+  times = []
+  for i in range(max(1, warmup // per_call) + calls):
+    t0 = time.perf_counter()
+    state, metrics = step(state, data, batches[i % 4], rng)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / per_call)
+  median = float(np.median(times[-calls:]))
+  split = per_call == 1 and train.split_backward(config)
+  return {'model': name, 'members': members, 'steps_per_call': per_call,
+          'variant': 'split' if split else 'one_program', 'step_ms_median': 1e3 * median,
+          'member_step_ms': 1e3 * median / members,
+          'train_images_per_s': members * batch_size / median, 'compile_s': first - median,
+          'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def print_population_table(results):
+  print(f'{"model":<10} {"members":>7} {"per call":>8} {"variant":<12} {"step ms":>8} '
+        f'{"ms/member":>9} {"vs P x 1":>8} {"img/s":>8} {"compile s":>9} {"peak MiB":>8}')
+  for r in results:
+    single = next((x['step_ms_median'] for x in results if x['model'] == r['model']
+                   and x['members'] == 1 and x['steps_per_call'] == r['steps_per_call']), None)
+    r['cost_vs_singles'] = (r['step_ms_median'] / (r['members'] * single)) if single else None
+    ratio = f'{r["cost_vs_singles"]:.2f}' if single else '-'
+    print(f'{r["model"]:<10} {r["members"]:>7} {r["steps_per_call"]:>8} {r["variant"]:<12} '
+          f'{r["step_ms_median"]:>8.1f} {r["member_step_ms"]:>9.1f} {ratio:>8} '
+          f'{r["train_images_per_s"]:>8.0f} {r["compile_s"]:>9.2f} '
+          f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
+
+
 def step_flops(config, tx, mesh, shape, num_classes, step_args):
   """Model FLOPs of one train step: XLA's cost analysis of the one-program step, without
   scan (the analysis counts a loop body once) or remat (re-computation is not model work)."""
@@ -199,10 +261,14 @@ def main(argv):
               f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
       if _BASELINE.value == 'torch' and (t := run_torch(name, dtype, results)):
         results.append(t)
+  population = [run_population(name, int(p), int(k), _BATCH.value, _STEPS.value, _WARMUP.value)
+                for name in _MODEL.value for k in _PER_CALL.value for p in _POPULATION.value]
+  if population:
+    print_population_table(population)
   print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
                     'devices': jax.device_count(), 'batch_size': _BATCH.value,
                     'matmul_gflops_per_s': rates, 'mfu_roof_gflops_per_s': peaks,
-                    'results': results}))
+                    'results': results, 'population': population}))
 
 
 def run_torch(name, dtype, results):
