@@ -130,8 +130,17 @@ def plan(config, workdir):
         f'every {t.log_every_steps:,} steps, a checkpoint '
         + (f'every {t.checkpoint_every_steps:,} steps and ' if t.checkpoint_every_steps else '')
         + 'at the end']
-  lines.append(f'  writes {workdir}/: checkpoints/, config.json, metrics.jsonl and TensorBoard '
-               'events, then error_analysis/ and results.json at the end')
+  from cvjax import population  # pylint: disable=g-import-not-at-top
+  if population.is_population(config):
+    members = population.members(config)
+    lines.append(f'  a population of {len(members)} members in one program: '
+                 + ', '.join(m.name for m in members))
+    lines.append(f'  writes {workdir}/: checkpoints/, config.json, results.json at the end, and '
+                 'for each member members/<name>/ with its config.json, metrics.jsonl, '
+                 'TensorBoard events, error_analysis/ and results.json')
+  else:
+    lines.append(f'  writes {workdir}/: checkpoints/, config.json, metrics.jsonl and TensorBoard '
+                 'events, then error_analysis/ and results.json at the end')
   done = os.path.join(workdir, 'results.json')
   if os.path.exists(done):
     lines.append(f'  {workdir} holds a finished run (results.json): a re-run trains nothing')

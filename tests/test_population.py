@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -200,3 +201,37 @@ def test_several_steps_per_call_equal_single_steps(idx_dir, tmp_path, seeds):
 def test_steps_per_call_is_checked(idx_dir):
   with pytest.raises(UserError, match='train.steps_per_call=0'):
     train.setup(population_config(idx_dir, seeds=1, **{'train.steps_per_call': 0}))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_population_with_a_checkpoint_and_resume_is_uninterrupted(idx_dir,
+                                                                                  tmp_path):
+  """cvjax.main with a population and 3 steps per call, SIGTERM after the first call: exit 75
+  after a checkpoint; the resumed population equals the uninterrupted one bit for bit, and each
+  member's metrics.jsonl has each logged step once."""
+  overrides = {'train.num_steps': 24, 'train.steps_per_call': 3, 'population.seeds': 2}
+  whole, _ = train.train_and_evaluate(population_config(idx_dir, **{
+      k: v for k, v in overrides.items() if k.startswith('train.')}), str(tmp_path / 'whole'))
+  flags = {'dataset.name': '', 'dataset.path': idx_dir, 'input.crop_padding': 2,
+           'train.batch_size': 16, 'train.eval_batch_size': 16, 'train.log_every_steps': 4,
+           'train.eval_every_steps': 6, 'train.checkpoint_every_steps': 4, **overrides}
+  run = tmp_path / 'run'
+  proc = subprocess.Popen([sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py:resnet8',
+                           f'--workdir={run}', *(f'--config.{k}={v}' for k, v in flags.items())],
+                          cwd=ROOT, text=True, stderr=subprocess.PIPE, env=child_env())
+  log = []
+  for line in proc.stderr:
+    log.append(line)
+    if 'First step' in line:
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait() == 75, ''.join(log)[-3000:]
+  stopped = max(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
+  assert 3 <= stopped < 24
+  resumed, _ = train.train_and_evaluate(population_config(idx_dir, **{
+      k: v for k, v in overrides.items() if k.startswith('train.')}), str(run))
+  for a, b in zip(leaves(whole), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  for member in ('seed0', 'seed1'):
+    rows = [json.loads(l) for l in open(run / 'members' / member / 'metrics.jsonl')]
+    assert [r['step'] for r in rows if 'train/loss' in r] == [4, 8, 12, 16, 20, 24]
+    assert [r['step'] for r in rows if 'test/loss' in r] == [6, 12, 18, 24]
