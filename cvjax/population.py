@@ -39,11 +39,6 @@ class Member:
   config: object  # ml_collections.ConfigDict: what cvjax.main would train alone.
 
 
-def size(config):
-  """The number of members `config` trains (1: an ordinary run)."""
-  return len(members(config)) if is_population(config) else 1
-
-
 def is_population(config):
   pop = config.get('population')
   return bool(pop) and (pop.get('seeds', 1) != 1 or bool(pop.get('vary', '').strip()))
@@ -138,11 +133,6 @@ def _without_seed(config):
 def stack(trees):
   """The trees of the members as one tree with a leading member axis."""
   return jax.tree.map(lambda *x: np.stack(x), *trees)
-
-
-def unstack(tree, n):
-  """The i-th member of a tree with a leading member axis, for i < n."""
-  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
 def summary(values):
