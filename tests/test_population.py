@@ -141,8 +141,8 @@ def test_a_population_on_streamed_data_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_eight_devices_agree_with_one(idx_dir, tmp_path):
   """On 8 simulated devices, 8 members are split over the devices (a member's batch whole on
-  its device) and 2 members each have their batch split over the devices; both give the
-  parameters of the same population on one device."""
+  its device; 3 steps per call) and 2 members each have their batch split over the devices;
+  both give the parameters of the same population on one device."""
   script = f'''
 import jax, numpy as np
 from conftest import ROOT, child_env, tiny_config
@@ -157,6 +157,7 @@ for seeds, vary, split in ((8, '', True), (1, 'model.residual=False,True', False
   assert train.member_sharding(train.setup(c)) == split
   one, m1 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/one{{seeds}}',
                                      devices=jax.devices()[:1])
+  c.train.steps_per_call = 3 if split else 1  # Steps per call with members over the devices.
   eight, m8 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/eight{{seeds}}')
   kernel = eight['group0'].params['head']['kernel']
   assert kernel.sharding.mesh.size == 8
