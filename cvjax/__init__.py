@@ -1,6 +1,3 @@
-"""cvjax: the classic CNNs of computer vision, reproducible in JAX/Flax."""
+"""cvjax: the classic CNNs of computer vision, reproducible in JAX/Flax.
 
-from cvjax import runtime
-
-runtime.set_xla_flags()
-runtime.quiet_jax_logs()
+Importing cvjax sets nothing process-wide: the commands call cvjax.runtime.configure()."""

@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+from cvjax import runtime
 from cvjax.errors import UserError
 
 TOP_K = 5
@@ -184,6 +185,7 @@ def read_run_config(workdir):
 
 
 def main(argv):
+  runtime.configure()
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO.
   try:

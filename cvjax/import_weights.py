@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from cvjax import runtime
 from cvjax.errors import UserError
 
 # --model: (its config, the model fields torchvision's architecture needs).
@@ -270,6 +271,7 @@ def import_weights(model, weights, workdir, config=None, num_classes=None):
 
 
 def main(argv):
+  runtime.configure()
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every write at INFO.
   try:

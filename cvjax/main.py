@@ -42,6 +42,7 @@ from ml_collections import config_flags
 from cvjax import config_help
 from cvjax import errors
 from cvjax import preemption
+from cvjax import runtime
 from cvjax import train
 from cvjax.cluster import distributed
 from cvjax.errors import UserError
@@ -82,6 +83,7 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def main(argv):
+  runtime.configure()  # XLA flags and the compilation cache, before JAX starts.
   if len(argv) > 1:
     print(f'cvjax: error: unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
           f'written --name=value.\n{USAGE}', file=sys.stderr)

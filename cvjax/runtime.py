@@ -1,4 +1,7 @@
-"""Runtime settings applied before JAX starts its backend: XLA:CPU flags and caches.
+"""Process settings of cvjax's commands, applied before JAX starts its backend: XLA:CPU flags
+and the compilation cache. Each entry point (`python -m cvjax.main`, `cvjax.evaluate`,
+`cvjax.import_weights`, the benchmarks) calls `configure()` first; importing cvjax changes
+nothing, so a program that uses cvjax as a library keeps its own XLA_FLAGS and cache.
 
 XLA:CPU's "ynn" (YNNPACK) fusions help reductions and elementwise work but slow down
 convolution-heavy steps when they also take dots and convolutions. Keeping only the
@@ -20,6 +23,15 @@ import sys
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce,eltwise',)
 
 
+def configure():
+  """Sets XLA:CPU's flags (unless CVJAX_XLA_DEFAULTS=0), turns on the compilation cache and
+  drops JAX's note about a missing TPU. Call it before JAX starts its backend (the first
+  array or device query); importing JAX before is fine. Calling it again changes nothing."""
+  set_xla_flags()
+  enable_compilation_cache()
+  quiet_jax_logs()
+
+
 def cache_dir():
   """cvjax's cache folder: $CVJAX_CACHE_DIR, else ~/.cache/cvjax."""
   return os.environ.get('CVJAX_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache',
@@ -27,7 +39,6 @@ def cache_dir():
 
 
 def set_xla_flags():
-  enable_compilation_cache()
   if os.environ.get('CVJAX_XLA_DEFAULTS', '1') == '0' or native_conv_expected():
     return
   flags = os.environ.get('XLA_FLAGS', '')
@@ -85,4 +96,6 @@ class _NoMissingTpu(logging.Filter):
 
 
 def quiet_jax_logs():
-  logging.getLogger('jax._src.xla_bridge').addFilter(_NoMissingTpu())
+  logger = logging.getLogger('jax._src.xla_bridge')
+  if not any(isinstance(f, _NoMissingTpu) for f in logger.filters):
+    logger.addFilter(_NoMissingTpu())

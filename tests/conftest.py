@@ -9,10 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from cvjax import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # Decoded-dataset cache of this test session only (inherited by the subprocesses tests start).
 os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
+# What the commands set (XLA flags, the compilation cache), for the tests that train in this
+# process and for the children that import these helpers.
+runtime.configure()
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from cvjax import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,18 +18,42 @@ def _python(code, **env):
   return out.stdout.split()
 
 
+CONFIGURE = 'from cvjax import runtime; runtime.configure(); '
+
+
 @pytest.mark.slow
 def test_compilation_cache_in_the_cvjax_cache_folder(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  code = 'import cvjax, jax; print(jax.config.jax_compilation_cache_dir)'
+  code = CONFIGURE + 'import jax; print(jax.config.jax_compilation_cache_dir)'
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**env, 'CVJAX_CACHE_DIR': str(tmp_path)})
   assert out.stdout.split() == [str(tmp_path / 'jax')], out.stderr
-  # Imported after jax, cvjax still sets it; a user's own setting wins.
-  assert _python('import jax, cvjax; print(jax.config.jax_compilation_cache_dir)',
+  # Configured after jax is imported, the cache is still set; a user's own setting wins.
+  assert _python('import jax; ' + CONFIGURE + 'print(jax.config.jax_compilation_cache_dir)',
                  CVJAX_CACHE_DIR=str(tmp_path)) == [str(tmp_path / 'jax')]
-  assert _python('import cvjax, jax; print(jax.config.jax_compilation_cache_dir)',
+  assert _python(CONFIGURE + 'import jax; print(jax.config.jax_compilation_cache_dir)',
                  JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'mine')) == [str(tmp_path / 'mine')]
+
+
+def test_importing_cvjax_sets_nothing_process_wide():
+  """Only the commands set XLA flags and the cache: a library user's XLA_FLAGS stay theirs."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_COMPILATION_CACHE_DIR', 'CVJAX_XLA_DEFAULTS', 'CVJAX_NATIVE')}
+  code = ('import os; import cvjax, cvjax.tools.report, cvjax.train, jax\n'
+          'def show(): print(repr(os.environ.get("XLA_FLAGS")), '
+          'jax.config.jax_compilation_cache_dir is not None)\n'
+          'show(); from cvjax import runtime; runtime.configure(); show()')
+  for flags in ('--xla_cpu_enable_fast_math=false', None):
+    child = dict(env, CVJAX_NATIVE='0')  # Then configure() adds CPU_FLAGS: it did something.
+    child.pop('XLA_FLAGS', None)
+    if flags:
+      child['XLA_FLAGS'] = flags
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=child)
+    assert out.returncode == 0, out.stderr
+    imported, configured = out.stdout.splitlines()
+    assert imported == f'{flags!r} False'
+    assert configured == f"{repr(' '.join(filter(None, (flags, *runtime.CPU_FLAGS))))} True"
 
 
 def test_tensorboard_writer_does_not_import_torch(tmp_path):

@@ -37,6 +37,7 @@ import numpy as np
 from cvjax.ops import convolution
 from cvjax import models
 from cvjax import optim
+from cvjax import runtime
 from cvjax import train
 
 _MODEL = flags.DEFINE_list('model', ['resnet20'], 'resnetN, plainN (CIFAR) or lenet5.')
@@ -232,6 +233,7 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
 
 
 def main(argv):
+  runtime.configure()
   del argv
   # The roof for MFU: the faster of XLA's f32 matmul and its matmul in the compute dtype
   # (a bf16 step could always compute in f32; XLA:CPU's bf16 matmul can be far slower).

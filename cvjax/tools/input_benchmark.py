@@ -21,6 +21,7 @@ from absl import flags
 import numpy as np
 
 from cvjax.data import streaming
+from cvjax import runtime
 
 _DATA = flags.DEFINE_string('data', None, 'An image folder in the ILSVRC layout.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker-process counts to time.')
@@ -83,6 +84,7 @@ def time_pipeline(ds, workers, threads, batches):
 
 
 def main(argv):
+  runtime.configure()
   del argv
   if _MAKE.value:
     counts = make_imagenet_like(_SOURCE.value, _MAKE.value, _TRAIN_PER_CLASS.value,

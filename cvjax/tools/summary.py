@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from cvjax import models
+from cvjax import runtime
 
 _MODELS = flags.DEFINE_list('models', [], 'Models to show (default: all).')
 _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'markdown'], 'Table format.')
@@ -106,6 +107,7 @@ def format_table(rows, fmt='text'):
 
 
 def main(argv):
+  runtime.configure()
   del argv
   names = _MODELS.value or list(ZOO)
   unknown = [n for n in names if n not in ZOO]

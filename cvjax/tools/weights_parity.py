@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from cvjax import import_weights
+from cvjax import runtime
 
 # Smallest inputs torchvision's nets take that keep every layer non-trivial: the ResNets'
 # 7x7/2 stem needs 64x64; AlexNet at 127x127 ends on 3x3 maps that the adaptive pool spreads
@@ -88,6 +89,7 @@ def compare(model, image_size=None, batch=2, seed=0, folder=None):
 
 
 def main(argv):
+  runtime.configure()
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO.
   print('| model | input | max abs logit difference | max abs logit | argmax agreement | '
