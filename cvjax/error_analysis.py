@@ -28,10 +28,13 @@ def per_class_error(cm):
 
 
 def _figure(rows, cols, tile):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt.subplots(rows, cols, figsize=(cols * tile, rows * tile), squeeze=False)
+  """A figure drawn by Agg, outside pyplot: the caller's matplotlib backend stays as it was
+  (a notebook keeps showing its own plots)."""
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(cols * tile, rows * tile))
+  backend_agg.FigureCanvasAgg(fig)
+  return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _font(size):
@@ -123,13 +126,10 @@ def per_class_figure(errors, counts, class_names):
 
 
 def render(fig, dpi=120):
-  """The figure as an RGB uint8 array, and closes it."""
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  """The figure as an RGB uint8 array."""
   fig.set_dpi(dpi)
   fig.canvas.draw()
-  pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  plt.close(fig)
-  return pixels
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def confusion_figure(cm, class_names):

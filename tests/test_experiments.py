@@ -181,6 +181,34 @@ def test_mistakes_grid_takes_each_class_in_turn_most_confident_first():
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)
 
 
+FIGURES = """
+import sys
+import matplotlib, numpy as np
+from matplotlib import pyplot as plt
+from cvjax import error_analysis
+from cvjax.tools import report
+rng = np.random.default_rng(0)
+labels = np.arange(12) % 3
+error_analysis.write(sys.argv[1], rng.integers(0, 255, (12, 8, 8, 1), np.uint8), labels,
+                     (labels + (np.arange(12) < 4)) % 3, ['a', 'b', 'c'], step=1)
+model = {'name': 'resnet_cifar', 'depth': 8, 'residual': True, 'activation': 'relu'}
+run = {'name': 'r8', 'config': {'model': model}, 'results': None,
+       'records': [{'step': 0, 'grad_norm/a': 1.0, 'train/error': 0.5, 'test/error': 0.6}]}
+assert report.figure6([run], sys.argv[2]) and report.grad_norm_report([run], sys.argv[3])
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+  """A notebook's inline backend (here: svg) stays, so its own plots still show."""
+  paths = [str(tmp_path), str(tmp_path / 'f6.png'), str(tmp_path / 'g.png')]
+  out = subprocess.run([sys.executable, '-c', FIGURES, *paths], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, MPLBACKEND='svg'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ['svg', '[]']
+  for f in ('f6.png', 'g.png', 'error_analysis/mistakes.png', 'error_analysis/confusion.png'):
+    assert os.path.getsize(tmp_path / f) > 0, f
+
 @pytest.mark.slow
 def test_evaluate_a_checkpoint_write_predictions_and_score_them(tiny_sweep, idx_dir):
   """cvjax.evaluate on a finished run: the error analysis again, and a predictions file

@@ -205,11 +205,13 @@ def duplicate_seeds(nets):
 
 # --- Figure 6 and Table 6 ---
 
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def _figure(**kwargs):
+  """A figure drawn by Agg outside pyplot (the caller's backend stays), and its axes."""
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=kwargs.pop('figsize'))
+  backend_agg.FigureCanvasAgg(fig)
+  return fig, fig.subplots(**kwargs)
 
 
 def _is_cifar_resnet(config):
@@ -237,11 +239,11 @@ def figure6(nets, path):
   nets = [n for n in nets if _is_cifar_resnet(n['config'])]
   if not nets:
     return False
-  plt = _plt()
+  import matplotlib  # pylint: disable=g-import-not-at-top
   depths = sorted({n['config']['model']['depth'] for n in nets})
-  colours = dict(zip(depths, plt.cm.viridis(np.linspace(0, 0.9, len(depths)))))
+  colours = dict(zip(depths, matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(depths)))))
   seeded = any(len(n['runs']) > 1 for n in nets)
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  fig, axes = _figure(nrows=1, ncols=2, figsize=(11, 4.2), sharey=True)
   top = 0
   for ax, residual in zip(axes, (False, True)):
     for net in nets:
@@ -276,7 +278,6 @@ def figure6(nets, path):
   fig.tight_layout()
   with epath.Path(path).open('wb') as f:
     fig.savefig(f, format='png', dpi=120)
-  plt.close(fig)
   return True
 
 
@@ -434,9 +435,9 @@ def grad_norm_report(nets, path):
       with_norms.append((net, np.stack(norms)))
   if not with_norms:
     return None
-  plt = _plt()
   depths = sorted({n['config']['model']['depth'] for n, _ in with_norms})
-  fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.8), squeeze=False)
+  fig, axes = _figure(nrows=1, ncols=len(depths), figsize=(4.5 * len(depths), 3.8),
+                      squeeze=False)
   rows = ['| trial | net | activation | depth | seeds | first-layer grad norm | '
           'last-layer grad norm | first / last |', '|---|---|---|---:|---:|---:|---:|---:|']
   for ax, depth in zip(axes[0], depths):
@@ -465,7 +466,6 @@ def grad_norm_report(nets, path):
   fig.tight_layout()
   with epath.Path(path).open('wb') as f:
     fig.savefig(f, format='png', dpi=120)
-  plt.close(fig)
   return '\n'.join(rows)
 
 
