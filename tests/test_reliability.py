@@ -178,7 +178,7 @@ def test_empty_class_folder_and_unreadable_images_are_errors(tmp_path):
   (root / 'train' / 'cat').rmdir()
   bad = root / 'train' / 'ant' / '1.png'
   bad.write_bytes(b'not an image at all')
-  with pytest.raises(UserError, match=r'1.png: its 19 bytes are not in an image format') as e:
+  with pytest.raises(UserError, match=r'1.png \(19 bytes\): its 19 bytes are not in an image format') as e:
     memory.load_local(str(root))
   noise = np.random.default_rng(0).integers(0, 255, (6, 5, 3), np.uint8)
   buf = io.BytesIO()

@@ -28,22 +28,22 @@ def pipeline_for(cfg):
   if not os.path.isdir(path) or any(f.startswith(('train-images', 't10k-images'))
                                     for f in os.listdir(path)):
     return 'memory'
-  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
-  files = streaming.list_image_folder(path)
-  if 'test' not in files:  # The ILSVRC layout (train/, val/) is streamed.
-    return 'streaming' if 'val' in files else 'memory'
+  from cvjax.data import image_files  # pylint: disable=g-import-not-at-top
+  listing = image_files.list_image_folder(path)
+  if 'test' not in listing:  # The ILSVRC layout (train/, val/) is streamed.
+    return 'streaming' if 'val' in listing else 'memory'
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  sample = [items[int(i)] for items in files.values()
-            for i in np.linspace(0, len(items) - 1, 8)]
+  files = [[p for paths in classes.values() for p in paths] for classes in listing.values()]
+  sample = [items[int(i)] for items in files for i in np.linspace(0, len(items) - 1, 8)]
   sizes = set()
-  for _, p in sample:
+  for p in sample:
     try:
       with Image.open(os.path.join(path, p)) as img:
         sizes.add(img.size)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f'cannot read image {os.path.join(path, p)}: {type(e).__name__}: '
                       f'{getattr(e, "strerror", None) or e}. Replace or remove the file.') from None
-  count = sum(len(items) for items in files.values())
+  count = sum(len(items) for items in files)
   w, h = max(sizes)
   return 'streaming' if len(sizes) > 1 or count * w * h * 3 > MEMORY_BUDGET_BYTES else 'memory'
 

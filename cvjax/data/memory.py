@@ -11,11 +11,9 @@ the step.
 import dataclasses
 import gzip
 import hashlib
-import io
 import itertools
 import json
 import os
-import re
 import struct
 import tarfile
 
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvjax import runtime
+from cvjax.data import image_files
 from cvjax.data.input import Input, eval_crops, identity, imagenet_stats
 from cvjax.errors import UserError
 
@@ -45,7 +44,6 @@ IDX_FILES = {
     'train_images': 'train-images-idx3-ubyte', 'train_labels': 'train-labels-idx1-ubyte',
     'test_images': 't10k-images-idx3-ubyte', 'test_labels': 't10k-labels-idx1-ubyte',
 }
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm')
 # What the tfds datasets hold: (image shape, number of classes), to catch a dataset.name
 # that contradicts the data at dataset.path.
 KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
@@ -352,19 +350,7 @@ def load_idx_folder(path, name='') -> Dataset:
 
 
 def _decode(data, where):
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  try:
-    img = Image.open(io.BytesIO(data))
-    img = img.convert('L' if img.mode in ('L', '1', 'I;16') else 'RGB')
-    arr = np.asarray(img, np.uint8)
-  except UnidentifiedImageError as e:
-    raise UserError(f'cannot decode image {where}: its {len(data)} bytes are not in an image '
-                    f'format PIL reads (they begin {data[:8]!r}); replace or remove the '
-                    'file.') from e
-  except Exception as e:  # pylint: disable=broad-except
-    why = re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))
-    raise UserError(f'cannot decode image {where} ({len(data)} bytes): {why}; replace or '
-                    'remove the file.') from e
+  arr = np.asarray(image_files.decode(data, where, grey=True), np.uint8)
   return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -376,8 +362,9 @@ def _stack(files_by_split, root, class_dirs=()):
   if empty:
     raise UserError(f'image folder {root}: class folder(s) '
                     f'{", ".join(f"{split}/{c}" for split, c in empty)} hold no images '
-                    f'({", ".join(IMAGE_EXTENSIONS)}). An empty class would be dropped and the '
-                    'labels of the classes after it shifted: add its images or remove it.')
+                    f'({", ".join(image_files.IMAGE_EXTENSIONS)}). An empty class would be '
+                    'dropped and the labels of the classes after it shifted: add its images or '
+                    'remove it.')
   for split in ('train', 'test'):
     if not files_by_split.get(split):
       raise UserError(f'image folder {root} has no images under {split}/<class>/. Expected '
@@ -404,7 +391,7 @@ def _stack(files_by_split, root, class_dirs=()):
 def _split_class(relpath):
   """'x/train/cat/1.jpg' or 'train/cat/1.jpg' -> ('train', 'cat'), else None."""
   parts = relpath.replace(os.sep, '/').split('/')
-  if not parts[-1].lower().endswith(IMAGE_EXTENSIONS) or len(parts) < 3:
+  if not image_files.is_image(parts[-1]) or len(parts) < 3:
     return None
   split, cls = parts[-3], parts[-2]
   return (split, cls) if split in ('train', 'test') and len(parts) <= 4 else None
@@ -419,16 +406,14 @@ def _class_dir(relpath):
 
 def load_image_folder(root) -> Dataset:
   files, class_dirs = {'train': [], 'test': []}, set()
-  for dirpath, _, fnames in os.walk(root):
-    if _class_dir(os.path.relpath(dirpath, root)):
-      class_dirs.add(_class_dir(os.path.relpath(dirpath, root)))
-    for fname in fnames:
-      full = os.path.join(dirpath, fname)
-      key = _split_class(os.path.relpath(full, root))
-      if key:
+  for split, classes in image_files.list_image_folder(root, splits=('train', 'test')).items():
+    for cls, paths in classes.items():
+      class_dirs.add((split, cls))
+      for path in paths:
+        full = os.path.join(root, path)
         try:
           with open(full, 'rb') as f:
-            files[key[0]].append((key[1], full, f.read()))
+            files[split].append((cls, full, f.read()))
         except OSError as e:  # Gone or unreadable since it was listed.
           raise UserError(f'cannot read image {full}: {e.strerror or e}.') from None
   return _stack(files, root, class_dirs)

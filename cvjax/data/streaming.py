@@ -16,19 +16,17 @@ which the eval step cuts into corners, centre and flips.
 
 import dataclasses
 import functools
-import io
 import os
 import queue
-import re
 import threading
 import time
 
 import numpy as np
 
+from cvjax.data import image_files
 from cvjax.errors import UserError
 
 EVAL_CROP_FRACTION = 0.875  # 224 of 256.
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
@@ -80,41 +78,17 @@ class Splits:
   class_names: list
 
 
-def list_image_folder(root, problems=None):
-  """{split: [(class, relative path)]} for `train/`, `val/` and `test/` (one level of class
-  folders, optionally under one top-level folder), in sorted order. `problems`, a list, gets
-  what a run could not use: class folders without images and empty (0-byte) image files
-  (one stat per file, from the listing)."""
-  out = {}
-  for top in (root, *[os.path.join(root, d) for d in sorted(os.listdir(root))
-                      if os.path.isdir(os.path.join(root, d))]):
-    for split in ('train', 'val', 'test'):
-      split_dir = os.path.join(top, split)
-      if split in out or not os.path.isdir(split_dir):
-        continue
-      files = []
-      for cls in sorted(os.listdir(split_dir)):
-        cls_dir = os.path.join(split_dir, cls)
-        if os.path.isdir(cls_dir):
-          images = sorted((e.name, e) for e in os.scandir(cls_dir)
-                          if e.name.lower().endswith(IMAGE_EXTENSIONS))
-          files += [(cls, os.path.relpath(os.path.join(cls_dir, f), root)) for f, _ in images]
-          if problems is not None:
-            if not images:
-              problems.append(f'class folder {os.path.join(split_dir, cls)} holds no images')
-            problems += [f'{e.path} is empty (0 bytes)' for _, e in images
-                         if e.stat().st_size == 0]
-      if files:
-        out[split] = files
-  return out
-
-
 def image_folder(root) -> Splits:
   """An ILSVRC-layout folder: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG (or test/); refuses
-  what the in-memory loader refuses (cvjax.input_pipeline): an empty class folder would
+  what the in-memory loader refuses (cvjax.data.memory): an empty class folder would
   shift the labels of every class after it."""
-  problems = []
-  files = list_image_folder(root, problems)
+  listing = image_files.list_image_folder(root)
+  problems = [f'class folder {split}/{cls} holds no images'
+              for split, classes in listing.items() for cls, paths in classes.items() if not paths]
+  files = {split: [(cls, p) for cls, paths in classes.items() for p in paths]
+           for split, classes in listing.items()}
+  problems += [f'{os.path.join(root, p)} is empty (0 bytes)' for items in files.values()
+               for _, p in items if os.path.getsize(os.path.join(root, p)) == 0]
   if problems:
     raise UserError(f'image folder {root}: {"; ".join(problems[:5])}'
                     + (f' (and {len(problems) - 5} more)' if len(problems) > 5 else '')
@@ -181,18 +155,8 @@ def tfds_imagenet(name, data_dir, download=True) -> Splits:
 # --- transforms: run in the worker processes, numpy and PIL only ------------------------
 
 def decode(record):
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  data = record['image']
-  try:
-    img = Image.open(io.BytesIO(data))
-    return img.convert('RGB')  # Greyscale and CMYK JPEGs occur in ImageNet.
-  except UnidentifiedImageError:
-    why = f'its {len(data)} bytes are not in an image format PIL reads (they begin {data[:8]!r})'
-  except Exception as e:  # pylint: disable=broad-except
-    why = f'{type(e).__name__}: ' + re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the file',
-                                           str(e))
-  raise UserError(f'cannot decode image {record.get("where", "")} ({len(data)} bytes): {why}. '
-                  'Replace or remove the file; a re-run resumes from the last checkpoint.')
+  return image_files.decode(record['image'], record.get('where', ''),
+                       then='a re-run resumes from the last checkpoint.')
 
 
 def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):

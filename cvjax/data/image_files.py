@@ -1,0 +1,55 @@
+"""Image files, as both pipelines read them: which files are images, the listing of an image
+folder and the one decoder. numpy and PIL only, so grain's worker processes import it cheaply.
+"""
+
+import io
+import os
+import re
+
+from cvjax.errors import UserError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm')
+
+
+def is_image(name):
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_folder(root, splits=('train', 'val', 'test')):
+  """{split: {class: [image paths relative to root, sorted]}} for the `splits` found under
+  `root` or under one of its top-level folders (the first place a split is found wins),
+  with one level of class folders, sorted. A class folder without images maps to []."""
+  out = {}
+  for top in (root, *[os.path.join(root, d) for d in sorted(os.listdir(root))
+                      if os.path.isdir(os.path.join(root, d))]):
+    for split in splits:
+      split_dir = os.path.join(top, split)
+      if split in out or not os.path.isdir(split_dir):
+        continue
+      classes = {}
+      for cls in sorted(os.listdir(split_dir)):
+        cls_dir = os.path.join(split_dir, cls)
+        if os.path.isdir(cls_dir):  # From the listing alone: no stat per file.
+          classes[cls] = sorted(os.path.relpath(e.path, root) for e in os.scandir(cls_dir)
+                                if is_image(e.name) and e.is_file())
+      if any(classes.values()):
+        out[split] = classes
+  return out
+
+
+def decode(data, where, *, grey=False, then=''):
+  """The PIL image in the encoded bytes `data` (from `where`), in RGB; `grey=True` keeps
+  single-channel images as 'L'. A file PIL cannot read is a UserError that names it;
+  `then` ends that message (what a re-run does, say)."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    img = Image.open(io.BytesIO(data))
+    # Greyscale and CMYK JPEGs occur in ImageNet.
+    return img.convert('L' if grey and img.mode in ('L', '1', 'I;16') else 'RGB')
+  except UnidentifiedImageError:
+    why = f'its {len(data)} bytes are not in an image format PIL reads (they begin {data[:8]!r})'
+  except Exception as e:  # pylint: disable=broad-except
+    why = f'{type(e).__name__}: ' + re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', 'the file',
+                                           str(e))
+  raise UserError(f'cannot decode image {where} ({len(data)} bytes): {why}. Replace or remove '
+                  f'the file{"; " + then if then else "."}')
