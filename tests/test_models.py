@@ -238,34 +238,3 @@ def test_alexnet_variants():
   cfg.variant = 'caffe'
   with pytest.raises(UserError, match='paper or torchvision'):
     models.create_model(cfg, num_classes=10, dtype=jnp.float32)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_batch_norm_is_flax_batch_norm(dtype):
-  # Same variables, values, gradients and running statistics as nn.BatchNorm, over 3
-  # training updates and in eval mode. Tolerance: float32 reassociation of the sums.
-  from cvjax.models import common  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  # A large offset makes the one-pass variance lose digits: both must lose the same ones.
-  xs = [jnp.asarray(rng.normal(size=(8, 5, 5, 6)) * 2 + 3, dtype) for _ in range(3)]
-  mods = [m(momentum=0.9, epsilon=1e-5, dtype=dtype) for m in (nn.BatchNorm, common.BatchNorm)]
-  variables = [m.init(jax.random.key(0), xs[0], use_running_average=False) for m in mods]
-  assert jax.tree.structure(variables[0]) == jax.tree.structure(variables[1])
-  variables[1] = variables[0]  # Checkpoint-compatible: one module's variables in the other.
-  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  for x in xs:
-    outs = []
-    for i, m in enumerate(mods):
-      def loss(params, x, m=m, i=i):
-        y, new = m.apply({**variables[i], 'params': params}, x, use_running_average=False,
-                         mutable=['batch_stats'])
-        return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, new)
-      (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(
-          variables[i]['params'], x)
-      variables[i] = {**variables[i], **new}
-      outs.append((y, grads, new))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        np.float32(b), np.float32(a), **tol), outs[0], outs[1])
-  evals = [m.apply(v, xs[0], use_running_average=True) for m, v in zip(mods, variables)]
-  np.testing.assert_allclose(np.float32(evals[1]), np.float32(evals[0]), **tol)
-  assert evals[1].dtype == evals[0].dtype == dtype

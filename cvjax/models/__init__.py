@@ -2,6 +2,7 @@
 
 from cvjax.errors import UserError
 from cvjax.models import common
+from cvjax.models import resnet_cifar
 from cvjax.models.alexnet import AlexNet
 from cvjax.models.lenet import LeNet5, LeNet5Paper
 from cvjax.models.resnet_cifar import CifarResNet
@@ -23,10 +24,7 @@ def _very_deep_cifar_resnet(cfg):
 
 
 def _resnet_cifar(cfg, **kw):
-  if cfg.depth < 8 or (cfg.depth - 2) % 6:
-    raise UserError(
-        f'model.depth={cfg.depth} is not a CIFAR ResNet depth: it must be 6n+2 with n >= 1 '
-        '(the paper uses 20, 32, 44, 56, 110 and 1202).')
+  resnet_cifar.blocks_per_stage(cfg.depth)  # Checked before the model is built.
   return CifarResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
                      batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
                      zero_init_residual=cfg.zero_init_residual,

@@ -17,8 +17,17 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cvjax.ops import convolution
+from cvjax.errors import UserError
 from cvjax.models import common
+from cvjax.ops import convolution
+
+
+def blocks_per_stage(depth):
+  """n of a depth-(6n+2) net; any other depth is a UserError."""
+  if depth < 8 or (depth - 2) % 6:
+    raise UserError(f'model.depth={depth} is not a CIFAR ResNet depth: it must be 6n+2 with '
+                    'n >= 1 (the paper uses 20, 32, 44, 56, 110 and 1202).')
+  return (depth - 2) // 6
 
 
 def shortcut_a(x, filters: int, stride: int):
@@ -87,9 +96,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if (self.depth - 2) % 6 or self.depth < 8:
-      raise ValueError(f'CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}')
-    n = (self.depth - 2) // 6
+    n = blocks_per_stage(self.depth)
     act = common.activation_fn(self.activation)
     # Without BatchNorm the convolutions get biases instead. Every conv is 3x3 and pads 1 on
     # every side, as the paper: 'SAME' would pad a stride-2 conv 0 before and 1 after on
