@@ -2,7 +2,6 @@
 restore falls back past checkpoints that fail to load."""
 
 import contextlib
-import os
 import uuid
 
 from absl import logging
@@ -13,6 +12,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cvjax import workdir as workdir_lib
 from cvjax.errors import UserError
 
 
@@ -21,8 +21,7 @@ BAD_CHECKPOINTS = 'bad_checkpoints'  # In the workdir: checkpoints that failed t
 
 def directory(workdir):
   """WORKDIR/checkpoints: orbax writes gs:// (and any etils.epath path) natively."""
-  return epath.Path(workdir if '://' in os.fspath(workdir) else os.path.abspath(workdir)) / \
-      'checkpoints'
+  return workdir_lib.as_path(workdir) / 'checkpoints'
 
 
 _watched = []  # For each open `saves_finished` block, the managers made inside it.

@@ -20,9 +20,7 @@ from absl import logging
 from etils import epath
 import jax
 
-
-def is_remote(path):
-  return '://' in os.fspath(path)
+from cvjax import workdir as workdir_lib
 
 
 def summary_writer(logdir, **kwargs):
@@ -44,7 +42,7 @@ class EventWriter:
 
   def __init__(self, workdir, purge_step=None):
     self.workdir = epath.Path(workdir)
-    self.remote = is_remote(workdir)
+    self.remote = workdir_lib.is_remote(workdir)
     self._staging = tempfile.mkdtemp(prefix='cvjax-events-') if self.remote else None
     self.tb = self._open(purge_step)
 

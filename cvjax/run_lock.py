@@ -17,6 +17,7 @@ import time
 from absl import logging
 import jax
 
+from cvjax import workdir as workdir_lib
 from cvjax.errors import UserError
 
 LOCK_FILE = 'lock'
@@ -114,7 +115,7 @@ def release(path):
 def hold(workdir):
   """The lock for the duration of a run. In a multi-process run, process 0 holds it. A
   remote workdir (gs://...) has no atomic create-if-absent here: no lock there."""
-  if jax.process_index() != 0 or '://' in os.fspath(workdir):
+  if jax.process_index() != 0 or workdir_lib.is_remote(workdir):
     yield
     return
   path = acquire(workdir)

@@ -27,6 +27,7 @@ import threading
 import time
 
 from cvjax import sweep as sweep_lib
+from cvjax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JAX_VERSION = '0.10.2'
@@ -270,7 +271,7 @@ def launch_tpu(args):
   check_values(args)
   if args.parallel < 0:
     raise LaunchError(f'--parallel={args.parallel}; expected a positive number of slices.')
-  remote = '://' in args.workdir
+  remote = workdir.is_remote(args.workdir)
   if not remote and (args.delete or args.parallel):
     raise LaunchError(f'WORKDIR {args.workdir} is a path on the TPU VM: with --delete or '
                       '--parallel its checkpoints and results would be lost with the slice. '
@@ -328,7 +329,7 @@ def launch_tpu(args):
 
 def sbatch_script(args):
   trials(args)
-  log_dir = args.workdir if '://' not in args.workdir else '.'
+  log_dir = '.' if workdir.is_remote(args.workdir) else args.workdir
   lines = ['#!/bin/bash',
            f'#SBATCH --job-name={args.job_name}',
            f'#SBATCH --nodes={args.nodes}',
@@ -354,7 +355,7 @@ def launch_slurm(args):
     raise LaunchError(f'--nodes={args.nodes} --gpus_per_node={args.gpus_per_node}; expected '
                       'positive numbers.')
   script = sbatch_script(args)
-  local = '://' not in args.workdir
+  local = not workdir.is_remote(args.workdir)
   path = os.path.join(args.workdir if local else '.', f'{args.job_name}.sbatch')
   submit = ['sbatch', path]
   if args.dry_run:

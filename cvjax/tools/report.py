@@ -29,6 +29,8 @@ import sys
 from etils import epath
 import numpy as np
 
+from cvjax import workdir
+
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the ResNets; 110 is the best of 5 runs
 # (their mean ± std: 6.61 ± 0.16). The paper gives no numbers for the plain nets (Figure 6 only).
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -478,8 +480,7 @@ def write_report(sweep_dir):
   nets = group_nets(runs)
   out = epath.Path(sweep_dir) / 'report'
   out.mkdir(parents=True, exist_ok=True)
-  name = epath.Path(sweep_dir) if '://' in str(sweep_dir) else epath.Path(sweep_dir).resolve()
-  page = [f'# Report: {name.name}', '']
+  page = [f'# Report: {workdir.as_path(sweep_dir).name}', '']
   notes = duplicate_seeds(nets)
   if notes:
     page += ['Note: ' + ' '.join(notes), '']
