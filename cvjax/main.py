@@ -109,7 +109,7 @@ def main(argv):
     print(f'\ncvjax: {e} Re-run the same command to {"resume" if e.step else "start"}:\n'
           '  python -m cvjax.main '
           f'{shlex.join(sys.argv[1:])}', file=sys.stderr)
-    sys.exit(preemption.EXIT_CODE)
+    sys.exit(errors.PREEMPTED_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
     message = errors.storage_error(e)
     if message is None:

@@ -1,7 +1,8 @@
 """Stopping a run cleanly when asked to: SIGTERM (a preempted VM, a scheduler) or SIGINT (Ctrl-C).
 
 The run finishes the step it is in, saves a checkpoint, flushes its logs and exits with
-`EXIT_CODE`; re-running the same command resumes there. A second signal stops it at once.
+`errors.PREEMPTED_EXIT_CODE` (75); re-running the same command resumes there. A second signal
+stops it at once.
 
 One process: a signal handler sets a flag, read once per step (no device sync). Several
 processes (jax.distributed): all must stop after the same step, so the decision is JAX's
@@ -19,9 +20,6 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-from cvjax import errors
-
-EXIT_CODE = errors.PREEMPTED_EXIT_CODE
 # A second signal this soon after the first is the same request delivered twice, not a
 # request to stop at once.
 REPEAT_SECONDS = 1.0
