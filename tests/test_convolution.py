@@ -271,6 +271,7 @@ def threads_at_once():
     check_calls(results[k] + results[k + 2], jax.device_get(references[k]))
 
 
+@pytest.mark.slow  # A stress program in a child process per instruction set: ~10 s each.
 @pytest.mark.parametrize('isa', ['this CPU', 'AVX2', 'AVX512_CORE'])
 def test_overlapping_calls_and_threads_give_the_same_bits(isa):
   # In a child process, so that a crash or a hang fails this test instead of the suite.
