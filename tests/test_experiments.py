@@ -192,9 +192,10 @@ labels = np.arange(12) % 3
 error_analysis.write(sys.argv[1], rng.integers(0, 255, (12, 8, 8, 1), np.uint8), labels,
                      (labels + (np.arange(12) < 4)) % 3, ['a', 'b', 'c'], step=1)
 model = {'name': 'resnet_cifar', 'depth': 8, 'residual': True, 'activation': 'relu'}
-run = {'name': 'r8', 'config': {'model': model}, 'results': None,
+run = {'name': 'r8', 'trial': 'r8', 'config': {'model': model}, 'results': None,
        'records': [{'step': 0, 'grad_norm/a': 1.0, 'train/error': 0.5, 'test/error': 0.6}]}
-assert report.figure6([run], sys.argv[2]) and report.grad_norm_report([run], sys.argv[3])
+nets = report.group_nets([run])
+assert report.figure6(nets, sys.argv[2]) and report.grad_norm_report(nets, sys.argv[3])
 print(matplotlib.get_backend(), plt.get_fignums())
 """
 
