@@ -1,6 +1,7 @@
 """The optimised step computes what the plain one does; the benchmark runs end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,25 @@ def test_benchmark_prints_its_json():
     assert r['train_images_per_s'] > 0 and r['step_ms_p90'] >= r['step_ms_median'] > 0
     assert r['gflops_per_step'] > 0 and 0 < r['mfu'] < 1 and r['eval_images_per_s'] > 0
   assert result['matmul_gflops_per_s']['float32'] > 0
+
+
+def test_benchmark_times_populations_and_counts_their_flops():
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.tools.benchmark', '--model=resnet8', '--batch_size=8',
+       '--variants=', '--population=1,2', '--steps_per_call=1,2', '--steps=2', '--warmup=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env={**os.environ, 'CVJAX_NATIVE': '0'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  rows = {(r['members'], r['steps_per_call']): r for r in result['population']}
+  assert set(rows) == {(1, 1), (1, 2), (2, 1), (2, 2)} and result['results'] == []
+  for (members, _), r in rows.items():
+    assert r['dtype'] == 'float32' and r['train_images_per_s'] > 0
+    assert r['member_step_ms'] * members == pytest.approx(r['step_ms_median'])
+    # A population's step is its members' steps: P times one member's FLOPs.
+    assert r['gflops_per_step'] == pytest.approx(members * rows[1, 1]['gflops_per_step'])
+    assert r['achieved_gflops_per_s'] == pytest.approx(
+        r['gflops_per_step'] / r['step_ms_median'] * 1e3)
 
 
 def test_benchmark_runs_an_imagenet_resnet():

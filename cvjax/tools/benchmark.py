@@ -17,7 +17,8 @@ augmentation, forward, backward, SGD update) on random images.
 `--population=P,...` adds a table of the population step (`population.seeds=P`, one program
 for P members, cvjax/population.py) and `--steps_per_call=K,...` of K steps per dispatch, on
 the data that ship with cvjax (cifar10_6k for the CIFAR nets, mnist10k for LeNet-5): time
-per step of the whole population, and per member-step against P single runs.
+per step of the whole population, and per member-step against P single runs; its FLOPs are P
+times a member's step (XLA's count of one run's step).
 """
 
 import itertools
@@ -190,10 +191,18 @@ def run_population(name, members, per_call, batch_size, steps, warmup):
     times.append((time.perf_counter() - t0) / per_call)
   median = float(np.median(times[-calls:]))
   split = per_call == 1 and train.split_backward(config)
+  one = config.copy_and_resolve_references()  # A member's step, counted once per member.
+  one.population.seeds, one.train.steps_per_call = 1, 1
+  indices = {'indices': jax.device_put(np.arange(batch_size, dtype=np.int32),
+                                       NamedSharding(s.mesh, P('data')))}
+  flops = members * step_flops(one, s.tx, s.mesh, s.input.image_shape, s.input.num_classes,
+                               (data, indices, jax.random.key(1)))
   return {'model': name, 'members': members, 'steps_per_call': per_call,
+          'dtype': config.train.compute_dtype,
           'variant': 'split' if split else 'one_program', 'step_ms_median': 1e3 * median,
           'member_step_ms': 1e3 * median / members,
           'train_images_per_s': members * batch_size / median, 'compile_s': first - median,
+          'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
           'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
