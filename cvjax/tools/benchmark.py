@@ -160,6 +160,9 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
           'peak_host_memory_mib': peak_mib}
 
 
+_MEMBER_FLOPS = {}  # (model, batch size) -> FLOPs of one run's step.
+
+
 def run_population(name, members, per_call, batch_size, steps, warmup):
   """Step time of a population of `members` seeds, `per_call` steps per dispatch, through
   the training loop's own setup and step (`train.setup`, `train.jit_train_steps`)."""
@@ -191,12 +194,15 @@ def run_population(name, members, per_call, batch_size, steps, warmup):
     times.append((time.perf_counter() - t0) / per_call)
   median = float(np.median(times[-calls:]))
   split = per_call == 1 and train.split_backward(config)
-  one = config.copy_and_resolve_references()  # A member's step, counted once per member.
-  one.population.seeds, one.train.steps_per_call = 1, 1
-  indices = {'indices': jax.device_put(np.arange(batch_size, dtype=np.int32),
-                                       NamedSharding(s.mesh, P('data')))}
-  flops = members * step_flops(one, s.tx, s.mesh, s.input.image_shape, s.input.num_classes,
-                               (data, indices, jax.random.key(1)))
+  if (name, batch_size) not in _MEMBER_FLOPS:  # A member's step, counted once per model.
+    one = config.copy_and_resolve_references()
+    one.population.seeds, one.train.steps_per_call = 1, 1
+    indices = {'indices': jax.device_put(np.arange(batch_size, dtype=np.int32),
+                                         NamedSharding(s.mesh, P('data')))}
+    _MEMBER_FLOPS[name, batch_size] = step_flops(
+        one, s.tx, s.mesh, s.input.image_shape, s.input.num_classes,
+        (data, indices, jax.random.key(1)))
+  flops = members * _MEMBER_FLOPS[name, batch_size]
   return {'model': name, 'members': members, 'steps_per_call': per_call,
           'dtype': config.train.compute_dtype,
           'variant': 'split' if split else 'one_program', 'step_ms_median': 1e3 * median,
