@@ -12,7 +12,8 @@
 #     RESULTS=runs/smoke/gpu.json experiments/gpu_check.sh         # a smoke run on a CPU
 #
 # Needs: the packages of requirements.txt (or wheels of the missing ones in .whl/, installed
-# into /tmp/site), the CIFAR-10 archive at $CIFAR (default data/cifar10-jpeg.tar.gz, a copy of
+# into /tmp/site; on the H200 image of 2026-11 those are ml-collections and tensorboardX), the
+# CIFAR-10 archive at $CIFAR (default data/cifar10-jpeg.tar.gz, a copy of
 # ../shared/data/cifar10-jpeg.tar.gz). What comes back is in $OUT (default runs/gpu_check), at
 # most 8 files: gpu_check.log (everything printed, the benchmark tables included),
 # benchmark.jsonl, gpu.json, runs.tar.gz (the run folders without checkpoints: each member's
@@ -42,27 +43,29 @@
 # replaced by what this call measures): 20% for ResNet-50 (MLPerf's 7.9k img/s per H200 is
 # ~18% by this count), 5% for a CIFAR population of 10 at batch 128 (16-64 channel
 # convolutions, many small kernels a step), 1% for one CIFAR run (bound by kernel launches).
-# Compile times are not FLOPs: the figures below are guesses, say 60 s for ResNet-50 and
-# 15-30 s for each CIFAR program.
-#   row / phase                              steps (FLOP-based time)          compile   total
-#   start: wheels, JAX, nvidia-smi           -                                -         ~20 s
-#   ResNet-50 bf16 b256                      54 x 28.8 ms = 1.6 s             ~60 s     ~70 s
-#   CIFAR decode (beside ResNet-50, CPU)     -                                -         0 s
-#   ResNet-20 b128: P=1,10 x K=1,20          P=1 2.9 ms/step, P=10 5.8 ms     4 x ~25   ~110 s
-#   (EXTRA_BENCH=1: b512, no command buffers  ~1 s each                       2 x ~20   ~45 s:
-#    not in the budget; off by default)
-#   training: depth 20, P=10, K=20, 64k      64k x 5.8 ms = 372 s (+10 s eval) ~40 s    ~420 s
-#   stop, gpu_results, pack                  -                                -         ~30 s
-# So one call fits the benchmarks and about 300 s of training: depth 20 gets to ~50k of its
-# 64k steps at 5% (it finishes, in ~190 s, at 10%, and depth 56 starts in the time left).
-# The four depths' populations need 372 + 630 + 889 + 1148 s = ~51 min at 5% (~25 min at 10%):
-# the full Table 6 (four depths x 5 seeds x ResNet/plain) takes several calls, resumed. Size
-# limits resumption: a population's checkpoint holds params and momentum in float32, 2 x 4 B
-# x 10 members x 0.27M / 0.46M / 0.66M / 0.85M params = ~22 / 37 / 53 / 68 MB for depths
-# 20 / 32 / 44 / 56; what comes back from $OUT is at most 4 parts of 15 MiB, and what
-# travels to a call (the CIFAR archive, 19 MB, and the wheels included) at most 64 MiB: an
-# unfinished depth 56 (and 44 with the wheels) cannot be carried to a later call; finish it
-# within one call, or train it with fewer seeds (SEEDS).
+# Compile times are not FLOPs: the figures below are guesses, ~60 s for ResNet-50 (and as
+# much again if its FLOP count, which compiles the step under JAX's GPU plugin, misses the
+# compilation cache) and ~25 s for each CIFAR program.
+#   row / phase                        steps (FLOP-based time)            compile   total
+#   start: wheels, JAX, nvidia-smi     -                                  -         ~20 s
+#   ResNet-50 bf16 b256                54 x 28.8 ms = 1.6 s               ~60 s     ~70 s
+#   CIFAR decode (beside ResNet-50)    on one CPU core, 8-25 s            -         0 s
+#   ResNet-20 b128, P=1,10 x K=1,20    P=1 2.9 ms/step, P=10 5.8 ms/step  4 x ~25   ~110 s
+#   EXTRA_BENCH=1 (b512; no command    ~1 s each                          2 x ~20   ~45 s
+#     buffers): off, not in the budget
+#   depth 20, P=10, K=20, 64k steps    64k x 5.8 ms = 372 s, evals ~10 s  ~40 s     ~420 s
+#   stop, gpu_results, pack            -                                  -         ~30 s
+# So a call (CALL_SECONDS=540 under the device's 600 s) fits the benchmarks and ~300 s of
+# training: depth 20 gets to ~45k of its 64k steps at 5% (it finishes, in ~230 s with its
+# compile, at 10%; depth 56 then has under MIN_SECONDS left and does not start). The four
+# depths' populations need 372 + 630 + 889 + 1148 s = ~51 min at 5% (~25 min at 10%): the
+# full Table 6 (four depths x 5 seeds x ResNet/plain) takes several calls, resumed. Size
+# limits resuming: a population's checkpoint holds params and momentum in float32,
+# 2 x 4 B x 10 members x 0.27M / 0.46M / 0.66M / 0.85M params = ~22 / 37 / 53 / 68 MB for
+# depths 20 / 32 / 44 / 56 (gzip saves ~6%: 8.1 MB for 4 ResNet-20 members, measured on a
+# CPU); what comes back from $OUT is at most 4 parts of 15 MiB, and what travels to a call
+# at most 64 MiB with the CIFAR archive (19 MB) and the wheels: an unfinished depth 44 or 56
+# cannot be carried to a later call; finish it within one, or give it fewer seeds (SEEDS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
