@@ -8,8 +8,8 @@
 #   experiments/gpu_check.sh                                   # one GPU, from the repo root
 #   BENCH=0 RESUME=<folder with runs.tar.gz, resume.tar.gz.*> experiments/gpu_check.sh  # resume
 #   STEPS=20 BENCH_STEPS=2 QUICK=1 SEEDS=2 DEPTHS=20 PER_CALL=5 TRAIN_SECONDS=120 \
-#     CIFAR=../shared/data/cifar10-jpeg.tar.gz OUT=runs/smoke RUNS=runs/smoke/runs \
-#     RESULTS=runs/smoke/gpu.json experiments/gpu_check.sh         # a smoke run on a CPU
+#     STOP_SECONDS=150 CIFAR=../shared/data/cifar10-jpeg.tar.gz OUT=runs/smoke \
+#     RUNS=runs/smoke/runs RESULTS=runs/smoke/gpu.json experiments/gpu_check.sh  # on a CPU
 #
 # Needs: the packages of requirements.txt (or wheels of the missing ones in .whl/, installed
 # into /tmp/site; on the H200 image of 2026-11 those are ml-collections and tensorboardX), the
