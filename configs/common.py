@@ -52,6 +52,13 @@ def base_config():
   c.population.seeds = 1
   c.population.vary = ''
 
+  # The devices form a (data, model) mesh (cvjax/sharding.py, docs/parallelism.md): the batch
+  # is split over data; `model` devices split one copy of the parameters by the model's rules
+  # (AlexNet's towers, the dense classifier of AlexNet and VGG).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.model = 1  # Devices per model replica; must divide the device count.
+  c.mesh.fsdp = False  # Also split parameters and optimizer state over data (FSDP).
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.1

@@ -220,8 +220,12 @@ def set_aside(mngr, step, error, read_only=False):
 
 
 def abstract_with_sharding(tree, sharding):
-  """ShapeDtypeStructs carrying `sharding` for every leaf (the restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  """ShapeDtypeStructs carrying `sharding` (one for all leaves, or a tree of them, as
+  cvjax.sharding.state_sharding gives) for every leaf: the restore target."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      sharding)
 
 
 def check_shared_workdir(workdir):

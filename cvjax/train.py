@@ -26,6 +26,7 @@ from cvjax import optim
 from cvjax import population
 from cvjax import preemption
 from cvjax import run_lock
+from cvjax import sharding as sharding_lib
 from cvjax.data import memory
 from cvjax.errors import UserError
 from cvjax.ops import convolution
@@ -144,18 +145,20 @@ def split_backward(config):
   return jax.default_backend() == 'cpu' if split is None else bool(split)
 
 
-def jit_train_step(model, tx, config, mesh):
+def jit_train_step(model, tx, config, mesh, state_sharding=None):
   """The train step `(state, data, batch, rng) -> (state, metrics)`, jit-compiled: one
-  program, or forward and backward as two (`split_backward`)."""
+  program, or forward and backward as two (`split_backward`). The new state keeps
+  `state_sharding` (cvjax.sharding.state_sharding; default: replicated)."""
   replicated = NamedSharding(mesh, P())
+  state_sharding = replicated if state_sharding is None else state_sharding
   batch_kw = batch_args(model, config, mesh)
   skip = config.train.get('skip_nonfinite', False)
   if not split_backward(config):
     return jax.jit(functools.partial(train_step, tx=tx, skip_nonfinite=skip, **batch_kw),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   forward = jax.jit(functools.partial(train_forward, **batch_kw))
   backward = jax.jit(functools.partial(train_backward, tx=tx, skip_nonfinite=skip),
-                     out_shardings=replicated, donate_argnums=(0,))
+                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   def step(state, data, batch, rng):
     vjp, metrics, new_vars = forward(state, data, batch, rng)
@@ -172,10 +175,13 @@ def member_sharding(s):
 
 
 def state_sharding(s):
-  """Where the train state lives: replicated, or a population's split along its member axis."""
+  """Where the train state lives: a population's replicated or split along its member axis;
+  one run's by cvjax.sharding's rules (replicated unless config.mesh splits it)."""
   if member_sharding(s):
     return NamedSharding(s.mesh, P('data'))
-  return NamedSharding(s.mesh, P())
+  if s.population:
+    return NamedSharding(s.mesh, P())
+  return sharding_lib.state_sharding(s.abstract_state, s.mesh, s.config)
 
 
 def _population_parts(s):
@@ -248,16 +254,17 @@ def jit_train_steps(s, k=1):
   (`split_backward`), k steps are one."""
   if k == 1 and split_backward(s.config):
     return jit_population_split_step(s) if s.population else jit_train_step(
-        s.model, s.tx, s.config, s.mesh)
+        s.model, s.tx, s.config, s.mesh, state_sharding(s))
   if not s.population and k == 1:
-    return jit_train_step(s.model, s.tx, s.config, s.mesh)
+    return jit_train_step(s.model, s.tx, s.config, s.mesh, state_sharding(s))
   if s.population:
     step = population_step(s)
   else:
     step = functools.partial(train_step, tx=s.tx, skip_nonfinite=s.config.train.get(
         'skip_nonfinite', False), **batch_args(s.model, s.config, s.mesh))
   sharding = state_sharding(s)
-  return jax.jit(multi_step(step, k) if k > 1 else step, out_shardings=(sharding, sharding),
+  metrics = sharding if s.population else NamedSharding(s.mesh, P())
+  return jax.jit(multi_step(step, k) if k > 1 else step, out_shardings=(sharding, metrics),
                  donate_argnums=(0,))
 
 
@@ -535,14 +542,16 @@ class Setup:
     return [f'group{i}' for i in range(len(self.groups))]
 
 
-def build_state(config, num_classes, input_shape, total_steps):
+def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   """(model, schedule, optimizer, initializer, abstract train state) of `config` for
   `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
-  data (cvjax.import_weights writes checkpoints with it)."""
+  data (cvjax.import_weights writes checkpoints with it). On a `mesh` with a model axis,
+  grouped convolutions run per device (cvjax.sharding.grouped_over_model)."""
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'),
-                              conv_general_dilated=convolution.for_config(config))
+                              conv_general_dilated=sharding_lib.grouped_over_model(
+                                  convolution.for_config(config), mesh))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))
@@ -567,8 +576,12 @@ def run_identity(config, num_classes, input_shape, dataset=None):
 
 
 def setup(config, devices=None) -> Setup:
-  mesh = make_mesh(devices)
-  check_config(config, mesh.size)
+  mesh = sharding_lib.make_mesh(config, devices)
+  check_config(config, mesh.shape['data'])
+  if population.is_population(config) and (mesh.shape['model'] > 1 or config.mesh.fsdp):
+    raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
+                    '(population.seeds > 1 or population.vary) splits its members or their '
+                    'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
   if config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu':
     logging.warning('train.compute_dtype=bfloat16 on a CPU is slower than float32: XLA:CPU has '
                     'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
@@ -587,7 +600,7 @@ def setup(config, devices=None) -> Setup:
   input_shape = tuple(inp.image_shape)
   steps_per_epoch, total_steps = steps_for(config, inp.num_train)
   model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
-                                                          total_steps)
+                                                          total_steps, mesh)
   identity = run_identity(config, inp.num_classes, input_shape, inp.identity)
   if not population.is_population(config):
     return Setup(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
@@ -733,6 +746,8 @@ def train_loop(s: Setup, workdir, stop_requested):
                  len(s.groups), 'members split over the devices' if member_sharding(s) else
                  "each member's batch split over the devices",
                  ', '.join(m.name for m in s.members))
+  else:
+    logging.info('%s.', sharding_lib.describe(s.abstract_state, sharding, s.mesh))
 
   # --- Data on the device, and the jitted steps. ---
   replicated = NamedSharding(s.mesh, P())

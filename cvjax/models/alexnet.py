@@ -38,6 +38,7 @@ class AlexNet(nn.Module):
   groups: int = 2
   activation: str = 'relu'
   dropout_rate: float = 0.5
+  width: float = 1.0  # Multiplies every layer's features (1: the paper's; tests use less).
   dtype: Any = jnp.float32
   # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
   conv_general_dilated: Any = convolution.conv_general_dilated
@@ -46,7 +47,7 @@ class AlexNet(nn.Module):
   def __call__(self, x, train: bool = False):
     act = common.activation_fn(self.activation)
     conv = lambda f, k, s=1, p='SAME', g=1, name=None: nn.Conv(
-        f, (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype,
+        int(f * self.width), (k, k), (s, s), padding=p, feature_group_count=g, dtype=self.dtype,
         conv_general_dilated=self.conv_general_dilated, name=name)
     pool = lambda y: nn.max_pool(y, (3, 3), strides=(2, 2))
     x = x.astype(self.dtype)
@@ -70,6 +71,6 @@ class AlexNet(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for i in (6, 7):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      x = act(nn.Dense(4096, dtype=self.dtype, name=f'fc{i}')(x))
+      x = act(nn.Dense(int(4096 * self.width), dtype=self.dtype, name=f'fc{i}')(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc8')(x)
     return x.astype(jnp.float32)

@@ -85,6 +85,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9  # Flax convention: PyTorch's momentum=0.1.
   zero_init_residual: bool = False
   stride_in_bottleneck: str = '1x1'
+  width: int = 64  # Filters of the stem and the first stage (the paper's 64; tests use fewer).
   dtype: Any = jnp.float32
   # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
   conv_general_dilated: Any = convolution.conv_general_dilated
@@ -98,13 +99,13 @@ class ResNet(nn.Module):
                              momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
     x = x.astype(self.dtype)
     if x.shape[1] >= 64:
-      x = act(norm(name='bn1')(conv(64, (7, 7), (2, 2), name='conv1')(x)))
+      x = act(norm(name='bn1')(conv(self.width, (7, 7), (2, 2), name='conv1')(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = act(norm(name='bn1')(conv(64, (3, 3), name='conv1')(x)))
+      x = act(norm(name='bn1')(conv(self.width, (3, 3), name='conv1')(x)))
     for stage, blocks in enumerate(STAGES[self.depth]):
       for b in range(blocks):
-        x = Block(64 * 2 ** stage, 2 if stage > 0 and b == 0 else 1, self.depth >= 50,
+        x = Block(self.width * 2 ** stage, 2 if stage > 0 and b == 0 else 1, self.depth >= 50,
                   self.residual, conv, norm, act, self.zero_init_residual,
                   self.stride_in_bottleneck, name=f'conv{stage + 2}_{b + 1}')(x)
     x = jnp.mean(x, axis=(1, 2))

@@ -31,6 +31,7 @@ class VGG(nn.Module):
   activation: str = 'relu'
   dropout_rate: float = 0.5
   bn_momentum: float = 0.9
+  width: float = 1.0  # Multiplies every layer's features (1: the paper's; tests use less).
   dtype: Any = jnp.float32
   # The convolution every conv layer calls (cvjax.ops.convolution.for_config decides it).
   conv_general_dilated: Any = convolution.conv_general_dilated
@@ -43,7 +44,7 @@ class VGG(nn.Module):
     x = x.astype(self.dtype)
     for stage, filters in enumerate(CONFIGS[self.depth]):
       for i, f in enumerate(filters):
-        x = nn.Conv(f, (3, 3), padding='SAME', use_bias=not self.batch_norm, dtype=self.dtype,
+        x = nn.Conv(int(f * self.width), (3, 3), padding='SAME', use_bias=not self.batch_norm, dtype=self.dtype,
                     conv_general_dilated=self.conv_general_dilated,
                     name=f'conv{stage + 1}_{i + 1}')(x)
         x = act(norm()(x) if self.batch_norm else x)
@@ -55,7 +56,7 @@ class VGG(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=nn.initializers.normal(0.01))
     for i in (6, 7):
-      x = act(dense(4096, name=f'fc{i}')(x))
+      x = act(dense(int(4096 * self.width), name=f'fc{i}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = dense(self.num_classes, name='fc8')(x)
     return x.astype(jnp.float32)

@@ -1,0 +1,182 @@
+"""Where the train state lives: a 2-D (data, model) mesh and a table of rules per parameter.
+
+The batch is split along `data`, as on the 1-D mesh before; `mesh.model` devices hold one
+copy of the batch and split the parameters named by the model's rules (a regex over the
+state's paths -> the PartitionSpec of the leaf's last dimensions, first match wins, as in
+big_vision's and MaxText's sharding rules):
+
+- AlexNet's two towers (Krizhevsky et al. 2012, section 3.2): every conv's output channels
+  split over `model`, so with `model.groups=2` and `mesh.model=2` each device holds one
+  tower's kernels of conv1, conv2, conv4 and conv5, and conv3 and the dense layers take their
+  inputs from both, where the paper's GPUs communicate.
+- Dense classifier of AlexNet and VGG, tensor-parallel (Megatron's column/row split): fc6 by
+  output columns, fc7 by input rows (its partial sums are all-reduced), fc8 by columns.
+- `mesh.fsdp=True`: each parameter and its optimizer state also split over `data` along its
+  largest dimension that `data` divides (big_vision's FSDP); XLA gathers it where a layer needs
+  it and reduce-scatters its gradient.
+
+The same rules shard the parameters, the optimizer state (whose paths end in the parameter's)
+and the checkpoint's restore target, so a checkpoint written on one mesh restores on another.
+Rules name the last dimensions of a leaf, so a leading member axis (populations) stays whole.
+A dimension the mesh axis does not divide stays unsplit. BatchNorm statistics stay replicated:
+under jit the batch mean of a batch sharded over `data` is the global one.
+"""
+
+import functools
+import re
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from cvjax.errors import UserError
+
+# Megatron's split of a dense stack: columns, rows, columns (the logits' reduction is small).
+_CLASSIFIER = (
+    (r'(^|/)fc6/(kernel|bias)$', P('model')),
+    (r'(^|/)fc7/kernel$', P('model', None)),
+    (r'(^|/)fc8/(kernel|bias)$', P('model')),
+)
+RULES = {
+    'alexnet': ((r'(^|/)conv\d/(kernel|bias)$', P('model')),) + _CLASSIFIER,
+    'vgg': _CLASSIFIER,
+}
+FSDP_MIN_SIZE = 1024  # Leaves with fewer elements stay replicated: a gather costs more.
+
+
+def make_mesh(config, devices=None):
+  """The (data, model) mesh of `config.mesh`: `mesh.model` devices per model replica."""
+  devices = list(devices if devices is not None else jax.devices())
+  model = check_config(config, len(devices))
+  return jax.make_mesh((len(devices) // model, model), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def check_config(config, num_devices):
+  """`mesh.model` (returned) and `mesh.fsdp`, checked against the devices of this run."""
+  cfg = config.get('mesh', {})
+  model, fsdp = cfg.get('model', 1), cfg.get('fsdp', False)
+  if not isinstance(model, int) or isinstance(model, bool) or model < 1 or num_devices % model:
+    raise UserError(f'mesh.model={model!r}; expected a positive integer that divides the '
+                    f'{num_devices} devices of this run (the rest of them split the batch '
+                    'along mesh axis data).')
+  if not isinstance(fsdp, bool):
+    raise UserError(f'mesh.fsdp={fsdp!r}; expected True (parameters and optimizer state split '
+                    'over the data axis) or False (replicated over it).')
+  local = jax.local_device_count()
+  if jax.process_count() > 1 and local % model:
+    raise UserError(f'mesh.model={model} does not divide the {local} devices of each process: '
+                    'a model replica must not span processes, which read their own share of '
+                    'the batch.')
+  name = config.model.get('name')
+  if model > 1 and name not in RULES:
+    logging.warning('mesh.model=%d: %s has no model-parallel rules (cvjax.sharding.RULES has '
+                    '%s); its state is replicated over model and each of those devices '
+                    'computes the same.', model, name, ', '.join(RULES))
+  return model
+
+
+def path_str(path):
+  """'params/conv1/kernel' for a key path of the train state."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _fits(spec, shape, mesh):
+  """`spec` (of the last dims) as a full PartitionSpec of `shape`, dims the axis does not
+  divide left unsplit."""
+  spec = (None,) * (len(shape) - len(spec)) + tuple(spec)
+  return tuple(a if a is None or shape[i] % mesh.shape[a] == 0 else None
+               for i, a in enumerate(spec))
+
+
+def _fsdp(spec, shape, mesh):
+  """`spec` with the largest dimension still unsplit that `data` divides split over it."""
+  if np.prod(shape) < FSDP_MIN_SIZE or mesh.shape['data'] == 1:
+    return spec
+  free = [i for i in np.argsort(shape)[::-1]
+          if spec[i] is None and shape[i] % mesh.shape['data'] == 0]
+  return spec if not free else tuple('data' if i == free[0] else a for i, a in enumerate(spec))
+
+
+def partition_spec(path, shape, mesh, rules, fsdp=False):
+  """The PartitionSpec of one leaf of the train state at `path` (a 'params/...' string)."""
+  if len(shape) == 0 or mesh.size == 1:
+    return P()
+  spec = next((_fits(s, shape, mesh) for regex, s in rules if re.search(regex, path)),
+              (None,) * len(shape))
+  if fsdp and path.startswith(('params/', 'opt_state/')):
+    spec = _fsdp(spec, shape, mesh)
+  return P(*spec)
+
+
+def state_sharding(abstract_state, mesh, config):
+  """A NamedSharding for every leaf of `abstract_state` (a TrainState of ShapeDtypeStructs,
+  or arrays): for jit's out_shardings and the checkpoint's restore target."""
+  rules = RULES.get(config.model.get('name'), ()) if mesh.shape.get('model', 1) > 1 else ()
+  fsdp = config.get('mesh', {}).get('fsdp', False)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: NamedSharding(mesh, partition_spec(path_str(p), x.shape, mesh, rules, fsdp)),
+      abstract_state)
+
+
+def device_bytes(abstract_state, shardings):
+  """{'params', 'opt_state', 'model_state', 'total'}: bytes of the state on each device (every
+  split dimension is divided evenly, so all devices hold the same)."""
+  out = {}
+  for field in ('params', 'opt_state', 'model_state'):
+    leaves = jax.tree.leaves(getattr(abstract_state, field))
+    shards = jax.tree.leaves(getattr(shardings, field))
+    out[field] = sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                     for x, s in zip(leaves, shards))
+  out['total'] = sum(out.values())
+  return out
+
+
+def describe(abstract_state, shardings, mesh):
+  """One line for the log: the mesh and the state's bytes per device."""
+  b = device_bytes(abstract_state, shardings)
+  mib = lambda n: f'{n / 2 ** 20:.1f} MiB'
+  return (f'mesh data={mesh.shape["data"]} x model={mesh.shape["model"]}: train state '
+          f'{mib(b["total"])} per device (params {mib(b["params"])}, optimizer '
+          f'{mib(b["opt_state"])}, other {mib(b["model_state"])})')
+
+
+def grouped_over_model(conv, mesh):
+  """`conv` (a `conv_general_dilated`, the op the model is built with) where grouped
+  convolutions whose groups `model` divides run per device, each on its own groups (inside
+  jax.shard_map over `model`; `data` stays XLA's). With `model.groups=2` on `mesh.model=2` each
+  device holds one tower, as in the paper. XLA's partitioner does not find this split by
+  itself: it gathered the kernels and the inputs of conv2, conv4 and conv5. Other
+  convolutions, and any convolution without a `model` axis, go to `conv` unchanged."""
+  m = mesh.shape.get('model', 1) if mesh is not None else 1
+  if m == 1:
+    return conv
+
+  @functools.wraps(conv)
+  def grouped(lhs, rhs, window_strides, padding, *args, feature_group_count=1, **kw):
+    dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, kw.get('dimension_numbers'))
+    last = lhs.ndim - 1  # Features last (NHWC, HWIO), as Flax's nn.Conv lays them out.
+    if (feature_group_count % m or args or dims.lhs_spec[1] != last
+        or dims.rhs_spec[0] != last or dims.out_spec[1] != last):
+      return conv(lhs, rhs, window_strides, padding, *args,
+                  feature_group_count=feature_group_count, **kw)
+    spec = P(*(None,) * last, 'model')
+    local = functools.partial(conv, window_strides=window_strides, padding=padding,
+                              feature_group_count=feature_group_count // m, **kw)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                         axis_names={'model'}, check_vma=False)(lhs, rhs)
+  return grouped
+
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+
+
+def count_collectives(hlo_text):
+  """{collective: how many} in a compiled program's HLO text (`compiled.as_text()`); the
+  asynchronous pairs (`all-gather-start`/`-done`) count once."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for op in re.findall(r'\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(', hlo_text):
+    counts[op[0]] += 1
+  return counts
