@@ -148,8 +148,9 @@ def grouped_over_model(conv, mesh):
   convolutions whose groups `model` divides run per device, each on its own groups (inside
   jax.shard_map over `model`; `data` stays XLA's). With `model.groups=2` on `mesh.model=2` each
   device holds one tower, as in the paper. XLA's partitioner does not find this split by
-  itself: it gathered the kernels and the inputs of conv2, conv4 and conv5. Other
-  convolutions, and any convolution without a `model` axis, go to `conv` unchanged."""
+  itself: it gathered the kernels and the inputs of conv2, conv4 and conv5. Grouped
+  convolutions with fewer groups than `model` devices get their features whole on every device.
+  Ungrouped convolutions, and any convolution without a `model` axis, go to `conv` unchanged."""
   m = mesh.shape.get('model', 1) if mesh is not None else 1
   if m == 1:
     return conv
@@ -158,10 +159,17 @@ def grouped_over_model(conv, mesh):
   def grouped(lhs, rhs, window_strides, padding, *args, feature_group_count=1, **kw):
     dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, kw.get('dimension_numbers'))
     last = lhs.ndim - 1  # Features last (NHWC, HWIO), as Flax's nn.Conv lays them out.
-    if (feature_group_count % m or args or dims.lhs_spec[1] != last
+    if (feature_group_count == 1 or args or dims.lhs_spec[1] != last
         or dims.rhs_spec[0] != last or dims.out_spec[1] != last):
       return conv(lhs, rhs, window_strides, padding, *args,
                   feature_group_count=feature_group_count, **kw)
+    if feature_group_count % m:  # More devices than groups: every device convolves all of
+      # them. Left to XLA, the partitioner aborted (2 groups over 4 devices), or, with the
+      # features constrained whole, gave the kernels' gradients 2% off.
+      whole = functools.partial(conv, window_strides=window_strides, padding=padding,
+                                feature_group_count=feature_group_count, **kw)
+      return jax.shard_map(whole, mesh=mesh, in_specs=(P(), P()), out_specs=P(),
+                           axis_names={'model'})(lhs, rhs)
     spec = P(*(None,) * last, 'model')
     local = functools.partial(conv, window_strides=window_strides, padding=padding,
                               feature_group_count=feature_group_count // m, **kw)

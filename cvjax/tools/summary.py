@@ -2,9 +2,12 @@
 
   python -m cvjax.tools.summary                       # every model
   python -m cvjax.tools.summary --models=vgg16,resnet50 --format=markdown
+  python -m cvjax.tools.summary --models=alexnet,vgg16 --mesh=4x2 --fsdp   # state per device
 
 Shapes come from `jax.eval_shape` (nothing is allocated: VGG-19's 144M parameters are
-counted, not built). FLOPs per image are XLA's cost analysis of the compiled forward pass
+counted, not built). With `--mesh=DATAxMODEL` (and `--fsdp`) the table adds the bytes of
+parameters and SGD-momentum state each device holds under cvjax.sharding's rules: computed
+from the shapes on an abstract mesh, so no such devices are needed. FLOPs per image are XLA's cost analysis of the compiled forward pass
 at batch 1 in float32, which counts a multiply-add as 2 FLOPs (papers that quote "FLOPs",
 like the ResNet paper's Table 1, usually count multiply-adds: half of ours).
 """
@@ -22,6 +25,10 @@ from cvjax import runtime
 
 _MODELS = flags.DEFINE_list('models', [], 'Models to show (default: all).')
 _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'markdown'], 'Table format.')
+_MESH = flags.DEFINE_string('mesh', '', 'DATAxMODEL, e.g. 4x2: add the state bytes per device '
+                            'on that (data, model) mesh (config.mesh.model = MODEL).')
+_FSDP = flags.DEFINE_bool('fsdp', False, 'With --mesh: parameters and optimizer state also '
+                          'split over data (config.mesh.fsdp).')
 
 
 def _cfg(name, **kw):
@@ -74,8 +81,36 @@ def weight_layers(variables):
   return count
 
 
-def describe(name):
-  """One table row for the zoo entry `name`."""
+def parse_mesh(text):
+  """'4x2' -> (4, 2)."""
+  try:
+    data, model = (int(v) for v in text.lower().split('x'))
+    if data < 1 or model < 1:
+      raise ValueError
+  except ValueError:
+    raise app.UsageError(f'--mesh={text!r}; expected DATAxMODEL, two positive integers such as '
+                         '4x2.') from None
+  return data, model
+
+
+def state_bytes(cfg, variables, mesh_shape, fsdp=False):
+  """Bytes per device of the parameters and the optimizer state (SGD with momentum, as every
+  config trains with) on a (data, model) mesh of `mesh_shape`, under cvjax.sharding's rules."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from cvjax import sharding, train  # pylint: disable=g-import-not-at-top
+  params = variables['params']
+  state = train.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+      model_state={k: v for k, v in variables.items() if k != 'params'},
+      opt_state=jax.eval_shape(optax.sgd(0.1, momentum=0.9).init, params))
+  mesh = jax.sharding.AbstractMesh(mesh_shape, ('data', 'model'))
+  config = ConfigDict({'model': cfg, 'mesh': {'model': mesh_shape[1], 'fsdp': fsdp}})
+  return sharding.device_bytes(state, sharding.state_sharding(state, mesh, config))
+
+
+def describe(name, mesh_shape=None, fsdp=False):
+  """One table row for the zoo entry `name` (with the state bytes per device on a
+  (data, model) mesh of `mesh_shape`)."""
   cfg, shape, classes, reference, paper = ZOO[name]
   model = models.create_model(cfg, num_classes=classes, dtype=jnp.float32)
   x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
@@ -86,9 +121,12 @@ def describe(name):
   compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {'model': name, 'input': 'x'.join(map(str, shape)), 'params': params,
-          'reference': reference, 'paper': paper, 'gflops': cost['flops'] / 1e9,
-          'weight_layers': weight_layers(variables)}
+  row = {'model': name, 'input': 'x'.join(map(str, shape)), 'params': params,
+         'reference': reference, 'paper': paper, 'gflops': cost['flops'] / 1e9,
+         'weight_layers': weight_layers(variables)}
+  if mesh_shape:
+    row['device_bytes'] = state_bytes(cfg, variables, mesh_shape, fsdp)
+  return row
 
 
 def format_table(rows, fmt='text'):
@@ -98,6 +136,10 @@ def format_table(rows, fmt='text'):
             '-' if r['reference'] is None else
             (f'{r["reference"]:,}' + ('' if r['reference'] == r['params'] else ' (differs)')),
             r['paper'], f'{r["gflops"]:.3g}', str(r['weight_layers'])] for r in rows]
+  if rows and 'device_bytes' in rows[0]:
+    header += ['params MiB/device', 'optimizer MiB/device']
+    for row, r in zip(cells, rows):
+      row += [f'{r["device_bytes"][k] / 2 ** 20:.1f}' for k in ('params', 'opt_state')]
   if fmt == 'markdown':
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     return '\n'.join(lines + ['| ' + ' | '.join(c) + ' |' for c in cells])
@@ -114,8 +156,12 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'unknown models {unknown}; expected some of: {", ".join(ZOO)}')
   start = time.perf_counter()
-  rows = [describe(n) for n in names]
+  mesh_shape = parse_mesh(_MESH.value) if _MESH.value else None
+  rows = [describe(n, mesh_shape, _FSDP.value) for n in names]
   print(format_table(rows, _FORMAT.value))
+  if mesh_shape:
+    print(f'State per device on a data={mesh_shape[0]} x model={mesh_shape[1]} mesh'
+          f'{" with FSDP" if _FSDP.value else ""} (cvjax/sharding.py; optimizer: SGD momentum).')
   print(f'\n{len(rows)} models in {time.perf_counter() - start:.1f}s. FLOPs: XLA cost analysis '
         'of the compiled forward pass, batch 1, multiply-add = 2 FLOPs.')
 

@@ -1,0 +1,237 @@
+"""The (data, model) mesh: rules, equality with one device, collectives, restore across meshes.
+
+The multi-device checks run in a child process with 8 simulated CPU devices
+(`--xla_force_host_platform_device_count=8`, set before jax is imported); the child calls
+the `_child_*` functions below. Small nets (a `width` below the paper's) keep them cheap.
+"""
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+from jax.sharding import AbstractMesh, PartitionSpec as P
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import ROOT, child_env, tiny_config
+from cvjax import sharding
+from cvjax.errors import UserError
+
+# Parameters after SGD steps on a mesh against one device: float32 sums in another order.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def run_child(call, timeout=900):
+  script = f'import test_sharding as t; t.{call}; print("CHILD OK")'
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=child_env(
+                           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+                           CVJAX_NATIVE='0'))
+  assert out.returncode == 0 and 'CHILD OK' in out.stdout, (out.stdout + out.stderr)[-4000:]
+  print(out.stdout)  # The differences seen (pytest -s shows them).
+
+
+def _config(family, arg, model=1, fsdp=False):
+  from configs import alexnet, resnet, vgg  # pylint: disable=g-import-not-at-top
+  c = {'alexnet': alexnet, 'vgg': vgg, 'resnet': resnet}[family].get_config(arg)
+  c.mesh.model, c.mesh.fsdp = model, fsdp
+  c.train.split_backward = False  # One program: its collectives are the step's.
+  return c
+
+
+def _small_model(family, mesh):
+  """Two-tower AlexNet, VGG-11 with BatchNorm, ResNet-18: the papers' layers, 1/8 the width."""
+  from cvjax import models  # pylint: disable=g-import-not-at-top
+  from cvjax.ops import convolution  # pylint: disable=g-import-not-at-top
+  conv = sharding.grouped_over_model(convolution.conv_general_dilated, mesh)
+  if family == 'alexnet':
+    return models.AlexNet(num_classes=10, groups=2, width=1 / 8, conv_general_dilated=conv), 16
+  if family == 'vgg':
+    return models.VGG(depth=11, batch_norm=True, num_classes=10, width=1 / 8,
+                      conv_general_dilated=conv), 32
+  return models.ResNet(depth=18, num_classes=10, width=8, conv_general_dilated=conv), 16
+
+
+ARGS = {'alexnet': 'cifar10', 'vgg': 'cifar10_vgg11', 'resnet': 'resnet18'}
+
+
+def _compiled_step(family, devices, model=1, fsdp=False, batch=16):
+  """(jitted step, its state sharding, initial state, data, batch, rng) on a mesh."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from cvjax import optim, train  # pylint: disable=g-import-not-at-top
+  config = _config(family, ARGS[family], model, fsdp)
+  config.optimizer.learning_rate = 0.05
+  mesh = sharding.make_mesh(config, devices)
+  net, size = _small_model(family, mesh)
+  tx = optim.make_optimizer(config.optimizer, optax.constant_schedule(0.05))
+  init = train.state_initializer(net, tx, (size, size, 3), jnp.float32)
+  rng = jax.random.key(0)
+  shardings = sharding.state_sharding(jax.eval_shape(init, rng), mesh, config)
+  state = train.init_state(init, rng, shardings)
+  step = train.jit_train_step(net, tx, config, mesh, shardings)
+  data_rng = np.random.default_rng(0)
+  by_data = NamedSharding(mesh, P('data'))
+  images = data_rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  labels = data_rng.integers(0, 10, batch).astype(np.int32)
+  batch = jax.device_put({'images': images, 'labels': labels}, by_data)
+  data = jax.device_put({'mean': np.zeros((1, 1, 1, 1), np.float32),
+                         'std': np.ones((1, 1, 1, 1), np.float32)}, NamedSharding(mesh, P()))
+  return step, shardings, state, data, batch, rng
+
+
+def _sgd(family, devices, model=1, fsdp=False, steps=3):
+  """(a dense kernel before, the train state after `steps` SGD steps)."""
+  step, shardings, state, data, batch, rng = _compiled_step(family, devices, model, fsdp)
+  before = np.array(state.params['fc6' if 'fc6' in state.params else 'fc']['kernel'])
+  for _ in range(steps):
+    state, _ = step(state, data, batch, rng)
+  assert jax.tree.map(lambda x: x.sharding, state) == shardings  # The step kept the layout.
+  return before, state
+
+
+def _child_same_as_one_device(family):
+  devices = jax.devices()
+  assert len(devices) == 8
+  before, one = _sgd(family, devices[:1])
+  one = jax.device_get(one)
+  dense = 'fc6' if 'fc6' in one.params else 'fc'
+  assert not np.allclose(before, one.params[dense]['kernel'], atol=1e-6)  # Training moved it.
+  for model, fsdp in ((1, False), (2, False), (4, False), (1, True), (2, True)):
+    state = _sgd(family, devices, model, fsdp)[1]
+    specs = {sharding.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(
+        jax.tree.map(lambda x: x.sharding, state.params))}
+    if family in sharding.RULES and model > 1:  # The rules took effect.
+      assert specs['fc6/kernel'][-1] == 'model', specs
+    if fsdp:
+      assert any('data' in s for s in specs.values()), specs
+    got = jax.device_get(state)
+    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                             (one.params, one.model_state),
+                                             (got.params, got.model_state))))
+    print(f'{family} mesh {8 // model}x{model} fsdp={fsdp}: max |diff| {worst:.2e}')
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=RTOL, atol=ATOL),
+                 (one.params, one.model_state), (got.params, got.model_state))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['alexnet', 'vgg', 'resnet'])
+def test_meshes_give_the_parameters_of_one_device(family):
+  """(8,1), (4,2), (2,4), FSDP on (8,1) and on (4,2): same parameters and BatchNorm statistics as one
+  device after 3 SGD steps with momentum (and dropout: its bits do not depend on the mesh)."""
+  run_child(f'_child_same_as_one_device({family!r})')
+
+
+# AlexNet's collectives per train step (XLA's convolutions, one program), from the compiled
+# HLO. Cross-tower, as in the paper: conv3's and fc6's inputs gathered, fc7's partial sums
+# all-reduced, and their gradients (conv3's, fc6's and fc8's inputs). The loss over logits
+# split by class: reduce_max, reduce_sum and four gathers for the metrics. Local response
+# normalisation runs over all 96 channels, across the towers' boundary: 8 halo exchanges (2
+# channels each way, after conv1 and conv2, forward and backward). One all-reduce for the
+# finiteness check and, with data > 1, one (combined) for the gradients over data.
+ALEXNET_COLLECTIVES = {
+    (1, 2): {'all-reduce': 7, 'all-gather': 6, 'reduce-scatter': 0, 'collective-permute': 8,
+             'all-to-all': 0},
+    (4, 2): {'all-reduce': 8, 'all-gather': 7, 'reduce-scatter': 0, 'collective-permute': 8,
+             'all-to-all': 0},
+}
+
+
+def _child_alexnet_collectives():
+  for (data, model), expected in ALEXNET_COLLECTIVES.items():
+    step, _, state, batch_data, batch, rng = _compiled_step(
+        'alexnet', jax.devices()[:data * model], model)
+    text = step.lower(state, batch_data, batch, rng).compile().as_text()
+    counts = sharding.count_collectives(text)
+    print(f'alexnet {data}x{model}: {counts}')
+    assert counts == expected, (data, model, counts)
+    # Inside the towers (conv2, conv4, conv5: grouped) no activation or kernel moves; only the
+    # combined gradient all-reduce over data (its op_name lists many layers) mentions them.
+    names = re.findall(r'\s(?:' + '|'.join(sharding.COLLECTIVES) +
+                       r')(?:-start)?\(.*op_name="([^"]*)"', text)
+    assert len(names) == sum(counts.values())
+    tower = [n for n in names if re.search(r'/conv[245]/', n) and not n.startswith(
+        'jit(train_step)/(')]
+    assert not tower, tower
+
+
+@pytest.mark.slow
+def test_alexnet_collectives_per_step():
+  run_child('_child_alexnet_collectives()')
+
+
+def _child_checkpoint_across_meshes(data_dir, workdir):
+  from cvjax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir, **{'train.num_steps': 8, 'train.checkpoint_every_steps': 4,
+                                    'train.eval_every_steps': 8})
+  config.mesh.fsdp = True
+  a, _ = train.train_and_evaluate(config, os.path.join(workdir, 'a'))
+  assert any('data' in x.sharding.spec for x in jax.tree.leaves(a.params))
+  # The run again from a:'s step-4 checkpoint, on one device.
+  shutil.copytree(os.path.join(workdir, 'a'), os.path.join(workdir, 'b'))
+  shutil.rmtree(os.path.join(workdir, 'b', 'checkpoints', '8'))
+  os.remove(os.path.join(workdir, 'b', 'results.json'))
+  config.mesh.fsdp = False
+  b, _ = train.train_and_evaluate(config, os.path.join(workdir, 'b'),
+                                  devices=jax.devices()[:1])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
+               jax.device_get((a.params, a.model_state)), jax.device_get((b.params, b.model_state)))
+
+
+@pytest.mark.slow
+def test_checkpoint_written_on_one_mesh_resumes_on_another(idx_dir, tmp_path):
+  """FSDP over 8 devices writes step 4; one device resumes it and ends where the 8 did."""
+  run_child(f'_child_checkpoint_across_meshes({idx_dir!r}, {str(tmp_path)!r})')
+
+
+def test_rules_split_towers_classifier_and_fsdp():
+  mesh = AbstractMesh((4, 2), ('data', 'model'))
+  rules = sharding.RULES['alexnet']
+  spec = lambda path, shape, fsdp=False: sharding.partition_spec(path, shape, mesh, rules, fsdp)
+  assert spec('params/conv2/kernel', (5, 5, 48, 256)) == P(None, None, None, 'model')
+  assert spec('opt_state/1/0/trace/conv2/kernel', (5, 5, 48, 256)) == P(None, None, None,
+                                                                         'model')
+  assert spec('params/fc6/kernel', (9216, 4096)) == P(None, 'model')
+  assert spec('params/fc7/kernel', (4096, 4096)) == P('model', None)
+  assert spec('params/fc7/bias', (4096,)) == P(None)
+  assert spec('params/fc8/kernel', (4096, 5)) == P(None, None)  # 5 classes: not divisible.
+  # A leading member axis (populations) stays whole.
+  assert spec('params/fc6/kernel', (3, 9216, 4096)) == P(None, None, 'model')
+  assert spec('params/fc6/kernel', (9216, 4096), fsdp=True) == P('data', 'model')
+  assert spec('params/fc7/kernel', (4096, 4096), fsdp=True) == P('model', 'data')
+  assert spec('params/conv1/bias', (96,), fsdp=True) == P('model')  # Too small for FSDP.
+  assert spec('model_state/batch_stats/bn/mean', (4096,), fsdp=True) == P(None)
+  assert spec('step', ()) == P()
+
+
+def test_state_bytes_per_device():
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  from cvjax import train  # pylint: disable=g-import-not-at-top
+  config = alexnet.get_config('imagenet')
+  abstract = train.build_state(config, 1000, (227, 227, 3), 10)[-1]
+  full = sharding.device_bytes(abstract, sharding.state_sharding(
+      abstract, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'model')),
+      config))
+  # float32 parameters, momentum of the same size and the optimizer's int32 step count.
+  assert full['params'] == 60_965_224 * 4 and full['opt_state'] == full['params'] + 4
+  mesh = AbstractMesh((4, 2), ('data', 'model'))
+  split = sharding.device_bytes(abstract, sharding.state_sharding(abstract, mesh, config))
+  assert full['params'] / 2.1 < split['params'] < full['params'] / 1.9  # All but biases' few.
+
+
+@pytest.mark.parametrize('mesh,message', [
+    ({'model': 3}, 'mesh.model=3; expected a positive integer that divides the 8 devices'),
+    ({'model': 0}, 'mesh.model=0'),
+    ({'fsdp': 'yes'}, "mesh.fsdp='yes'; expected True"),
+])
+def test_bad_mesh_config_is_a_clear_error(mesh, message):
+  config = _config('alexnet', 'cifar10')
+  config.mesh = ml_collections.ConfigDict({'model': 1, 'fsdp': False, **mesh})
+  with pytest.raises(UserError, match=message.replace('(', r'\(')):
+    sharding.check_config(config, 8)
