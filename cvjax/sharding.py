@@ -143,38 +143,41 @@ def describe(abstract_state, shardings, mesh):
           f'{mib(b["opt_state"])}, other {mib(b["model_state"])})')
 
 
-def grouped_over_model(conv, mesh):
+def grouped_per_device(conv, mesh):
   """`conv` (a `conv_general_dilated`, the op the model is built with) where grouped
-  convolutions whose groups `model` divides run per device, each on its own groups (inside
-  jax.shard_map over `model`; `data` stays XLA's). With `model.groups=2` on `mesh.model=2` each
-  device holds one tower, as in the paper. XLA's partitioner does not find this split by
-  itself: it gathered the kernels and the inputs of conv2, conv4 and conv5. Grouped
-  convolutions with fewer groups than `model` devices get their features whole on every device.
-  Ungrouped convolutions, and any convolution without a `model` axis, go to `conv` unchanged."""
-  m = mesh.shape.get('model', 1) if mesh is not None else 1
-  if m == 1:
+  convolutions run per device inside jax.shard_map: each device convolves its own rows of the
+  batch (`data`) and, where `model` divides the groups, its own groups. With `model.groups=2`
+  on `mesh.model=2` each device holds one tower, as in the paper. XLA's partitioner does not
+  find either split by itself: it gathered the whole batch for the kernel gradients of
+  conv2, conv4 and conv5 (on a `data` mesh too), and their kernels and inputs over `model`.
+  With more `model` devices than groups every one of them convolves all groups (left to XLA,
+  the partitioner aborted, or with the features constrained whole gave kernel gradients 2%
+  off). Ungrouped convolutions, and any convolution on a one-device mesh, go to `conv`."""
+  if mesh is None or mesh.size == 1:
     return conv
 
   @functools.wraps(conv)
   def grouped(lhs, rhs, window_strides, padding, *args, feature_group_count=1, **kw):
     dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, kw.get('dimension_numbers'))
     last = lhs.ndim - 1  # Features last (NHWC, HWIO), as Flax's nn.Conv lays them out.
-    if (feature_group_count == 1 or args or dims.lhs_spec[1] != last
-        or dims.rhs_spec[0] != last or dims.out_spec[1] != last):
+    if (feature_group_count == 1 or args or dims.lhs_spec[:2] != (0, last)
+        or dims.rhs_spec[0] != last or dims.out_spec[:2] != (0, last)):
       return conv(lhs, rhs, window_strides, padding, *args,
                   feature_group_count=feature_group_count, **kw)
-    if feature_group_count % m:  # More devices than groups: every device convolves all of
-      # them. Left to XLA, the partitioner aborted (2 groups over 4 devices), or, with the
-      # features constrained whole, gave the kernels' gradients 2% off.
-      whole = functools.partial(conv, window_strides=window_strides, padding=padding,
-                                feature_group_count=feature_group_count, **kw)
-      return jax.shard_map(whole, mesh=mesh, in_specs=(P(), P()), out_specs=P(),
-                           axis_names={'model'})(lhs, rhs)
-    spec = P(*(None,) * last, 'model')
+    d, m = mesh.shape['data'], mesh.shape['model']
+    rows = 'data' if d > 1 and lhs.shape[0] % d == 0 else None  # Not the batch of 1 of init.
+    groups = 'model' if m > 1 and feature_group_count % m == 0 else None
+    manual = {a for a, on in (('data', rows), ('model', m > 1)) if on}
+    if not manual:
+      return conv(lhs, rhs, window_strides, padding, feature_group_count=feature_group_count,
+                  **kw)
     local = functools.partial(conv, window_strides=window_strides, padding=padding,
-                              feature_group_count=feature_group_count // m, **kw)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-                         axis_names={'model'}, check_vma=False)(lhs, rhs)
+                              feature_group_count=feature_group_count // (m if groups else 1),
+                              **kw)
+    features = P(*(None,) * last, groups)
+    images = P(rows, *(None,) * (last - 1), groups)
+    return jax.shard_map(local, mesh=mesh, in_specs=(images, features), out_specs=images,
+                         axis_names=manual, check_vma=False)(lhs, rhs)
   return grouped
 
 

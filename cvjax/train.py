@@ -545,12 +545,12 @@ class Setup:
 def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   """(model, schedule, optimizer, initializer, abstract train state) of `config` for
   `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
-  data (cvjax.import_weights writes checkpoints with it). On a `mesh` with a model axis,
-  grouped convolutions run per device (cvjax.sharding.grouped_over_model)."""
+  data (cvjax.import_weights writes checkpoints with it). On a `mesh` of several devices,
+  grouped convolutions run per device (cvjax.sharding.grouped_per_device)."""
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'),
-                              conv_general_dilated=sharding_lib.grouped_over_model(
+                              conv_general_dilated=sharding_lib.grouped_per_device(
                                   convolution.for_config(config), mesh))
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,

@@ -6,6 +6,7 @@ the `_child_*` functions below. Small nets (a `width` below the paper's) keep th
 """
 
 import functools
+import logging
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ def _small_model(family, mesh):
   """Two-tower AlexNet, VGG-11 with BatchNorm, ResNet-18: the papers' layers, 1/8 the width."""
   from cvjax import models  # pylint: disable=g-import-not-at-top
   from cvjax.ops import convolution  # pylint: disable=g-import-not-at-top
-  conv = sharding.grouped_over_model(convolution.conv_general_dilated, mesh)
+  conv = sharding.grouped_per_device(convolution.conv_general_dilated, mesh)
   if family == 'alexnet':
     return models.AlexNet(num_classes=10, groups=2, width=1 / 8, conv_general_dilated=conv), 16
   if family == 'vgg':
@@ -134,8 +135,12 @@ def test_meshes_give_the_parameters_of_one_device(family):
 # split by class: reduce_max, reduce_sum and four gathers for the metrics. Local response
 # normalisation runs over all 96 channels, across the towers' boundary: 8 halo exchanges (2
 # channels each way, after conv1 and conv2, forward and backward). One all-reduce for the
-# finiteness check and, with data > 1, one (combined) for the gradients over data.
+# finiteness check and, with data > 1, one (combined) for the gradients over data. Data
+# parallel alone (8x1): the gradients' all-reduce and the metrics' top-5 gather; XLA alone
+# had gathered the whole batch for each grouped conv's kernel gradient (6 more all-gathers).
 ALEXNET_COLLECTIVES = {
+    (8, 1): {'all-reduce': 1, 'all-gather': 1, 'reduce-scatter': 0, 'collective-permute': 0,
+             'all-to-all': 0},
     (1, 2): {'all-reduce': 7, 'all-gather': 6, 'reduce-scatter': 0, 'collective-permute': 8,
              'all-to-all': 0},
     (4, 2): {'all-reduce': 8, 'all-gather': 7, 'reduce-scatter': 0, 'collective-permute': 8,
@@ -178,8 +183,15 @@ def _child_checkpoint_across_meshes(data_dir, workdir):
   shutil.rmtree(os.path.join(workdir, 'b', 'checkpoints', '8'))
   os.remove(os.path.join(workdir, 'b', 'results.json'))
   config.mesh.fsdp = False
+  logged = []
+  handler = logging.Handler()
+  handler.emit = lambda record: logged.append(record.getMessage())
+  logging.getLogger('absl').addHandler(handler)
+  logging.getLogger('absl').setLevel(logging.INFO)
   b, _ = train.train_and_evaluate(config, os.path.join(workdir, 'b'),
                                   devices=jax.devices()[:1])
+  assert 'Resuming from the checkpoint at step 4.' in logged, logged  # Not a fresh start.
+  assert b.params['head']['kernel'].sharding.mesh.size == 1
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-5),
                jax.device_get((a.params, a.model_state)), jax.device_get((b.params, b.model_state)))
 

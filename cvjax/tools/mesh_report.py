@@ -1,9 +1,9 @@
 """What a train step costs on a (data, model) mesh: state and memory per device, collectives.
 
   python -m cvjax.tools.mesh_report --models=alexnet --meshes=1x1,1x2,4x2 --cpu_devices=8
-  python -m cvjax.tools.mesh_report --models=vgg16 --meshes=8x1,4x2 --fsdp=false,true
+  python -m cvjax.tools.mesh_report --models=vgg16 --meshes=8x1,4x2 --fsdp --cpu_devices=8
 
-Models are cvjax.tools.summary's zoo names (full size, their input shapes). For each model,
+Models are cvjax.tools.summary's zoo names (`--models` and `--fsdp` are its flags) (full size, their input shapes). For each model,
 mesh and FSDP setting the real train step (`train.jit_train_step`, one program, XLA's
 convolutions) is lowered and compiled on abstract inputs: nothing is allocated unless
 `--steps` runs it. Reported: the train state per device (cvjax.sharding's rules), XLA's memory
@@ -21,9 +21,9 @@ from absl import app
 from absl import flags
 import jax
 
-_MODELS = flags.DEFINE_list('models', ['alexnet'], 'Zoo names (python -m cvjax.tools.summary).')
+from cvjax.tools import summary
+
 _MESHES = flags.DEFINE_list('meshes', ['1x1'], 'DATAxMODEL meshes, e.g. 1x1,1x2,4x2.')
-_FSDP = flags.DEFINE_list('fsdp', ['false'], 'FSDP settings to try: false, true or both.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 0, 'Also run this many steps and time them (0: compile '
                               'only).')
@@ -39,7 +39,6 @@ def report(name, data, model, fsdp, batch_size, steps=0):
   from configs import common  # pylint: disable=g-import-not-at-top
   from cvjax import models, optim, sharding, train  # pylint: disable=g-import-not-at-top
   from cvjax.ops import convolution  # pylint: disable=g-import-not-at-top
-  from cvjax.tools import summary  # pylint: disable=g-import-not-at-top
   cfg, shape, classes, _, _ = summary.ZOO[name]
   config = common.base_config()
   config.model = cfg
@@ -47,7 +46,7 @@ def report(name, data, model, fsdp, batch_size, steps=0):
   config.train.batch_size, config.train.split_backward = batch_size, False
   mesh = sharding.make_mesh(config, jax.devices()[:data * model])
   net = models.create_model(cfg, num_classes=classes, dtype=jnp.float32,
-                            conv_general_dilated=sharding.grouped_over_model(
+                            conv_general_dilated=sharding.grouped_per_device(
                                 convolution.conv_general_dilated, mesh))
   tx = optim.make_optimizer(config.optimizer, lambda step: config.optimizer.learning_rate)
   init = train.state_initializer(net, tx, shape, jnp.float32)
@@ -109,22 +108,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CPU_DEVICES.value:
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
-  from cvjax.tools import summary  # pylint: disable=g-import-not-at-top
-  unknown = [n for n in _MODELS.value if n not in summary.ZOO]
+  names = summary._MODELS.value or ['alexnet']  # pylint: disable=protected-access
+  unknown = [n for n in names if n not in summary.ZOO]
   if unknown:
     raise app.UsageError(f'unknown models {unknown}; expected some of: {", ".join(summary.ZOO)}')
   meshes = [summary.parse_mesh(m) for m in _MESHES.value]
   if any(d * m > jax.device_count() for d, m in meshes):
     raise app.UsageError(f'--meshes={",".join(_MESHES.value)} needs more than the '
                          f'{jax.device_count()} devices here; --cpu_devices=N simulates N.')
-  fsdps = [{'true': True, 'false': False}[f.lower()] for f in _FSDP.value]
+  fsdp = summary._FSDP.value  # pylint: disable=protected-access
   print(f'jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}')
   rows = []
-  for name in _MODELS.value:
+  for name in names:
     for data, model in meshes:
-      for fsdp in fsdps:
-        rows.append(report(name, data, model, fsdp, _BATCH.value, _STEPS.value))
-        print(format_row(rows[-1]), flush=True)
+      rows.append(report(name, data, model, fsdp, _BATCH.value, _STEPS.value))
+      print(format_row(rows[-1]), flush=True)
   print(json.dumps(rows))
 
 
