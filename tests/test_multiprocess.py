@@ -10,6 +10,7 @@ stalling CI.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -52,7 +53,9 @@ except UserError as e:
   sys.exit(3)
 builtins.open = real_open
 assert len(jax.devices()) == 4 and jax.process_count() == nproc
-leaves = jax.tree.leaves(jax.device_get((state.params, state.model_state)))
+from jax.experimental import multihost_utils
+leaves = [multihost_utils.process_allgather(x, tiled=True)  # Sharded over processes (FSDP).
+          for x in jax.tree.leaves((state.params, state.model_state))]
 np_ = __import__('numpy')
 np_.savez(f'{{out}}.{{pid}}.npz', *leaves)
 with open(f'{{out}}.{{pid}}.json', 'w') as f:
@@ -170,6 +173,19 @@ def test_checkpoints_move_between_process_counts(runs, idx_dir, written_by, resu
   after, info = load(root / f'{resumed.name}.out')
   assert info['step'] == 12
   assert_same(full, after, RTOL, ATOL)
+
+
+def test_fsdp_over_two_processes_equals_one_process(runs, idx_dir):
+  """mesh.fsdp=True: parameters and optimizer state split over the 4 devices of 2 processes
+  (cvjax.sharding), the same result as the replicated 1-process run."""
+  root = runs['root']
+  codes, logs = run(2, root / 'fsdp', root / 'fsdp.out', idx_dir, {'mesh.fsdp': True})
+  assert codes == [0, 0], '\n'.join(l[-3000:] for l in logs)
+  per_device = [float(re.search(r'mesh data=4 x model=1: train state ([\d.]+) MiB', log)[1])
+                for log in (runs['one']['logs'][0], logs[0])]
+  assert per_device[1] < per_device[0] / 2, per_device  # Split, not replicated.
+  one, _ = load(runs['one']['out'])
+  assert_same(one, load(root / 'fsdp.out')[0], RTOL, ATOL)
 
 
 def test_a_workdir_that_is_not_shared_is_refused(idx_dir, tmp_path):
