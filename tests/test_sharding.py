@@ -247,3 +247,10 @@ def test_bad_mesh_config_is_a_clear_error(mesh, message):
   config.mesh = ml_collections.ConfigDict({'model': 1, 'fsdp': False, **mesh})
   with pytest.raises(UserError, match=message.replace('(', r'\(')):
     sharding.check_config(config, 8)
+
+
+def test_population_with_a_split_mesh_is_a_clear_error(idx_dir):
+  from cvjax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config(idx_dir, **{'population.seeds': 2, 'mesh.fsdp': True})
+  with pytest.raises(UserError, match='a population'):
+    train.setup(config)
