@@ -1,7 +1,6 @@
 """Where the train state lives: a 2-D (data, model) mesh and a table of rules per parameter.
 
-The batch is split along `data`, as on the 1-D mesh before; `mesh.model` devices hold one
-copy of the batch and split the parameters named by the model's rules (a regex over the
+The batch is split along `data`; `mesh.model` devices hold one copy of the batch and split the parameters named by the model's rules (a regex over the
 state's paths -> the PartitionSpec of the leaf's last dimensions, first match wins, as in
 big_vision's and MaxText's sharding rules):
 
@@ -13,13 +12,15 @@ big_vision's and MaxText's sharding rules):
   output columns, fc7 by input rows (its partial sums are all-reduced), fc8 by columns.
 - `mesh.fsdp=True`: each parameter and its optimizer state also split over `data` along its
   largest dimension that `data` divides (big_vision's FSDP); XLA gathers it where a layer needs
-  it and reduce-scatters its gradient.
+  it, and each device keeps its slice of the summed gradient.
 
 The same rules shard the parameters, the optimizer state (whose paths end in the parameter's)
 and the checkpoint's restore target, so a checkpoint written on one mesh restores on another.
-Rules name the last dimensions of a leaf, so a leading member axis (populations) stays whole.
-A dimension the mesh axis does not divide stays unsplit. BatchNorm statistics stay replicated:
-under jit the batch mean of a batch sharded over `data` is the global one.
+Rules name the last dimensions of a leaf, so a leading axis (a population's members) would stay
+whole. A dimension the mesh axis does not divide stays unsplit. BatchNorm statistics stay
+replicated: under jit the batch mean of a batch sharded over `data` is the global one. Grouped
+convolutions need help to run per device (`grouped_per_device`), and `count_collectives` reads
+what a compiled step exchanges (tests/test_sharding.py, docs/parallelism.md).
 """
 
 import functools
