@@ -148,7 +148,8 @@ fi
 train() {  # name, depth, seconds
   local t0=$SECONDS
   timeout --signal=TERM --kill-after="$STOP_SECONDS" "$3" \
-    python3 -m cvjax.main --config="configs/resnet.py:resnet$2" --workdir="$RUNS/$1" \
+    python3 -m cvjax.main --config=configs/resnet.py --config.model.depth="$2" \
+    --workdir="$RUNS/$1" \
     --config.dataset.path="$CIFAR" --config.train.num_steps="$STEPS" \
     --config.population.seeds="$SEEDS" --config.population.vary='model.residual=False,True' \
     --config.train.steps_per_call="$PER_CALL" --config.train.eval_every_steps="$EVAL_EVERY" \
