@@ -38,9 +38,16 @@ def base_config():
   c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
   c.input.workers = 0
   c.input.threads = 2  # Reading threads per process.
+  # On the device, after the crops and flips, for either pipeline (docs/recipes.md; all off):
+  c.input.random_erasing = 0.0  # Probability of erasing a random box of each image.
+  c.input.mixup_alpha = 0.0  # Mixup's Beta(alpha, alpha) (0: off).
+  c.input.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) (0: off).
+  c.input.mix_prob = 1.0  # Probability that a batch is mixed (when an alpha is set).
+  c.input.cutmix_prob = 0.5  # With both alphas: probability of CutMix rather than Mixup.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.
+  c.eval.flip = False  # With crops=1: logits averaged over the image and its mirror image.
 
   c.model = ml_collections.ConfigDict()  # The family's config fills it.
 
@@ -60,19 +67,27 @@ def base_config():
   c.mesh.fsdp = False  # Also split parameters and optimizer state over data (FSDP).
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = 'sgd'
+  c.optimizer.name = 'sgd'  # sgd | adamw | lars | lamb (cvjax/optim.py).
   c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = False
+  c.optimizer.momentum = 0.9  # sgd, lars.
+  c.optimizer.nesterov = False  # sgd, lars.
   c.optimizer.weight_decay = 1e-4
+  # False: no weight decay on BatchNorm scales and biases nor any bias (nor LARS's trust ratio).
+  c.optimizer.decay_bn_and_bias = True
+  c.optimizer.b1 = 0.9  # adamw, lamb.
+  c.optimizer.b2 = 0.999  # adamw, lamb.
+  c.optimizer.eps = 1e-8  # adamw, lamb.
+  c.optimizer.trust_coefficient = 0.001  # lars.
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'piecewise'  # piecewise | cosine | constant.
+  c.schedule.name = 'piecewise'  # piecewise | cosine | polynomial | constant.
   # Fractions of the run at which the lr is multiplied by decay_factor (He et al.'s 32k and
   # 48k of 64k steps).
   c.schedule.boundaries = (0.5, 0.75)
   c.schedule.decay_factor = 0.1
   c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
+  c.schedule.power = 2.0  # polynomial: (lr - end_value) * (1 - t/T) ** power + end_value.
+  c.schedule.end_value = 0.0  # polynomial: the learning rate at the end.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -96,6 +111,13 @@ def base_config():
   # Skip updates whose loss or gradients are not finite (counted as train/skipped_nonfinite)
   # instead of stopping the run at the first one.
   c.train.skip_nonfinite = False
+  # Recipes beyond the papers (docs/recipes.md; all off):
+  c.train.label_smoothing = 0.0  # Weight of the uniform distribution in the targets.
+  # Moving average of the weights and BatchNorm statistics, evaluated beside them (test/ema_*).
+  c.train.ema_decay = 0.0  # Per step; 0: off.
+  c.train.ema_warmup = True  # Decay min(ema_decay, (1 + step) / (10 + step)).
+  # One update from this many micro-batches of batch_size / accumulate_steps each.
+  c.train.accumulate_steps = 1
   # float32 convolutions on oneDNN where the backend is CPU (cvjax.ops.convolution; other
   # backends always keep XLA's). False, or CVJAX_NATIVE=0, keeps XLA's own on CPU too.
   c.train.native_conv = True

@@ -2,6 +2,7 @@
 restore falls back past checkpoints that fail to load."""
 
 import contextlib
+import dataclasses
 import uuid
 
 from absl import logging
@@ -56,8 +57,30 @@ def saves_finished():
 
 def save(mngr, step, state, identity):
   """Saves asynchronously; `identity` (JSON) says which model the state belongs to."""
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved_fields(state)),
                                           identity=ocp.args.JsonSave(identity)))
+
+
+def saved_fields(state):
+  """A dataclass train state (or a population's dict of them) as the dict of fields orbax
+  writes of it, less the fields that are None: an optional field added later (TrainState.ema)
+  leaves the checkpoints of the runs that do not use it as they were, so checkpoints written
+  before it still restore."""
+  if isinstance(state, dict):
+    return {k: saved_fields(v) for k, v in state.items()}
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
+
+
+def _as_built(abstract, restored):
+  """`restored` (as `saved_fields` wrote it) in the structure of `abstract`."""
+  if isinstance(abstract, dict):
+    return {k: _as_built(v, restored[k]) for k, v in abstract.items()}
+  if dataclasses.is_dataclass(abstract):
+    return dataclasses.replace(abstract, **restored)
+  return restored
 
 
 def restore_latest(mngr, abstract_state, identity, read_only=False):
@@ -92,7 +115,8 @@ def restore_latest(mngr, abstract_state, identity, read_only=False):
                  mngr.directory)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))['state']
+          state=ocp.args.StandardRestore(saved_fields(abstract_state))))['state']
+      restored = _as_built(abstract_state, restored)
       if not jax.jit(all_finite)(restored):
         raise ValueError('the saved state holds nan or inf values')
     except Exception as e:  # pylint: disable=broad-except
@@ -175,7 +199,8 @@ def check_layout(saved, now, saved_identity, identity, step, directory):
       f'the checkpoint at step {step} does not fit this config'
       + (f' ({"; ".join(changed)})' if changed else '')
       + f': its train state has other arrays ({"; ".join(what)}). The optimizer\'s structure '
-      'cannot change within a run (optimizer.name, momentum to or from 0); the learning rate, '
+      'cannot change within a run (optimizer.name, momentum to or from 0, train.ema_decay to or '
+      'from 0); the learning rate, '
       'schedule, weight decay, a non-zero momentum and the number of steps can. Use a new '
       f'--workdir, or the config the checkpoint was made with. Nothing in {directory} was '
       'changed.')

@@ -87,6 +87,7 @@ def evaluate_checkpoint(config, workdir, predictions_file=None, member=None):
   metrics, top5, confidence = train.evaluate(p_eval_step, state, test_data,
                                              s.input.eval_batches(), s.input.num_test,
                                              s.input.num_classes)
+  metrics.update(train.evaluate_ema(p_eval_step, state, test_data, s.input))
   events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
   analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels, top5[:, 0],
                                   s.input.class_names, step=int(state.step), writer=events.tb,

@@ -231,7 +231,9 @@ def train_state(filled, abstract, tx):
   model_state = {c: jax.tree_util.tree_map_with_path(fill(c), v)
                  for c, v in abstract.model_state.items()}
   return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          model_state=model_state, opt_state=tx.init(params))
+                          model_state=model_state, opt_state=tx.init(params),
+                          ema=None if abstract.ema is None else {'params': params,
+                                                                 'model_state': model_state})
 
 
 def import_weights(model, weights, workdir, config=None, num_classes=None):

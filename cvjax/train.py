@@ -20,13 +20,16 @@ import optax
 
 from cvjax import checkpointing
 from cvjax import data as data_lib
+from cvjax import ema as ema_lib
 from cvjax import error_analysis
+from cvjax import losses
 from cvjax import models
 from cvjax import optim
 from cvjax import population
 from cvjax import preemption
 from cvjax import run_lock
 from cvjax import sharding as sharding_lib
+from cvjax.data import batch_augment
 from cvjax.data import memory
 from cvjax.errors import UserError
 from cvjax.ops import convolution
@@ -39,6 +42,9 @@ class TrainState:
   params: Any
   model_state: Any  # The other variable collections: BatchNorm statistics, constants.
   opt_state: Any
+  # With train.ema_decay: {'params', 'model_state'}, their moving average (cvjax/ema.py).
+  # None is saved as nothing, so checkpoints without it keep their layout.
+  ema: Any = None
 
 
 def make_mesh(devices=None):
@@ -60,11 +66,12 @@ def classification_metrics(logits, labels, mask=None):
   }
 
 
-def _batch_and_loss(state, data, batch, rng, *, model, input_cfg, batch_sharding, dtype):
-  """Builds the normalised batch (see `data.Input`); returns the loss as a function
-  of the parameters."""
+def _batch(state, data, batch, rng, *, input_cfg, batch_sharding, dtype):
+  """The normalised, augmented batch (see `data.Input`): (images, targets, dropout rng);
+  `targets` holds the `labels`, and for a mixed batch what data/batch_augment.mix returns."""
   # fold_in the step: a resumed run draws the same numbers.
-  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  step_rng = jax.random.fold_in(rng, state.step)
+  augment_rng, dropout_rng = jax.random.split(step_rng)
   if 'indices' in batch:  # In memory: gather from the device-resident split, augment here.
     images = jax.lax.with_sharding_constraint(data['train_images'][batch['indices']],
                                               batch_sharding)
@@ -75,22 +82,80 @@ def _batch_and_loss(state, data, batch, rng, *, model, input_cfg, batch_sharding
   else:  # Streamed: already cropped and flipped by the host workers.
     labels = batch['labels']
     x = memory.normalize(batch['images'], data['mean'], data['std'], dtype)
+  targets = {'labels': labels}
+  # Random erasing, Mixup and CutMix (off by default), from their own rng so the papers'
+  # crops and flips stay as they were.
+  erase_rng, mix_rng = jax.random.split(jax.random.fold_in(step_rng, 1))
+  if input_cfg.get('random_erasing', 0):
+    x = batch_augment.random_erase(x, erase_rng, input_cfg.random_erasing)
+  if input_cfg.get('mixup_alpha', 0) or input_cfg.get('cutmix_alpha', 0):
+    x, mixed_labels, weight = batch_augment.mix(
+        x, labels, mix_rng, mixup_alpha=input_cfg.mixup_alpha,
+        cutmix_alpha=input_cfg.cutmix_alpha, prob=input_cfg.mix_prob,
+        cutmix_prob=input_cfg.cutmix_prob)
+    targets.update(mixed_labels=mixed_labels, weight=weight)
+  return x, targets, dropout_rng
 
+
+def _loss(model, model_state, x, targets, dropout_rng, label_smoothing=0.0, count=None):
+  """The mean training loss over `count` examples (default: this batch's) as a function of the
+  parameters; train error against the unmixed labels."""
   def loss_fn(params):
-    logits, new_vars = model.apply({'params': params, **state.model_state}, x, train=True,
+    logits, new_vars = model.apply({'params': params, **model_state}, x, train=True,
                                    rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    metrics = classification_metrics(logits, labels)
-    return metrics['loss'] / labels.shape[0], (metrics, new_vars)
+    metrics = classification_metrics(logits, targets['labels'])
+    if label_smoothing or 'mixed_labels' in targets:
+      metrics['loss'] = losses.train_loss_sum(logits, targets, label_smoothing)
+    return metrics['loss'] / (count or x.shape[0]), (metrics, new_vars)
   return loss_fn
 
 
-def _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite=False):
+def _batch_and_loss(state, data, batch, rng, *, model, label_smoothing=0.0, **batch_kw):
+  """Builds the batch; returns the loss as a function of the parameters."""
+  x, targets, dropout_rng = _batch(state, data, batch, rng, **batch_kw)
+  return _loss(model, state.model_state, x, targets, dropout_rng, label_smoothing)
+
+
+def _accumulated_grads(state, data, batch, rng, accumulate_steps, *, model, label_smoothing=0.0,
+                       **batch_kw):
+  """Gradient of the mean loss over the batch from `accumulate_steps` micro-batches in turn
+  (lax.scan: one micro-batch's activations in memory at a time), summed: the large batch's
+  gradient. Without BatchNorm it is the one-step gradient up to float rounding. With it, each
+  micro-batch is normalised by its own statistics and updates the running averages in turn
+  (accumulate_steps updates a step), as a PyTorch loop of micro-batch backward passes does.
+  The batch is built and augmented whole first (Mixup pairs examples across micro-batches);
+  micro-batch i takes examples i, i + k, ..., so each device's rows split evenly."""
+  x, targets, dropout_rng = _batch(state, data, batch, rng, **batch_kw)
+  k, count = accumulate_steps, x.shape[0]
+  micro = jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1),
+                       (x, targets))
+
+  def one(carry, inputs):
+    grads, model_state = carry
+    (x_i, targets_i), i = inputs
+    x_i = jax.lax.with_sharding_constraint(x_i, batch_kw['batch_sharding'])
+    loss_fn = _loss(model, model_state, x_i, targets_i, jax.random.fold_in(dropout_rng, i),
+                    label_smoothing, count)
+    g, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
+    return (jax.tree.map(jnp.add, grads, g), {**model_state, **new_vars}), metrics
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, model_state), metrics = jax.lax.scan(one, (zeros, state.model_state),
+                                               (micro, jnp.arange(k)))
+  return grads, jax.tree.map(lambda m: jnp.sum(m, 0), metrics), model_state
+
+
+def _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite=False, ema_decay=0.0,
+                     ema_warmup=True):
   """The update, and two metrics that say whether it was finite: `nonfinite` (0 or 1, a
   count once summed) and `first_nonfinite` (this step, or int32 max; a min once combined).
-  With `skip_nonfinite`, a non-finite update is not applied (only the step advances)."""
+  With `skip_nonfinite`, a non-finite update is not applied (only the step advances).
+  A state with an `ema` moves it towards the new weights by `ema_decay` (cvjax/ema.py)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                       model_state={**state.model_state, **new_vars}, opt_state=opt_state)
+  if state.ema is not None:
+    new = new.replace(ema=ema_lib.update(state.ema, new.params, new.model_state, state.step,
+                                         ema_decay, ema_warmup))
   finite = (jnp.isfinite(metrics['loss']) & checkpointing.all_finite(grads) &
             checkpointing.all_finite(new))
   if skip_nonfinite:
@@ -108,11 +173,18 @@ def accumulate(acc, metrics):
           for k, v in acc.items()}
 
 
-def train_step(state, data, batch, rng, *, tx, skip_nonfinite=False, **batch_kw):
-  """One SGD step on `batch` (indices into `data`, or streamed images and labels)."""
-  loss_fn = _batch_and_loss(state, data, batch, rng, **batch_kw)
-  grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
-  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite)
+def train_step(state, data, batch, rng, *, tx, skip_nonfinite=False, accumulate_steps=1,
+               ema_decay=0.0, ema_warmup=True, **batch_kw):
+  """One SGD step on `batch` (indices into `data`, or streamed images and labels); with
+  `accumulate_steps` > 1, from that many micro-batches (`_accumulated_grads`)."""
+  if accumulate_steps > 1:
+    grads, metrics, new_vars = _accumulated_grads(state, data, batch, rng, accumulate_steps,
+                                                  **batch_kw)
+  else:
+    loss_fn = _batch_and_loss(state, data, batch, rng, **batch_kw)
+    grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
+  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite, ema_decay,
+                          ema_warmup)
 
 
 def train_forward(state, data, batch, rng, **batch_kw):
@@ -123,16 +195,29 @@ def train_forward(state, data, batch, rng, **batch_kw):
   return backward, metrics, new_vars
 
 
-def train_backward(state, backward, new_vars, metrics, *, tx, skip_nonfinite=False):
-  """The backward half of `train_step`, and the update."""
+def train_backward(state, backward, new_vars, metrics, *, tx, skip_nonfinite=False,
+                   ema_decay=0.0, ema_warmup=True, accumulate_steps=1):
+  """The backward half of `train_step`, and the update (never with micro-batches:
+  `split_backward`)."""
+  del accumulate_steps
   (grads,) = backward(jnp.ones((), jnp.float32))
-  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite)
+  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite, ema_decay,
+                          ema_warmup)
 
 
 def batch_args(model, config, mesh):
   """The static arguments of `_batch_and_loss`, shared by every step that builds a batch."""
   return dict(model=model, input_cfg=config.input, batch_sharding=NamedSharding(
-      mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype))
+      mesh, P('data')), dtype=jnp.dtype(config.train.compute_dtype),
+              label_smoothing=config.train.get('label_smoothing', 0.0))
+
+
+def update_args(config):
+  """The static arguments of the update (`_apply_gradients`), and the step's micro-batches."""
+  return dict(skip_nonfinite=config.train.get('skip_nonfinite', False),
+              accumulate_steps=config.train.get('accumulate_steps', 1),
+              ema_decay=config.train.get('ema_decay', 0.0),
+              ema_warmup=config.train.get('ema_warmup', True))
 
 
 def split_backward(config):
@@ -140,7 +225,10 @@ def split_backward(config):
   or where the config leaves it unset, whether the backend is CPU. XLA:CPU then cannot fuse
   (and so re-compute) forward work into the backward pass, which made the ResNet-20 step
   faster (docs/performance.md); elsewhere the one-program step is the plain, unmeasured default.
-  Same result up to float rounding."""
+  Same result up to float rounding. Gradient accumulation (train.accumulate_steps > 1) is always
+  one program: its micro-batches' forward and backward passes alternate."""
+  if config.train.get('accumulate_steps', 1) > 1:
+    return False
   split = config.train.get('split_backward')
   return jax.default_backend() == 'cpu' if split is None else bool(split)
 
@@ -152,12 +240,11 @@ def jit_train_step(model, tx, config, mesh, state_sharding=None):
   replicated = NamedSharding(mesh, P())
   state_sharding = replicated if state_sharding is None else state_sharding
   batch_kw = batch_args(model, config, mesh)
-  skip = config.train.get('skip_nonfinite', False)
   if not split_backward(config):
-    return jax.jit(functools.partial(train_step, tx=tx, skip_nonfinite=skip, **batch_kw),
+    return jax.jit(functools.partial(train_step, tx=tx, **update_args(config), **batch_kw),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   forward = jax.jit(functools.partial(train_forward, **batch_kw))
-  backward = jax.jit(functools.partial(train_backward, tx=tx, skip_nonfinite=skip),
+  backward = jax.jit(functools.partial(train_backward, tx=tx, **update_args(config)),
                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
   def step(state, data, batch, rng):
@@ -185,15 +272,19 @@ def state_sharding(s):
 
 
 def _population_parts(s):
-  """(vmap with the population's in_axes and member placement, the batch arguments of its
-  steps, skip_nonfinite)."""
+  """(vmap with the population's in_axes and member placement, a group's (batch arguments,
+  update arguments) of its steps, from its own config: population.vary may change a recipe)."""
   split = member_sharding(s)
   # Inside the vmap each member's batch is split over the devices, or, when the members are,
   # whole on its member's device (the vmap then places the member axis on 'data').
-  kw = dict(batch_args(None, s.config, s.mesh),
-            batch_sharding=NamedSharding(s.mesh, P() if split else P('data')))
+  sharding = NamedSharding(s.mesh, P() if split else P('data'))
+
+  def args(g):
+    config = g.members[0].config
+    return (dict(batch_args(g.model, config, s.mesh), batch_sharding=sharding),
+            update_args(config))
   vmap = functools.partial(jax.vmap, spmd_axis_name='data' if split else None)
-  return vmap, kw, s.config.train.get('skip_nonfinite', False)
+  return vmap, args
 
 
 def _concat_members(metrics):
@@ -204,9 +295,9 @@ def population_step(s):
   """The train step of a population: `jax.vmap` of `train_step` over each group's members, all
   groups in one program; `(states, data, batches, rngs)` are dicts by group, the metrics one
   array per metric with a member axis (members in order)."""
-  vmap, kw, skip = _population_parts(s)
-  steps = {key: vmap(functools.partial(train_step, tx=g.tx, skip_nonfinite=skip,
-                                       **{**kw, 'model': g.model}), in_axes=(0, None, 0, 0))
+  vmap, args = _population_parts(s)
+  steps = {key: vmap(functools.partial(train_step, tx=g.tx, **args(g)[1], **args(g)[0]),
+                     in_axes=(0, None, 0, 0))
            for key, g in zip(s.state_keys, s.groups)}
 
   def step(states, data, batches, rngs):
@@ -218,10 +309,10 @@ def population_step(s):
 def jit_population_split_step(s):
   """`population_step` as two programs, forward and backward (`split_backward`), each a vmap
   of `train_forward` / `train_backward` by group."""
-  vmap, kw, skip = _population_parts(s)
-  fwd = {key: vmap(functools.partial(train_forward, **{**kw, 'model': g.model}),
+  vmap, args = _population_parts(s)
+  fwd = {key: vmap(functools.partial(train_forward, **args(g)[0]),
                    in_axes=(0, None, 0, 0)) for key, g in zip(s.state_keys, s.groups)}
-  bwd = {key: vmap(functools.partial(train_backward, tx=g.tx, skip_nonfinite=skip))
+  bwd = {key: vmap(functools.partial(train_backward, tx=g.tx, **args(g)[1]))
          for key, g in zip(s.state_keys, s.groups)}
   forward = jax.jit(lambda states, data, batches, rngs: {
       k: f(states[k], data, batches[k], rngs[k]) for k, f in fwd.items()})
@@ -260,8 +351,8 @@ def jit_train_steps(s, k=1):
   if s.population:
     step = population_step(s)
   else:
-    step = functools.partial(train_step, tx=s.tx, skip_nonfinite=s.config.train.get(
-        'skip_nonfinite', False), **batch_args(s.model, s.config, s.mesh))
+    step = functools.partial(train_step, tx=s.tx, **update_args(s.config),
+                             **batch_args(s.model, s.config, s.mesh))
   sharding = state_sharding(s)
   metrics = sharding if s.population else NamedSharding(s.mesh, P())
   return jax.jit(multi_step(step, k) if k > 1 else step, out_shardings=(sharding, metrics),
@@ -292,14 +383,22 @@ def population_rngs(s):
           {k: keys(g, 1) for k, g in zip(s.state_keys, s.groups)})
 
 
-def state_initializer(model, tx, input_shape, dtype):
-  """`rng -> TrainState`: for jax.eval_shape (shapes only) and for jit (built in place)."""
+def state_initializer(model, tx, input_shape, dtype, ema=False):
+  """`rng -> TrainState`: for jax.eval_shape (shapes only) and for jit (built in place).
+  `ema`: with a moving average of the weights (train.ema_decay)."""
   def init(rng):
     variables = model.init(rng, jnp.zeros((1, *input_shape), dtype), train=False)
     params = variables.pop('params')
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params),
+                      ema=ema_lib.init(params, variables) if ema else None)
   return init
+
+
+def with_ema_weights(state):
+  """The state with its moving average in place of the weights, for the eval step (the same
+  structure, so the same compiled program)."""
+  return state.replace(params=state.ema['params'], model_state=state.ema['model_state'])
 
 
 def init_state(init, rng, sharding):
@@ -310,11 +409,12 @@ def init_state(init, rng, sharding):
 
 
 def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, crops=1,
-              crop_size=None, padding=0):
+              crop_size=None, padding=0, flip=False):
   """Metric sums over one test batch: `{'index': i}`, the i-th slice of the padded
   device-resident test set, or streamed `{'images', 'labels', 'mask'}`. With `crops=10`
   the logits are averaged over `memory.ten_crop` views of size `crop_size`, cut
-  from the images zero-padded (after normalisation) by `padding`. Returns the metric sums,
+  from the images zero-padded (after normalisation) by `padding`; with `flip`, over the
+  image and its mirror image. Returns the metric sums,
   and the top-5 classes of each example (best first) with the probability of the first."""
   if 'index' in batch:
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
@@ -324,7 +424,9 @@ def eval_step(state, test, batch, *, model, batch_size, batch_sharding, dtype, c
   images = jax.lax.with_sharding_constraint(images, batch_sharding)
   x = memory.normalize(images, test['mean'], test['std']).astype(dtype)
   apply = lambda x: model.apply({'params': state.params, **state.model_state}, x, train=False)
-  if crops == 1:
+  if crops == 1 and flip:
+    logits = jnp.mean(jax.lax.map(apply, jnp.stack([x, x[:, :, ::-1]])), axis=0)
+  elif crops == 1:
     logits = apply(x)
   else:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -368,6 +470,22 @@ def evaluate(p_eval_step, state, test_data, batches, num_test, num_classes,
   return out, np.concatenate(predictions, axis=-2)[..., :num_test, :], confidence
 
 
+def evaluate_ema(p_eval_step, state, test_data, inp):
+  """`test/ema_loss`, `test/ema_error` (and `test/ema_top5_error`) of the moving average of
+  the weights (a population's: by group, as `evaluate`); {} for a state without one."""
+  if isinstance(state, dict):
+    if any(st.ema is None for st in state.values()):
+      return {}
+    ema_state = {k: with_ema_weights(st) for k, st in state.items()}
+  elif state.ema is None:
+    return {}
+  else:
+    ema_state = with_ema_weights(state)
+  metrics, _, _ = evaluate(p_eval_step, ema_state, test_data, inp.eval_batches(), inp.num_test,
+                           inp.num_classes)
+  return {f'test/ema_{k[len("test/"):]}': v for k, v in metrics.items() if k != 'test/count'}
+
+
 def grad_norms(state, data, batch, rng, **batch_kw):
   """Gradient norm of every layer's kernel, in forward order, and the global norm, on one
   batch (a diagnostic: run every `train.grad_norm_every_steps`, it leaves the state alone)."""
@@ -401,6 +519,11 @@ def check_config(config, num_devices):
     if b <= 0 or b % num_devices:
       raise UserError(f'train.{key}={b} must be a positive multiple of the {num_devices} '
                       'devices the batch is split over.')
+  k = t.get('accumulate_steps', 1)
+  if isinstance(k, int) and k > 1 and t.batch_size % (k * num_devices):
+    raise UserError(f'train.batch_size={t.batch_size} does not split into '
+                    f'train.accumulate_steps={k} micro-batches over {num_devices} device(s): '
+                    f'use a multiple of {k * num_devices}.')
   if t.compute_dtype not in ('float32', 'bfloat16'):
     raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32 or bfloat16.')
   at_least = {
@@ -421,6 +544,7 @@ def check_config(config, num_devices):
   if t.num_steps is None and not (_is_number(t.num_epochs) and t.num_epochs > 0):
     raise UserError(f'train.num_epochs={t.num_epochs!r}; expected a positive number (or set '
                     'train.num_steps).')
+  data_lib.eval_flip(config)
   check_values(config)
 
 
@@ -431,7 +555,7 @@ def _is_number(x):
 def check_values(config):
   """Signs, ranges and types of the optimizer, schedule, input and seed fields: a negative
   learning rate or a boundary outside the run trains without a word of warning."""
-  o, sch, inp = config.optimizer, config.schedule, config.input
+  o, sch, inp, t = config.optimizer, config.schedule, config.input, config.train
   numbers = [  # (field, value, test, what is expected)
       ('optimizer.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number'),
       ('optimizer.weight_decay', o.get('weight_decay', 0), lambda v: v >= 0,
@@ -440,6 +564,29 @@ def check_values(config):
        'a number in [0, 1) (0: plain SGD)'),
       ('schedule.decay_factor', sch.get('decay_factor', 1), lambda v: v > 0,
        'a positive factor (0.1: /10 at each boundary)'),
+      ('schedule.power', sch.get('power', 1), lambda v: v > 0,
+       'a positive exponent of the polynomial schedule'),
+      ('schedule.end_value', sch.get('end_value', 0), lambda v: 0 <= v <= o.learning_rate,
+       f'a learning rate in [0, optimizer.learning_rate={o.learning_rate}]'),
+      ('optimizer.b1', o.get('b1', 0.9), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.b2', o.get('b2', 0.999), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.eps', o.get('eps', 1e-8), lambda v: v >= 0, 'a number >= 0'),
+      ('optimizer.trust_coefficient', o.get('trust_coefficient', 1e-3), lambda v: v > 0,
+       "a positive number (LARS's eta, 0.001)"),
+      ('train.label_smoothing', t.get('label_smoothing', 0), lambda v: 0 <= v < 1,
+       'a number in [0, 1) (0: off; 0.1 in torchvision\'s recipe)'),
+      ('train.ema_decay', t.get('ema_decay', 0), lambda v: 0 <= v < 1,
+       'a per-step decay in [0, 1) (0: no moving average; e.g. 0.999)'),
+      ('input.random_erasing', inp.get('random_erasing', 0), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1] (0: off)'),
+      ('input.mixup_alpha', inp.get('mixup_alpha', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off; 0.2 in torchvision\'s recipe)'),
+      ('input.cutmix_alpha', inp.get('cutmix_alpha', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off; 1.0 in torchvision\'s recipe)'),
+      ('input.mix_prob', inp.get('mix_prob', 1), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1]'),
+      ('input.cutmix_prob', inp.get('cutmix_prob', 0.5), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1]'),
   ]
   for field, value, test, expected in numbers:
     if not _is_number(value) or not test(value):
@@ -451,6 +598,8 @@ def check_values(config):
       ('input.image_size', inp.get('image_size', 0), 0, 4096,
        'the side of the input images; 0: as stored'),
       ('seed', config.get('seed', 0), 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
+      ('train.accumulate_steps', t.get('accumulate_steps', 1), 1, None,
+       'micro-batches per update; 1: off'),
   ]
   for field, value, low, high, meaning in integers:
     if (not isinstance(value, int) or isinstance(value, bool) or value < low
@@ -556,7 +705,8 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))
   tx = optim.make_optimizer(config.optimizer, schedule)
-  init = state_initializer(model, tx, input_shape, dtype)
+  init = state_initializer(model, tx, input_shape, dtype,
+                           ema=config.train.get('ema_decay', 0.0) > 0)
   return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
 
 
@@ -607,6 +757,10 @@ def setup(config, devices=None) -> Setup:
                  abstract_state, identity)
   groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
             for ms in population.group_members(population.members(config))]
+  if len({g.abstract_state.ema is None for g in groups}) > 1:
+    raise UserError('population.vary turns train.ema_decay on for some members and off for '
+                    'others; the moving average is evaluated for all members or none: give '
+                    'every member a decay > 0, or none.')
   keys = [f'group{i}' for i in range(len(groups))]
   stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
 
@@ -629,7 +783,8 @@ def jit_evaluation(s: Setup, state_sharding):
   kw = dict(batch_size=s.config.train.eval_batch_size,
             batch_sharding=NamedSharding(s.mesh, P() if split else P('data')),
             dtype=jnp.dtype(s.config.train.compute_dtype), crops=data_lib.eval_crops(s.config),
-            crop_size=s.input.image_shape[0], padding=s.input.eval_padding)
+            crop_size=s.input.image_shape[0], padding=s.input.eval_padding,
+            flip=data_lib.eval_flip(s.config))
   if not s.population:
     return jax.jit(functools.partial(eval_step, model=s.model, **kw),
                    out_shardings=state_sharding), test_data
@@ -864,6 +1019,7 @@ def train_loop(s: Setup, workdir, stop_requested):
       test_metrics, predictions, confidence = evaluate(
           p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
           s.input.num_classes)
+      test_metrics.update(evaluate_ema(p_eval_step, state, test_data, s.input))
       logged = by_member(s, test_metrics)
       for name, m in logged.items():
         writers[name].write_scalars(done, m)
@@ -890,6 +1046,7 @@ def train_loop(s: Setup, workdir, stop_requested):
       test_metrics, predictions, confidence = evaluate(
           p_eval_step, state, test_data, s.input.eval_batches(), s.input.num_test,
           s.input.num_classes)
+      test_metrics.update(evaluate_ema(p_eval_step, state, test_data, s.input))
     final = by_member(s, {k: np.asarray(v) for k, v in test_metrics.items()})
     if is_main:
       results = finish(workdir, s, state, test_metrics, predictions, confidence, writers)
@@ -906,11 +1063,11 @@ def progress_metrics(logged, split):
   its members, so the line stays one line."""
   parts = []
   for key, fmt, scale in (('loss', '%.4f', 1), ('error', '%.2f%%', 100),
-                          ('top5_error', '%.2f%%', 100)):
+                          ('top5_error', '%.2f%%', 100), ('ema_error', '%.2f%%', 100)):
     values = [m[f'{split}/{key}'] * scale for m in logged.values() if f'{split}/{key}' in m]
     if not values:
       continue
-    name = 'top-5 error' if key == 'top5_error' else key
+    name = {'top5_error': 'top-5 error', 'ema_error': 'EMA error'}.get(key, key)
     if len(values) == 1:
       parts.append(f'{name} {fmt % values[0]}')
     else:

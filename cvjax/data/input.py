@@ -48,6 +48,17 @@ def eval_crops(config):
   return crops
 
 
+def eval_flip(config):
+  """Whether evaluation averages the logits of each image and its mirror image (`eval.flip`)."""
+  flip = config.get('eval', {}).get('flip', False)
+  if not isinstance(flip, bool):
+    raise UserError(f'eval.flip={flip!r}; expected True or False.')
+  if flip and eval_crops(config) == 10:
+    raise UserError('eval.flip=True with eval.crops=10: the ten crops already hold the mirror '
+                    'images of the other five; set one of them.')
+  return flip
+
+
 def identity(class_names, train_labels, test_labels):
   """What a checkpoint records of its data, so a run does not resume on other data: the
   classes, the split sizes and a hash of the labels (cheap, and different for different
