@@ -137,7 +137,9 @@ def config_args():
   return ([('lenet', a) for a in (None, 'modern', 'paper', 'quick')]
           + [('alexnet', a) for a in (None, 'imagenet', 'imagenet_torchvision', 'cifar10')]
           + [('resnet', a) for a in (None, 'quick', 'resnet8', 'resnet20', 'resnet56', 'resnet110',
-                                     'resnet1202', 'plain20', 'plain56', *resnet.IMAGENET)]
+                                     'resnet1202', 'plain20', 'plain56', 'resnet20_modern',
+                                     'imagenet_resnet50_tv2', 'imagenet_resnet50_mlperf',
+                                     *resnet.IMAGENET)]
           + [('vgg', a) for a in vgg.ARGS])
 
 
