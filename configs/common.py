@@ -44,6 +44,8 @@ def base_config():
   c.input.cutmix_alpha = 0.0  # CutMix's Beta(alpha, alpha) (0: off).
   c.input.mix_prob = 1.0  # Probability that a batch is mixed (when an alpha is set).
   c.input.cutmix_prob = 0.5  # With both alphas: probability of CutMix rather than Mixup.
+  # Streamed input only, in the host workers: '' (off) | trivial_augment_wide.
+  c.input.auto_augment = ''
 
   c.eval = ml_collections.ConfigDict()
   c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.

@@ -149,10 +149,10 @@ def imagenet_tv2():
   decay 2e-5 and none on BatchNorm (--norm-weight-decay 0.0), label smoothing 0.1, Mixup 0.2
   and CutMix 1.0 (one of the two per batch), random erasing 0.1, train crops of 176, EMA of
   the weights (--model-ema-steps 32 --model-ema-decay 0.99998, which their script turns into
-  decay 1 - 2e-5 * 1024 * 32 / 600 every 32 steps: 0.999966 per step here).
+  decay 1 - 2e-5 * 1024 * 32 / 600 every 32 steps: 0.999966 per step here), TrivialAugment
+  (--auto-augment ta_wide; input.auto_augment, in the host workers).
 
-  Not (yet) in cvjax, so not in this config: TrivialAugment (--auto-augment ta_wide),
-  repeated augmentation (--ra-sampler --ra-reps 4), evaluation at 224 from a 232 resize (here
+  Not (yet) in cvjax, so not in this config: repeated augmentation (--ra-sampler --ra-reps 4), evaluation at 224 from a 232 resize (here
   the centre 176 of a 201 resize: input.image_size sets both), the warm-up's start at 1% of
   the lr (here 0), and decay on the classifier's bias (here no bias decays). torchvision
   resets the average during the warm-up epochs; here the average's own warm-up
@@ -165,6 +165,7 @@ def imagenet_tv2():
   """
   c = imagenet_config('resnet', 50, '3x3')  # torchvision's ResNet-50 (v1.5).
   c.input.image_size = 176
+  c.input.auto_augment = 'trivial_augment_wide'
   c.input.random_erasing = 0.1
   c.input.mixup_alpha = 0.2
   c.input.cutmix_alpha = 1.0

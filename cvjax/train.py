@@ -606,6 +606,10 @@ def check_values(config):
         or (high is not None and value > high)):
       limit = f'>= {low}' if high is None else f'in [{low}, {high}]'
       raise UserError(f'{field}={value!r}; expected an integer {limit} ({meaning}).')
+  auto = inp.get('auto_augment', '')
+  if auto not in ('', 'trivial_augment_wide'):
+    raise UserError(f'input.auto_augment={auto!r}; expected \'\' (off) or trivial_augment_wide '
+                    '(TrivialAugment, torchvision\'s TrivialAugmentWide; streamed input).')
   boundaries = sch.get('boundaries', ())
   if sch.name == 'piecewise' and (not isinstance(boundaries, (tuple, list)) or not all(
       _is_number(b) and 0 <= b <= 1 for b in boundaries)):

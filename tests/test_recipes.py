@@ -328,3 +328,51 @@ def test_bad_recipe_values_are_one_clear_error(idx_dir, field, value, message):
     overrides['eval.flip'] = True
   with pytest.raises(UserError, match=message):
     train.setup(tiny_config(idx_dir, **overrides))
+
+
+def textured(w=48, h=40, seed=0):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  # Low contrast, so autocontrast and equalize have something to stretch.
+  return Image.fromarray(rng.integers(60, 180, (h, w, 3)).astype(np.uint8))
+
+
+def test_trivial_augment_wide_draws_every_operation_and_each_changes_the_image():
+  from cvjax.data import auto_augment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  draws = [auto_augment.sample(rng) for _ in range(3000)]
+  assert {op for op, _ in draws} == set(auto_augment.OPS)
+  by_op = lambda name: [m for op, m in draws if op == name]
+  assert min(by_op('rotate')) < -120 and max(by_op('rotate')) > 120  # Signed, up to 135.
+  assert set(by_op('posterize')) == {2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}
+  assert min(by_op('solarize')) == 0 and max(by_op('solarize')) == 255
+  img = textured()
+  for op in auto_augment.OPS:
+    strongest = {'posterize': 2, 'solarize': 128}.get(op, auto_augment.MAX_MAGNITUDE[op] or 0)
+    out = auto_augment.apply(img, op, strongest)
+    assert out.size == img.size and out.mode == img.mode
+    assert np.array_equal(np.asarray(out), np.asarray(img)) == (op == 'identity'), op
+
+
+def test_trivial_augment_in_the_streaming_transform_is_a_function_of_the_rng():
+  import io  # pylint: disable=g-import-not-at-top
+  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  textured(80, 60).save(buf, format='PNG')
+  record = {'image': buf.getvalue(), 'label': 3}
+  kw = dict(size=32, area=(0.5, 1.0), aspect=(3 / 4, 4 / 3), flip=True)
+  plain = [streaming.train_transform(record, np.random.default_rng(i), **kw) for i in range(8)]
+  aug = [streaming.train_transform(record, np.random.default_rng(i), **kw,
+                                   auto_augment='trivial_augment_wide') for i in range(8)]
+  again = streaming.train_transform(record, np.random.default_rng(5), **kw,
+                                    auto_augment='trivial_augment_wide')
+  np.testing.assert_array_equal(again['images'], aug[5]['images'])
+  assert all(a['images'].shape == (32, 32, 3) and a['labels'] == 3 for a in aug)
+  assert sum(not np.array_equal(a['images'], p['images']) for a, p in zip(aug, plain)) >= 4
+
+
+def test_auto_augment_is_refused_for_in_memory_data_and_unknown_names(idx_dir):
+  with pytest.raises(UserError, match='runs in the streaming pipeline'):
+    train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'trivial_augment_wide'}))
+  with pytest.raises(UserError, match="input.auto_augment='randaugment'; expected"):
+    train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'randaugment'}))

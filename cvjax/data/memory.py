@@ -60,6 +60,12 @@ def in_memory_input(config, mesh) -> Input:
   train_images = pad_to(data.train_images, config.input.image_size)
   test_images = pad_to(data.test_images, config.input.image_size)
   mean, std = normalization_stats(train_images, config.input.normalization)
+  if config.input.get('auto_augment', ''):
+    raise UserError(f'input.auto_augment={config.input.auto_augment!r} runs in the streaming '
+                    'pipeline\'s host workers, and this data is held in memory (augmented on '
+                    'the device). Set dataset.pipeline=streaming to stream it (an image folder '
+                    'or ImageNet), or leave input.auto_augment empty; input.random_erasing, '
+                    'mixup_alpha and cutmix_alpha work with either pipeline.')
   if eval_crops(config) == 10 and not config.input.crop_padding:
     raise UserError('eval.crops=10 on in-memory data crops from test images padded by '
                     'input.crop_padding, as in training; set input.crop_padding > 0.')

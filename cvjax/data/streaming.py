@@ -180,12 +180,16 @@ def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4,
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_transform(record, rng, *, size, area, aspect, flip):
-  """Random-resized crop to size x size and a random horizontal flip: uint8 HWC."""
+def train_transform(record, rng, *, size, area, aspect, flip, auto_augment=''):
+  """Random-resized crop to size x size, `auto_augment` ('trivial_augment_wide':
+  data/auto_augment.py) and a random horizontal flip: uint8 HWC."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   img = decode(record)
   left, top, w, h = random_resized_crop_box(rng, *img.size, area, aspect)
   img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  if auto_augment:
+    from cvjax.data import auto_augment as auto_augment_lib  # pylint: disable=g-import-not-at-top
+    img = auto_augment_lib.trivial_augment_wide(img, rng)
   image = np.asarray(img, np.uint8)
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
@@ -331,7 +335,8 @@ def make_input(config, mesh):
     return stream(train_dataset(
         splits.train, seed=config.seed, batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
-            train_transform, size=size, area=area, aspect=aspect, flip=inp.flip)))
+            train_transform, size=size, area=area, aspect=aspect, flip=inp.flip,
+            auto_augment=inp.get('auto_augment', ''))))
 
   def eval_batches():
     crop = size if crops == 1 else resize_size(size)  # 10 crops: the eval step cuts them.
