@@ -218,7 +218,9 @@ def main(argv):
   print(f'step {analysis["step"]}: {analysis["num_mistakes"]} of {analysis["num_test"]} test '
         f'images misclassified (top-1 error {100 * metrics["test/error"]:.2f}%{top5}); wrote '
         f'{_WORKDIR.value}{"/members/" + _MEMBER.value if _MEMBER.value else ""}/error_analysis/'
-        + (f' and {_PREDICTIONS.value}' if _PREDICTIONS.value else ''))
+        + (f' and {_PREDICTIONS.value}' if _PREDICTIONS.value else '')
+        + (f'; the moving average of the weights: top-1 error '
+           f'{100 * metrics["test/ema_error"]:.2f}%' if 'test/ema_error' in metrics else ''))
 
 
 if __name__ == '__main__':

@@ -186,6 +186,9 @@ def test_ema_is_evaluated_saved_and_resumed_exactly(idx_dir, tmp_path):
   assert {'test/ema_error', 'test/ema_loss', 'test/ema_top5_error'} <= set(metrics)
   results = json.load(open(tmp_path / 'full' / 'results.json'))
   assert results['test/ema_error'] == pytest.approx(metrics['test/ema_error'])
+  from cvjax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluated, _ = evaluate.evaluate_checkpoint(config, str(tmp_path / 'full'))
+  assert evaluated['test/ema_loss'] == pytest.approx(metrics['test/ema_loss'], rel=1e-5)
   # The average is not the raw weights (it lags them).
   assert not np.allclose(full.ema['params']['head']['kernel'], full.params['head']['kernel'])
   shutil.copytree(tmp_path / 'full', tmp_path / 'resumed')
@@ -376,3 +379,18 @@ def test_auto_augment_is_refused_for_in_memory_data_and_unknown_names(idx_dir):
     train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'trivial_augment_wide'}))
   with pytest.raises(UserError, match="input.auto_augment='randaugment'; expected"):
     train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'randaugment'}))
+
+
+@pytest.mark.slow
+def test_benchmark_times_the_step_with_each_recipe():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, '-m', 'cvjax.tools.benchmark', '--model=resnet8', '--batch_size=16',
+       '--steps=2', '--warmup=0', '--variants=split', '--conv=xla', '--recipe=none,all'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads(out.stdout.strip().splitlines()[-1])['results']
+  assert [r['recipe'] for r in rows] == ['none', 'all']
+  assert all(r['train_images_per_s'] > 0 and r['gflops_per_step'] > 0 for r in rows)

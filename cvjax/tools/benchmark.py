@@ -2,6 +2,7 @@
 
   python -m cvjax.tools.benchmark --model=resnet20 --batch_size=128 [--steps=N]
       [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
+      [--recipe=none,label_smoothing,mixup_cutmix,random_erasing,ema,accumulate2,all]
   python -m cvjax.tools.benchmark --model=resnet20,lenet5 --variants= --population=1,2,5,10 \
       [--steps_per_call=1,10]
 
@@ -56,6 +57,18 @@ _SCAN = flags.DEFINE_bool('scan_blocks', None, 'model.scan_blocks (default: the 
 _CONV = flags.DEFINE_list('conv', ['native', 'xla'],
                           'Convolution backends to time: native (oneDNN FFI calls, '
                           'train.native_conv=True) and/or xla (XLA\'s own).')
+# The recipes of docs/recipes.md, one at a time, to time what each adds to the step.
+RECIPES = {
+    'none': {},
+    'label_smoothing': {'train.label_smoothing': 0.1},
+    'mixup_cutmix': {'input.mixup_alpha': 0.2, 'input.cutmix_alpha': 1.0},
+    'random_erasing': {'input.random_erasing': 0.25},
+    'ema': {'train.ema_decay': 0.999},
+    'accumulate2': {'train.accumulate_steps': 2},
+}
+RECIPES['all'] = {k: v for r in RECIPES.values() for k, v in r.items()}
+_RECIPE = flags.DEFINE_list('recipe', ['none'], 'Recipes to time the step with: '
+                            + ', '.join(RECIPES) + ' (docs/recipes.md).')
 _POPULATION = flags.DEFINE_list('population', [], 'Population sizes to time (e.g. 1,2,5,10).')
 _PER_CALL = flags.DEFINE_list('steps_per_call', ['1'], 'Steps per dispatch for the population '
                               'table (e.g. 1,10).')
@@ -94,8 +107,11 @@ def matmul_peak_gflops(dtype, n=4096, reps=5):
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
+def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', recipe='none'):
   config = model_config(name)
+  for field, value in RECIPES[recipe].items():
+    section, key = field.split('.')
+    config[section][key] = value
   config.train.native_conv = conv == 'native'
   config.train.batch_size = batch_size
   config.train.compute_dtype = dtype
@@ -113,7 +129,8 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
   conv = 'native' if convolution.native_for(config) else 'xla'  # Label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
-  state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype)),
+  ema = config.train.get('ema_decay', 0) > 0
+  state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype), ema),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
   n = 4 * batch_size
@@ -153,7 +170,8 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native'):
     jax.block_until_ready(eval_step(state, test))
   eval_ips = 3 * n / (time.perf_counter() - t0)
   flops = step_flops(config, tx, mesh, shape, num_classes, (data, batches[0], key))
-  return {'model': name, 'variant': variant, 'conv': conv, 'train_images_per_s': batch_size / median,
+  return {'model': name, 'variant': variant, 'conv': conv, 'recipe': recipe,
+          'train_images_per_s': batch_size / median,
           'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
           'compile_s': first - median, 'first_step_s': first, 'eval_images_per_s': eval_ips,
           'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
@@ -238,7 +256,9 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
   dtype = jnp.dtype(one.train.compute_dtype)
   model = models.create_model(one.model, num_classes=num_classes, dtype=dtype,
                               conv_general_dilated=convolution.conv_general_dilated)
-  state = jax.eval_shape(train.state_initializer(model, tx, shape, dtype), jax.random.key(0))
+  state = jax.eval_shape(train.state_initializer(model, tx, shape, dtype,
+                                                 one.train.get('ema_decay', 0) > 0),
+                         jax.random.key(0))
   lowered = train.jit_train_step(model, tx, one, mesh).lower(state, *step_args)
   cost = lowered.cost_analysis()
   if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
@@ -258,20 +278,25 @@ def main(argv):
         f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
         + ', '.join(f'{d} {r:.0f} GFLOP/s' for d, r in rates.items()))
   results = []
-  header = (f'{"model":<18} {"dtype":<8} {"variant":<12} {"conv":<6} {"img/s":>8} {"step ms":>8} '
+  header = (f'{"model":<18} {"dtype":<8} {"variant":<12} {"conv":<6} {"recipe":<15} '
+            f'{"img/s":>8} {"step ms":>8} '
             f'{"p90 ms":>8} {"compile s":>9} {"1st step s":>10} {"eval img/s":>10} '
             f'{"GFLOP/s":>8} {"MFU":>6} {"peak MiB":>8}')
   print(header)
   for name in _MODEL.value:
     for dtype in dict.fromkeys(_DTYPE.value):
-      for variant, conv in itertools.product(_VARIANTS.value, _CONV.value):
+      for variant, conv, recipe in itertools.product(_VARIANTS.value, _CONV.value,
+                                                     _RECIPE.value):
         if conv == 'native' and dtype != 'float32':
           print(f'  {name} {dtype} {variant}: the oneDNN path takes float32 only; see the xla row.')
           continue
-        r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype, conv)
+        if recipe not in RECIPES:
+          raise app.UsageError(f'unknown --recipe={recipe}; expected {", ".join(RECIPES)}.')
+        r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype, conv, recipe)
         r.update(dtype=dtype, mfu=r['achieved_gflops_per_s'] / peaks[dtype])
         results.append(r)
-        print(f'{name:<18} {dtype:<8} {variant:<12} {conv:<6} {r["train_images_per_s"]:>8.0f} '
+        print(f'{name:<18} {dtype:<8} {variant:<12} {conv:<6} {recipe:<15} '
+              f'{r["train_images_per_s"]:>8.0f} '
               f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
               f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
               f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
@@ -301,7 +326,8 @@ def run_torch(name, dtype, results):
       input_shape_and_classes(name)[0], _BATCH.value, _STEPS.value,
       _WARMUP.value, dtype)
   t.update(model=name, dtype=dtype, variant=f'torch {torch.__version__} eager')
-  print(f'{name:<18} {dtype:<8} {"torch eager":<12} {"torch":<6} {t["train_images_per_s"]:>8.0f} '
+  print(f'{name:<18} {dtype:<8} {"torch eager":<12} {"torch":<6} {"none":<15} '
+        f'{t["train_images_per_s"]:>8.0f} '
         f'{t["step_ms_median"]:>8.1f} {t["step_ms_p90"]:>8.1f} {"":>9} {"":>10} '
         f'{t["eval_images_per_s"]:>10.0f}')
   for r in results:
