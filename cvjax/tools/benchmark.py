@@ -246,11 +246,13 @@ def print_population_table(results):
 
 def step_flops(config, tx, mesh, shape, num_classes, step_args):
   """Model FLOPs of one train step: XLA's cost analysis of the one-program step, without
-  scan (the analysis counts a loop body once) or remat (re-computation is not model work)."""
+  scan or micro-batches (the analysis counts a loop body once) or remat (re-computation is not
+  model work)."""
   one = config.copy_and_resolve_references()
   one.train.split_backward = False
   one.train.native_conv = False  # XLA counts its own convolutions, not custom calls.
   one.train.remat = False
+  one.train.accumulate_steps = 1  # The same model FLOPs; the analysis counts a scan body once.
   if 'scan_blocks' in one.model:
     one.model.scan_blocks = False
   dtype = jnp.dtype(one.train.compute_dtype)
