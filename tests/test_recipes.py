@@ -394,3 +394,21 @@ def test_benchmark_times_the_step_with_each_recipe():
   rows = json.loads(out.stdout.strip().splitlines()[-1])['results']
   assert [r['recipe'] for r in rows] == ['none', 'all']
   assert all(r['train_images_per_s'] > 0 and r['gflops_per_step'] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_population_member_with_the_recipes_equals_its_run_alone(idx_dir, tmp_path):
+  recipes = {'train.ema_decay': 0.9, 'train.label_smoothing': 0.1, 'input.mixup_alpha': 0.2,
+             'input.random_erasing': 0.5, 'train.num_steps': 6, 'train.native_conv': False}
+  pop = tiny_config(idx_dir, **recipes)
+  pop.population.seeds = 2
+  states, metrics = train.train_and_evaluate(pop, str(tmp_path / 'population'))
+  alone_config = tiny_config(idx_dir, **recipes)
+  alone_config.seed = 1
+  alone, alone_metrics = train.train_and_evaluate(alone_config, str(tmp_path / 'alone'))
+  member = jax.tree.map(lambda x: x[1], states['group0'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+               (member.params, member.ema), (alone.params, alone.ema))
+  [name] = [n for n in metrics if n.endswith('1')]
+  assert metrics[name]['test/ema_loss'] == pytest.approx(alone_metrics['test/ema_loss'], rel=1e-4)
+
