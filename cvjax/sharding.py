@@ -107,7 +107,7 @@ def partition_spec(path, shape, mesh, rules, fsdp=False):
     return P()
   spec = next((_fits(s, shape, mesh) for regex, s in rules if re.search(regex, path)),
               (None,) * len(shape))
-  if fsdp and path.startswith(('params/', 'opt_state/')):
+  if fsdp and path.startswith(('params/', 'opt_state/', 'ema/params/')):
     spec = _fsdp(spec, shape, mesh)
   return P(*spec)
 
@@ -123,12 +123,12 @@ def state_sharding(abstract_state, mesh, config):
 
 
 def device_bytes(abstract_state, shardings):
-  """{'params', 'opt_state', 'model_state', 'total'}: bytes of the state on each device (every
-  split dimension is divided evenly, so all devices hold the same)."""
+  """{'params', 'opt_state', 'model_state', 'ema', 'total'}: bytes of the state on each device
+  (every split dimension is divided evenly, so all devices hold the same)."""
   out = {}
-  for field in ('params', 'opt_state', 'model_state'):
-    leaves = jax.tree.leaves(getattr(abstract_state, field))
-    shards = jax.tree.leaves(getattr(shardings, field))
+  for field in ('params', 'opt_state', 'model_state', 'ema'):
+    leaves = jax.tree.leaves(getattr(abstract_state, field, None))
+    shards = jax.tree.leaves(getattr(shardings, field, None))
     out[field] = sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
                      for x, s in zip(leaves, shards))
   out['total'] = sum(out.values())
