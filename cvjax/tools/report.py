@@ -411,7 +411,8 @@ def leaderboard(runs):
 # --- Gradient norms ---
 
 def first_grad_norms(run):
-  """Per-layer gradient norms at the first logged step, in forward order."""
+  """Per-layer gradient norms at the first logged step, in forward order (the order results.json
+  records; before a run has finished, by name)."""
   records = [r for r in run['records'] if any(k.startswith('grad_norm/') for k in r)]
   if not records:
     return None
@@ -448,11 +449,15 @@ def grad_norm_report(nets, path):
       if m['depth'] != depth:
         continue
       layers = np.arange(1, norms.shape[1] + 1)
-      line, = ax.semilogy(layers, norms.mean(0), marker='.', label=net['label'] + (
+      label = net['label'] if m['activation'] in net['label'] else (
+          f'{net["label"]}, {m["activation"]}')
+      # A norm that underflowed to 0 (sigmoid's first layers) has no place on a log axis.
+      positive = lambda v: np.where(v > 0, v, np.nan)
+      line, = ax.semilogy(layers, positive(norms.mean(0)), marker='.', label=label + (
           f' ({len(norms)} seeds)' if len(norms) > 1 else ''))
       if len(norms) > 1:
-        ax.fill_between(layers, norms.min(0), norms.max(0), color=line.get_color(), alpha=0.2,
-                        linewidth=0)
+        ax.fill_between(layers, positive(norms.min(0)), positive(norms.max(0)),
+                        color=line.get_color(), alpha=0.2, linewidth=0)
       with np.errstate(divide='ignore', invalid='ignore'):
         ratio = norms[:, 0] / norms[:, -1]
       trials = ', '.join(sorted({r['trial'] for r in net['runs']}))
