@@ -343,11 +343,10 @@ def jit_train_steps(s, k=1):
   """`(state, data, batch, rng) -> (state, metrics)` for `k` steps (`train.steps_per_call`;
   the batch then has a leading axis of k), jit-compiled; a single step may be two programs
   (`split_backward`), k steps are one."""
-  if k == 1 and split_backward(s.config):
-    return jit_population_split_step(s) if s.population else jit_train_step(
-        s.model, s.tx, s.config, s.mesh, state_sharding(s))
-  if not s.population and k == 1:
+  if k == 1 and not s.population:  # One program or split, as `jit_train_step` decides.
     return jit_train_step(s.model, s.tx, s.config, s.mesh, state_sharding(s))
+  if k == 1 and split_backward(s.config):
+    return jit_population_split_step(s)
   if s.population:
     step = population_step(s)
   else:
