@@ -103,7 +103,7 @@ def base_config():
   c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
   # Forward and backward as two XLA programs (True) or the plain jax.grad step (False).
   # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),
-  # one elsewhere; decided when the step is built (cvjax.train.split_backward).
+  # one elsewhere; decided when the step is built (cvjax.steps.split_backward).
   c.train.split_backward = config_dict.placeholder(bool)
   # Train steps per dispatch from the host (in-memory data): a lax.scan of this many steps in
   # one program, which removes the per-step host overhead that bounds small nets on GPUs and

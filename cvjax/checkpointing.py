@@ -55,10 +55,11 @@ def saves_finished():
     _watched.pop()
 
 
-def save(mngr, step, state, identity):
-  """Saves asynchronously; `identity` (JSON) says which model the state belongs to."""
+def save(mngr, step, state, fingerprint):
+  """Saves asynchronously; `fingerprint` (JSON) says which model the state belongs to (as
+  the item `identity`, the name checkpoints have always given it)."""
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved_fields(state)),
-                                          identity=ocp.args.JsonSave(identity)))
+                                          identity=ocp.args.JsonSave(fingerprint)))
 
 
 def saved_fields(state):
@@ -83,35 +84,35 @@ def _as_built(abstract, restored):
   return restored
 
 
-def restore_latest(mngr, abstract_state, identity, read_only=False):
+def restore_latest(mngr, abstract_state, fingerprint, read_only=False):
   """The newest checkpoint that restores, or None; refuses a checkpoint of a different run.
 
-  A checkpoint that does not fit this config is refused before anything is read: its identity
-  (model, data, input shape) must match, and so must the layout of its train state (every
-  array's path, shape and dtype; the optimizer's settings decide its state's layout). The
-  UserError names the fields that differ and no file is moved. A checkpoint that fits but fails
-  to restore (a truncated or zeroed array file, garbage metadata, a missing item, nan/inf
-  values) is damaged: it is moved to WORKDIR/bad_checkpoints/ with a WHY.txt and a warning
-  that names the step and the error, and the next older one is tried, so a re-run never stalls
-  on a bad checkpoint and the evidence is kept. With `read_only` (cvjax.evaluate and other
-  readers) a damaged checkpoint is only reported and skipped: readers never move a run's files.
-  `abstract_state` holds ShapeDtypeStructs with shardings, so the arrays come back already
-  placed where the train step wants them.
+  A checkpoint that does not fit this config is refused before anything is read: its
+  fingerprint (model, data, input shape) must match, and so must the layout of its train
+  state (every array's path, shape and dtype; the optimizer's settings decide its state's
+  layout). The UserError names the fields that differ and no file is moved. A checkpoint that
+  fits but fails to restore (a truncated or zeroed array file, garbage metadata, a missing
+  item, nan/inf values) is damaged: it is moved to WORKDIR/bad_checkpoints/ with a WHY.txt
+  and a warning that names the step and the error, and the next older one is tried, so a
+  re-run never stalls on a bad checkpoint and the evidence is kept. With `read_only`
+  (cvjax.evaluate and other readers) a damaged checkpoint is only reported and skipped: readers
+  never move a run's files. `abstract_state` holds ShapeDtypeStructs with shardings, so the
+  arrays come back already placed where the train step wants them.
   """
   restored = None
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       saved = mngr.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))
-      saved_identity = saved['identity']
-      if not isinstance(saved_identity, dict):
-        raise ValueError(f'the identity is a {type(saved_identity).__name__}, not a dict')
+      saved_fingerprint = saved['identity']
+      if not isinstance(saved_fingerprint, dict):
+        raise ValueError(f'the fingerprint is a {type(saved_fingerprint).__name__}, not a dict')
       saved_layout = layout(ocp.StandardCheckpointHandler().metadata(
           epath.Path(mngr.directory) / str(step) / 'state'))
     except Exception as e:  # pylint: disable=broad-except
       set_aside(mngr, step, e, read_only)
       continue
-    check_identity(saved_identity, identity, step, mngr.directory)
-    check_layout(saved_layout, layout(abstract_state), saved_identity, identity, step,
+    check_fingerprint(saved_fingerprint, fingerprint, step, mngr.directory)
+    check_layout(saved_layout, layout(abstract_state), saved_fingerprint, fingerprint, step,
                  mngr.directory)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -123,7 +124,7 @@ def restore_latest(mngr, abstract_state, identity, read_only=False):
       restored = None
       set_aside(mngr, step, e, read_only)
       continue
-    changed = _differences(saved_identity.get('training'), identity.get('training'))
+    changed = _differences(saved_fingerprint.get('training'), fingerprint.get('training'))
     if changed:
       logging.warning('Resuming the checkpoint at step %d with changed settings: %s.', step,
                       '; '.join(changed))
@@ -139,16 +140,16 @@ def all_finite(tree):
 
 
 # What may change between a checkpoint and the run that resumes it: the fields under
-# identity['training'] (the optimizer's and the schedule's settings, the length of the run),
+# fingerprint['training'] (the optimizer's and the schedule's settings, the length of the run),
 # as long as the train state keeps its layout. A warning lists what changed.
 RESUMABLE = 'training'
 
 
-def check_identity(saved, identity, step, directory):
-  """Refuses a checkpoint whose identity differs in a field both record (checkpoints of
+def check_fingerprint(saved, fingerprint, step, directory):
+  """Refuses a checkpoint whose fingerprint differs in a field both record (checkpoints of
   older versions record fewer fields), other than the resumable settings."""
-  diff = {k: (saved[k], identity[k]) for k in set(saved) & set(identity) - {RESUMABLE}
-          if saved[k] != identity[k]}
+  diff = {k: (saved[k], fingerprint[k]) for k in set(saved) & set(fingerprint) - {RESUMABLE}
+          if saved[k] != fingerprint[k]}
   if diff:
     raise UserError(
         f'the workdir holds a checkpoint (step {step}) of a different model or dataset: '
@@ -179,7 +180,7 @@ def _differences(saved, now, prefix=''):
   return [] if saved == now else [f'{prefix[:-1]} was {saved!r}, now {now!r}']
 
 
-def check_layout(saved, now, saved_identity, identity, step, directory):
+def check_layout(saved, now, saved_fingerprint, fingerprint, step, directory):
   """Refuses a checkpoint whose train state has other arrays than this config builds, naming
   the settings that differ: restoring it would fail, and that is not damage."""
   if saved == now:
@@ -194,7 +195,7 @@ def check_layout(saved, now, saved_identity, identity, step, directory):
     if keys:
       what.append(f'{name}: {", ".join(keys[:3])}' + (f' and {len(keys) - 3} more'
                                                      if len(keys) > 3 else ''))
-  changed = _differences(saved_identity.get(RESUMABLE), identity.get(RESUMABLE))
+  changed = _differences(saved_fingerprint.get(RESUMABLE), fingerprint.get(RESUMABLE))
   raise UserError(
       f'the checkpoint at step {step} does not fit this config'
       + (f' ({"; ".join(changed)})' if changed else '')

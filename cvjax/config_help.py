@@ -100,7 +100,7 @@ def plan(config, workdir):
   """What the run would do, from the config and the data's size, without training."""
   # pylint: disable=g-import-not-at-top
   from cvjax.data import memory
-  from cvjax import train
+  from cvjax import experiment
   from cvjax.errors import UserError
   # pylint: enable=g-import-not-at-top
   d, t = config.dataset, config.train
@@ -117,7 +117,7 @@ def plan(config, workdir):
                  f'batches of {t.batch_size} (the dataset\'s size is known once it is read)')
   else:
     try:
-      per_epoch, total = train.steps_for(config, num_train)
+      per_epoch, total = experiment.steps_for(config, num_train)
     except UserError as e:
       return f'{lines[0]}\n  cannot run: {e}'
     epochs = total / per_epoch

@@ -33,17 +33,17 @@ from cvjax.errors import UserError
 TOP_K = 5
 
 
-def restore(s, workdir):
-  """The latest checkpoint in `workdir` for the run `s` (a train.Setup)."""
+def restore(exp, workdir):
+  """The latest checkpoint in `workdir` for the experiment `exp` (cvjax.experiment)."""
   import jax  # pylint: disable=g-import-not-at-top
   from cvjax import checkpointing  # pylint: disable=g-import-not-at-top
   if not checkpointing.directory(workdir).is_dir():
     raise UserError(f'{workdir}/checkpoints does not exist: --workdir must hold a training run '
                     'or an import (python -m cvjax.import_weights).')
-  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  mngr = checkpointing.manager(workdir, s.config.train.keep_checkpoints)
+  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  mngr = checkpointing.manager(workdir, exp.config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(s.abstract_state, replicated), s.identity,
+      mngr, checkpointing.abstract_with_sharding(exp.abstract_state, replicated), exp.fingerprint,
       read_only=True)  # An evaluation never moves a run's files.
   if state is None:
     raise UserError(f'no checkpoint in {workdir}/checkpoints that restores (see the warnings '
@@ -51,18 +51,19 @@ def restore(s, workdir):
   return state
 
 
-def member_of(s, state, member, workdir):
-  """(the member's own Setup and train state, its folder) from a population's checkpoint."""
+def member_of(exp, state, member, workdir):
+  """(the member's own experiment and train state, its folder) from a population's
+  checkpoint."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  names = [m.name for m in s.members]
+  names = [m.name for m in exp.members]
   if member not in names:
     raise UserError(f'--member={member!r}: {workdir} holds a population of {len(names)} members: '
                     f'{", ".join(names)}. Pass one of them.')
-  for key, g in zip(s.state_keys, s.groups):
+  for key, g in zip(exp.state_keys, exp.groups):
     for i, m in enumerate(g.members):
       if m.name == member:
-        one = dataclasses.replace(s, config=m.config, model=g.model, schedule=g.schedule,
+        one = dataclasses.replace(exp, config=m.config, model=g.model, schedule=g.schedule,
                                   tx=g.tx, init=g.init, abstract_state=g.abstract_state,
                                   groups=[])
         return one, jax.tree.map(lambda x, i=i: x[i], state[key]), f'{workdir}/members/{member}'
@@ -71,26 +72,26 @@ def member_of(s, state, member, workdir):
 def evaluate_checkpoint(config, workdir, predictions_file=None, member=None):
   """Test metrics of the latest checkpoint (of a population: of `member`); writes the error
   analysis (and predictions)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cvjax import error_analysis, metric_writer, train  # pylint: disable=g-import-not-at-top
-  s = train.setup(config)
-  if member is None and s.population:
-    raise UserError(f'{workdir} holds a population of {len(s.members)} members: pass '
-                    f'--member=NAME, one of {", ".join(m.name for m in s.members)}.')
-  if member is not None and not s.population:
+  # pylint: disable-next=g-import-not-at-top
+  from cvjax import error_analysis, experiment, jit_steps, metric_writer, train
+  exp = experiment.build(config)
+  if member is None and exp.population:
+    raise UserError(f'{workdir} holds a population of {len(exp.members)} members: pass '
+                    f'--member=NAME, one of {", ".join(m.name for m in exp.members)}.')
+  if member is not None and not exp.population:
     raise UserError(f'--member={member!r}: {workdir} holds one run, not a population.')
-  state = restore(s, workdir)
+  state = restore(exp, workdir)
   if member is not None:
-    s, state, workdir = member_of(s, state, member, workdir)
-  replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  p_eval_step, test_data = train.jit_evaluation(s, replicated)
-  metrics, top5, confidence = train.evaluate(p_eval_step, state, test_data,
-                                             s.input.eval_batches(), s.input.num_test,
-                                             s.input.num_classes)
-  metrics.update(train.evaluate_ema(p_eval_step, state, test_data, s.input))
+    exp, state, workdir = member_of(exp, state, member, workdir)
+  eval_step, test_data = jit_steps.jit_evaluation(exp)
+  metrics, top5, confidence = train.evaluate(eval_step, state, test_data,
+                                             exp.input.eval_batches(), exp.input.num_test,
+                                             exp.input.num_classes)
+  metrics.update(train.evaluate_ema(eval_step, state, test_data, exp.input))
   events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
-  analysis = error_analysis.write(workdir, s.input.test_images, s.input.test_labels, top5[:, 0],
-                                  s.input.class_names, step=int(state.step), writer=events.tb,
+  analysis = error_analysis.write(workdir, exp.input.test_images, exp.input.test_labels,
+                                  top5[:, 0], exp.input.class_names, step=int(state.step),
+                                  writer=events.tb,
                                   confidence=confidence)
   events.close()
   if predictions_file:

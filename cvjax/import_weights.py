@@ -10,7 +10,7 @@ Models: resnet18/34/50/101/152 (ResNet-50 and deeper are torchvision's "v1.5" bo
 torchvision publishes it, read with `torch.load(..., weights_only=True)`, so no pickled code
 runs; torch is needed only here.
 
-The checkpoint is the training loop's (step 0, a fresh optimizer state, the run identity of
+The checkpoint is the training loop's (step 0, a fresh optimizer state, the run fingerprint of
 `--config`), so `cvjax.main` with the same config fine-tunes it and `cvjax.evaluate`
 evaluates it. Every source tensor is used exactly once and every cvjax parameter and
 BatchNorm statistic is filled exactly once, or nothing is written and the error names what
@@ -216,7 +216,7 @@ def train_state(filled, abstract, tx):
   (as big_vision fine-tunes), so nothing is initialised at random and nothing compiled."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cvjax import train  # pylint: disable=g-import-not-at-top
+  from cvjax import steps  # pylint: disable=g-import-not-at-top
 
   def fill(collection):
     def value(path, leaf):
@@ -230,16 +230,16 @@ def train_state(filled, abstract, tx):
   params = jax.tree_util.tree_map_with_path(fill('params'), abstract.params)
   model_state = {c: jax.tree_util.tree_map_with_path(fill(c), v)
                  for c, v in abstract.model_state.items()}
-  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           model_state=model_state, opt_state=tx.init(params),
                           ema=None if abstract.ema is None else {'params': params,
                                                                  'model_state': model_state})
 
 
 def import_weights(model, weights, workdir, config=None, num_classes=None):
-  """Writes WORKDIR/checkpoints/0 and WORKDIR/config.json; returns (identity, path)."""
+  """Writes WORKDIR/checkpoints/0 and WORKDIR/config.json; returns (fingerprint, path)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   if model not in SOURCES:
     raise UserError(f'unknown --model={model!r}; expected one of {", ".join(SOURCES)}.')
   if num_classes is not None and num_classes < 1:
@@ -259,17 +259,18 @@ def import_weights(model, weights, workdir, config=None, num_classes=None):
   if not num_classes:
     raise UserError(f'--weights has no {bias}: is it a torchvision {model}?')
   size = config.input.image_size or 224  # torchvision's evaluation crop.
-  _, _, tx, _, abstract = train.build_state(config, num_classes, (size, size, 3), total_steps=1)
+  _, _, tx, _, abstract = experiment.build_state(config, num_classes, (size, size, 3),
+                                                 total_steps=1)
   filled = convert(state_dict, config.model, {'params': abstract.params, **abstract.model_state},
                    keep_classifier=num_classes == source_classes)
 
   state = train_state(filled, abstract, tx)
-  identity = train.run_identity(config, num_classes, (size, size, 3))
+  fingerprint = experiment.fingerprint(config, num_classes, (size, size, 3))
   mngr = checkpointing.manager(workdir, config.train.keep_checkpoints)
-  checkpointing.save(mngr, 0, state, identity)
+  checkpointing.save(mngr, 0, state, fingerprint)
   mngr.wait_until_finished()
   (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  return identity, checkpoints / '0'
+  return fingerprint, checkpoints / '0'
 
 
 def main(argv):
@@ -281,14 +282,14 @@ def main(argv):
       raise UserError(f'unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
                       'written --name=value.')
     config = _CONFIG.value
-    identity, path = import_weights(_MODEL.value, _WEIGHTS.value, _WORKDIR.value, config,
+    fingerprint, path = import_weights(_MODEL.value, _WEIGHTS.value, _WORKDIR.value, config,
                                     _NUM_CLASSES.value)
   except UserError as e:
     print(f'\ncvjax: error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'wrote {path}: {_MODEL.value}, {identity["num_classes"]} classes, input '
-        f'{"x".join(map(str, identity["input_shape"]))}; model config '
-        f'{json.dumps(identity["model"])}')
+  print(f'wrote {path}: {_MODEL.value}, {fingerprint["num_classes"]} classes, input '
+        f'{"x".join(map(str, fingerprint["input_shape"]))}; model config '
+        f'{json.dumps(fingerprint["model"])}')
 
 
 if __name__ == '__main__':

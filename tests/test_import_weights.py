@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')
 
-from cvjax import import_weights  # pylint: disable=g-import-not-at-top
+from cvjax import experiment, import_weights  # pylint: disable=g-import-not-at-top
 from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
 from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
@@ -143,7 +143,7 @@ def test_an_import_with_new_classes_evaluates_and_fine_tunes(resnet18_pth, tmp_p
   assert analysis['step'] == 0 and analysis['num_test'] == 6
   assert metrics['test/error'] == pytest.approx(4 / 6)  # Classes 1 and 2 are wrong.
 
-  imported = evaluate.restore(train.setup(config), workdir)
+  imported = evaluate.restore(experiment.build(config), workdir)
   state, _ = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 2
   assert not np.allclose(state.params['fc']['kernel'], 0)

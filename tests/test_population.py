@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, child_env, tiny_config
-from cvjax import evaluate, population, train
+from cvjax import evaluate, experiment, population, train
 from cvjax.errors import UserError
 
 
@@ -70,8 +70,8 @@ def test_each_member_equals_its_run_alone(idx_dir, tmp_path, split):
   c = population_config(idx_dir, seeds=2, vary='model.residual=False,True',
                         **{'train.split_backward': split})
   pop_state, pop_metrics = train.train_and_evaluate(c, str(tmp_path / 'pop'))
-  s = train.setup(c)
-  states = train.by_member_of_groups(s, jax.device_get(pop_state))
+  s = experiment.build(c)
+  states = s.by_member_of_groups(jax.device_get(pop_state))
   assert set(pop_metrics) == set(states) == {m.name for m in s.members}
   for m in s.members:
     alone_state, alone_metrics = train.train_and_evaluate(m.config, str(tmp_path / m.name))
@@ -135,7 +135,7 @@ def test_a_population_on_streamed_data_is_a_clear_error(tmp_path):
   c = population_config(str(tmp_path), **{'train.batch_size': 2, 'train.eval_batch_size': 2})
   c.dataset.pipeline = 'streaming'
   with pytest.raises(UserError, match='held on the device'):
-    train.setup(c)
+    experiment.build(c)
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_eight_devices_agree_with_one(idx_dir, tmp_path):
   script = f'''
 import jax, numpy as np
 from conftest import ROOT, child_env, tiny_config
-from cvjax import train
+from cvjax import experiment, jit_steps, train
 assert len(jax.devices()) == 8
 def config(seeds, vary):
   c = tiny_config({idx_dir!r}, **{{'train.num_steps': 6, 'train.native_conv': False}})
@@ -154,7 +154,7 @@ def config(seeds, vary):
   return c
 for seeds, vary, split in ((8, '', True), (1, 'model.residual=False,True', False)):
   c = config(seeds, vary)
-  assert train.member_sharding(train.setup(c)) == split
+  assert jit_steps.member_sharding(experiment.build(c)) == split
   one, m1 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/one{{seeds}}',
                                      devices=jax.devices()[:1])
   c.train.steps_per_call = 3 if split else 1  # Steps per call with members over the devices.
@@ -201,7 +201,7 @@ def test_several_steps_per_call_equal_single_steps(idx_dir, tmp_path, seeds):
 
 def test_steps_per_call_is_checked(idx_dir):
   with pytest.raises(UserError, match='train.steps_per_call=0'):
-    train.setup(population_config(idx_dir, seeds=1, **{'train.steps_per_call': 0}))
+    experiment.build(population_config(idx_dir, seeds=1, **{'train.steps_per_call': 0}))
 
 
 @pytest.mark.slow

@@ -14,21 +14,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import bars, tiny_config, write_idx
-from cvjax import checkpointing, ema, losses, optim, train
+from cvjax import checkpointing, ema, experiment, losses, optim, steps, train
 from cvjax.data import batch_augment, memory
 from cvjax.errors import UserError
 
 
 def first_batch(config):
-  s = train.setup(config)
-  state = train.init_state(s.init, jax.random.key(0), None)
+  s = experiment.build(config)
+  state = steps.init_state(s.init, jax.random.key(0), None)
   return s, state, jax.device_put(s.input.train_data), next(s.input.train_batches(0))
 
 
 def step_fn(s, **kw):
   """The one-program train step of setup `s` (split_backward aside), unjitted pieces jitted."""
-  batch_kw = train.batch_args(s.model, s.config, s.mesh)
-  return jax.jit(functools.partial(train.train_step, tx=s.tx, **{**train.update_args(s.config),
+  batch_kw = steps.batch_args(s.model, s.config, s.mesh, s.input.make_train_batch)
+  return jax.jit(functools.partial(steps.train_step, tx=s.tx, **{**steps.update_args(s.config),
                                                                   **batch_kw, **kw}))
 
 
@@ -84,17 +84,19 @@ def test_label_smoothing_is_optax_formula_and_zero_is_the_plain_loss():
 def test_the_step_trains_on_the_smoothed_loss(idx_dir):
   config = tiny_config(idx_dir, **{'train.label_smoothing': 0.1})
   s, state, data, batch = first_batch(config)
-  kw = train.batch_args(s.model, config, s.mesh)
-  x, targets, _ = train._batch(state, data, batch, jax.random.key(1), input_cfg=config.input,
-                               batch_sharding=kw['batch_sharding'], dtype=jnp.float32)
+  kw = steps.batch_args(s.model, config, s.mesh, s.input.make_train_batch)
+  x, targets, _ = steps.train_inputs(state, data, batch, jax.random.key(1),
+                                     make_train_batch=s.input.make_train_batch,
+                                     input_cfg=config.input, batch_sharding=kw['batch_sharding'],
+                                     dtype=jnp.float32)
   logits, _ = s.model.apply({'params': state.params, **state.model_state}, x, train=True,
                             mutable=['batch_stats'])
   want = jnp.mean(optax.softmax_cross_entropy(
       logits, optax.smooth_labels(jax.nn.one_hot(targets['labels'], 10), 0.1)))
-  loss_fn = train._batch_and_loss(state, data, batch, jax.random.key(1), **kw)
+  loss_fn = steps.batch_loss(state, data, batch, jax.random.key(1), **kw)
   np.testing.assert_allclose(loss_fn(state.params)[0], want, rtol=1e-5)
-  plain = train._batch_and_loss(state, data, batch, jax.random.key(1),
-                                **{**kw, 'label_smoothing': 0.0})
+  plain = steps.batch_loss(state, data, batch, jax.random.key(1),
+                           **{**kw, 'label_smoothing': 0.0})
   assert abs(float(plain(state.params)[0]) - float(want)) > 1e-3  # It changed the loss.
 
 
@@ -208,28 +210,28 @@ def test_checkpoints_without_ema_keep_their_layout_and_older_ones_restore(idx_di
     params: dict
     model_state: dict
     opt_state: tuple
-  s = train.setup(tiny_config(idx_dir))
-  state = train.init_state(s.init, jax.random.key(0), None)
+  s = experiment.build(tiny_config(idx_dir))
+  state = steps.init_state(s.init, jax.random.key(0), None)
   assert 'ema' not in checkpointing.saved_fields(state)
   older = OlderTrainState(state.step + 3, state.params, state.model_state, state.opt_state)
   mngr = checkpointing.manager(tmp_path, 2)
   mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(older),
-                                       identity=ocp.args.JsonSave(s.identity)))
+                                       identity=ocp.args.JsonSave(s.fingerprint)))
   mngr.wait_until_finished()
-  restored = checkpointing.restore_latest(mngr, s.abstract_state, s.identity)
-  assert isinstance(restored, train.TrainState) and restored.ema is None
+  restored = checkpointing.restore_latest(mngr, s.abstract_state, s.fingerprint)
+  assert isinstance(restored, steps.TrainState) and restored.ema is None
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
 
 
 def test_a_checkpoint_cannot_change_ema_on_resume(idx_dir, tmp_path):
-  s = train.setup(tiny_config(idx_dir))
+  s = experiment.build(tiny_config(idx_dir))
   mngr = checkpointing.manager(tmp_path, 2)
-  checkpointing.save(mngr, 1, train.init_state(s.init, jax.random.key(0), None), s.identity)
+  checkpointing.save(mngr, 1, steps.init_state(s.init, jax.random.key(0), None), s.fingerprint)
   mngr.wait_until_finished()
-  with_ema = train.setup(tiny_config(idx_dir, **{'train.ema_decay': 0.99}))
+  with_ema = experiment.build(tiny_config(idx_dir, **{'train.ema_decay': 0.99}))
   with pytest.raises(UserError, match='train.ema_decay to or from 0'):
-    checkpointing.restore_latest(mngr, with_ema.abstract_state, with_ema.identity)
+    checkpointing.restore_latest(mngr, with_ema.abstract_state, with_ema.fingerprint)
 
 
 @pytest.fixture(scope='module')
@@ -267,21 +269,22 @@ def test_accumulation_with_batchnorm_updates_the_running_averages_per_micro_batc
 def test_flip_averages_the_logits_of_each_image_and_its_mirror(idx_dir):
   s, state, _, _ = first_batch(tiny_config(idx_dir))
   test = jax.device_put(s.input.test_data)
-  kw = dict(model=s.model, batch_size=16, dtype=jnp.float32,
-            batch_sharding=train.batch_args(s.model, s.config, s.mesh)['batch_sharding'])
+  kw = dict(model=s.model, make_eval_batch=functools.partial(memory.eval_batch, batch_size=16),
+            dtype=jnp.float32, batch_sharding=steps.batch_args(
+                s.model, s.config, s.mesh, s.input.make_train_batch)['batch_sharding'])
   batch = {'index': np.int32(0)}
-  flipped, _ = jax.jit(functools.partial(train.eval_step, flip=True, **kw))(state, test, batch)
+  flipped, _ = jax.jit(functools.partial(steps.eval_step, flip=True, **kw))(state, test, batch)
   x = memory.normalize(test['images'][:16], test['mean'], test['std'])
   apply = lambda x: s.model.apply({'params': state.params, **state.model_state}, x)
-  want = train.classification_metrics((apply(x) + apply(x[:, :, ::-1])) / 2, test['labels'][:16],
+  want = steps.classification_metrics((apply(x) + apply(x[:, :, ::-1])) / 2, test['labels'][:16],
                                       test['mask'][:16])
   np.testing.assert_allclose(flipped['loss'], want['loss'], rtol=1e-5)
-  plain, _ = jax.jit(functools.partial(train.eval_step, **kw))(state, test, batch)
+  plain, _ = jax.jit(functools.partial(steps.eval_step, **kw))(state, test, batch)
   assert abs(float(plain['loss']) - float(flipped['loss'])) > 1e-4
 
 
 def test_decay_mask_leaves_out_batchnorm_and_biases(idx_dir):
-  s = train.setup(tiny_config(idx_dir))
+  s = experiment.build(tiny_config(idx_dir))
   mask = optim.decay_mask(s.abstract_state.params)
   for path, decayed in jax.tree_util.tree_leaves_with_path(mask):
     name = path[-1].key
@@ -293,8 +296,8 @@ def test_each_optimizer_steps_and_the_mask_spares_batchnorm_and_biases(idx_dir, 
   config = tiny_config(idx_dir, **{'optimizer.name': name, 'optimizer.weight_decay': 0.1,
                                    'optimizer.decay_bn_and_bias': False,
                                    'schedule.name': 'constant'})
-  s = train.setup(config)
-  params = jax.tree.map(lambda p: p + 0.5, train.init_state(s.init, jax.random.key(0),
+  s = experiment.build(config)
+  params = jax.tree.map(lambda p: p + 0.5, steps.init_state(s.init, jax.random.key(0),
                                                             None).params)
   zero = jax.tree.map(jnp.zeros_like, params)  # Only weight decay moves the parameters.
   updates, _ = s.tx.update(zero, s.tx.init(params), params)
@@ -330,7 +333,7 @@ def test_bad_recipe_values_are_one_clear_error(idx_dir, field, value, message):
   if field == 'eval.crops':
     overrides['eval.flip'] = True
   with pytest.raises(UserError, match=message):
-    train.setup(tiny_config(idx_dir, **overrides))
+    experiment.build(tiny_config(idx_dir, **overrides))
 
 
 def textured(w=48, h=40, seed=0):
@@ -376,9 +379,9 @@ def test_trivial_augment_in_the_streaming_transform_is_a_function_of_the_rng():
 
 def test_auto_augment_is_refused_for_in_memory_data_and_unknown_names(idx_dir):
   with pytest.raises(UserError, match='runs in the streaming pipeline'):
-    train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'trivial_augment_wide'}))
+    experiment.build(tiny_config(idx_dir, **{'input.auto_augment': 'trivial_augment_wide'}))
   with pytest.raises(UserError, match="input.auto_augment='randaugment'; expected"):
-    train.setup(tiny_config(idx_dir, **{'input.auto_augment': 'randaugment'}))
+    experiment.build(tiny_config(idx_dir, **{'input.auto_augment': 'randaugment'}))
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from conftest import ROOT, tiny_config
-from cvjax import run_lock, train
+from cvjax import experiment, run_lock, steps, train
 from cvjax.errors import UserError
 
 
@@ -429,14 +429,14 @@ def test_skipped_update_leaves_the_state_unchanged(idx_dir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   config = tiny_config(idx_dir, **{'train.skip_nonfinite': True})
-  s = train.setup(config)
+  s = experiment.build(config)
   replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-  state = train.init_state(s.init, jax.random.key(0), replicated)
+  state = steps.init_state(s.init, jax.random.key(0), replicated)
   state = state.replace(params={**state.params, 'head': {
       **state.params['head'], 'bias': state.params['head']['bias'].at[3].set(jnp.nan)}})
   data = jax.device_put(s.input.train_data, replicated)
   before = jax.device_get(state)
-  step = train.jit_train_step(s.model, s.tx, config, s.mesh)
+  step = steps.jit_train_step(s.model, s.tx, config, s.mesh, s.input.make_train_batch)
   after, metrics = step(state, data, {'indices': jnp.arange(16)}, jax.random.key(1))
   after = jax.device_get(after)
   assert int(after.step) == 1 and int(metrics['nonfinite']) == 1
@@ -475,9 +475,9 @@ def test_checkpoints_that_fail_to_restore_are_set_aside_and_the_run_falls_back(
   os.remove(workdir / 'results.json')
   # Step 20 holds nan values, as an older cvjax could save them.
   mngr = checkpointing.manager(str(tmp_path / 'nan'), 6)
-  s = train.setup(tiny_config(idx_dir, **LONG))
+  s = experiment.build(tiny_config(idx_dir, **LONG))
   nan_state = reference[0].replace(params=jax.tree.map(lambda x: x * np.nan, reference[0].params))
-  checkpointing.save(mngr, 20, nan_state, s.identity)
+  checkpointing.save(mngr, 20, nan_state, s.fingerprint)
   mngr.close()
   shutil.rmtree(workdir / 'checkpoints' / '20')
   shutil.move(tmp_path / 'nan' / 'checkpoints' / '20', workdir / 'checkpoints' / '20')

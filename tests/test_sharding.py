@@ -66,17 +66,18 @@ def _compiled_step(family, devices, model=1, fsdp=False, batch=16):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from cvjax import optim, train  # pylint: disable=g-import-not-at-top
+  from cvjax import optim, steps  # pylint: disable=g-import-not-at-top
+  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
   config = _config(family, ARGS[family], model, fsdp)
   config.optimizer.learning_rate = 0.05
   mesh = sharding.make_mesh(config, devices)
   net, size = _small_model(family, mesh)
   tx = optim.make_optimizer(config.optimizer, optax.constant_schedule(0.05))
-  init = train.state_initializer(net, tx, (size, size, 3), jnp.float32)
+  init = steps.state_initializer(net, tx, (size, size, 3), jnp.float32)
   rng = jax.random.key(0)
   shardings = sharding.state_sharding(jax.eval_shape(init, rng), mesh, config)
-  state = train.init_state(init, rng, shardings)
-  step = train.jit_train_step(net, tx, config, mesh, shardings)
+  state = steps.init_state(init, rng, shardings)
+  step = steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
   data_rng = np.random.default_rng(0)
   by_data = NamedSharding(mesh, P('data'))
   images = data_rng.normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -224,9 +225,9 @@ def test_rules_split_towers_classifier_and_fsdp():
 
 def test_state_bytes_per_device():
   from configs import alexnet  # pylint: disable=g-import-not-at-top
-  from cvjax import train  # pylint: disable=g-import-not-at-top
+  from cvjax import experiment  # pylint: disable=g-import-not-at-top
   config = alexnet.get_config('imagenet')
-  abstract = train.build_state(config, 1000, (227, 227, 3), 10)[-1]
+  abstract = experiment.build_state(config, 1000, (227, 227, 3), 10)[-1]
   full = sharding.device_bytes(abstract, sharding.state_sharding(
       abstract, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'model')),
       config))
@@ -250,7 +251,7 @@ def test_bad_mesh_config_is_a_clear_error(mesh, message):
 
 
 def test_population_with_a_split_mesh_is_a_clear_error(idx_dir):
-  from cvjax import train  # pylint: disable=g-import-not-at-top
+  from cvjax import experiment  # pylint: disable=g-import-not-at-top
   config = tiny_config(idx_dir, **{'population.seeds': 2, 'mesh.fsdp': True})
   with pytest.raises(UserError, match='a population'):
-    train.setup(config)
+    experiment.build(config)

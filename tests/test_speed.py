@@ -1,5 +1,6 @@
 """The optimised step computes what the plain one does; the benchmark runs end to end."""
 
+import functools
 import json
 import os
 import subprocess
@@ -97,7 +98,10 @@ def test_benchmark_counts_flops_of_the_whole_network_when_blocks_are_scanned():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cvjax import optim  # pylint: disable=g-import-not-at-top
   from cvjax.tools import benchmark  # pylint: disable=g-import-not-at-top
-  mesh = train.make_mesh()
+  from cvjax import sharding  # pylint: disable=g-import-not-at-top
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(benchmark.model_config('resnet20'))
+  train_batch = functools.partial(memory.train_batch, crop_padding=4, flip=True)
   data = {'train_images': np.zeros((8, 32, 32, 3), np.uint8),
           'train_labels': np.zeros(8, np.int32),
           'mean': np.zeros((1, 1, 1, 1), np.float32), 'std': np.ones((1, 1, 1, 1), np.float32)}
@@ -108,6 +112,7 @@ def test_benchmark_counts_flops_of_the_whole_network_when_blocks_are_scanned():
       config = benchmark.model_config(f'resnet{depth}')
       config.model.scan_blocks = scan
       tx = optim.make_optimizer(config.optimizer, 0.1)
-      flops[depth, scan] = benchmark.step_flops(config, tx, mesh, (32, 32, 3), 10, args)
+      flops[depth, scan] = benchmark.step_flops(config, tx, mesh, (32, 32, 3), 10, train_batch,
+                                                 args)
   assert flops[20, True] == flops[20, False] and flops[32, True] == flops[32, False]
   assert flops[32, False] > 1.5 * flops[20, False]  # 12 more layers of the same stages

@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from cvjax import data as data_lib
-from cvjax import models, train
+from cvjax import models, steps, train
+from cvjax.data import memory
 from cvjax.data import streaming
 from cvjax.data.input import imagenet_stats
 from cvjax.errors import UserError
@@ -246,7 +247,7 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
       bn_momentum=0.9, zero_init_residual=False, scan_blocks=False)), num_classes=5,
       dtype=jnp.float32)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
-  state = train.TrainState(step=0, params=variables['params'],
+  state = steps.TrainState(step=0, params=variables['params'],
                            model_state={'batch_stats': variables['batch_stats']}, opt_state=None)
   rng = np.random.default_rng(0)
   # Streamed: 20x20 images, 16x16 crops; in memory: 16x16 images padded by 2.
@@ -260,12 +261,13 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   else:
     test.update(images=images, labels=labels, mask=np.ones(4, bool))
     batch = {'index': 0}
-  mesh = train.make_mesh()
-  kw = dict(model=model, batch_size=4, dtype=jnp.float32,
-            batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  make_eval_batch = (streaming.eval_batch if streamed else
+                     functools.partial(memory.eval_batch, batch_size=4))
+  kw = dict(model=model, make_eval_batch=make_eval_batch, dtype=jnp.float32,
+            batch_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   metrics, (pred, confidence) = jax.jit(functools.partial(
-      train.eval_step, crops=10, crop_size=16, padding=pad, **kw))(state, test, batch)
-  one, _ = jax.jit(functools.partial(train.eval_step, **kw))(state, test, batch)
+      steps.eval_step, crops=10, crop_size=16, padding=pad, **kw))(state, test, batch)
+  one, _ = jax.jit(functools.partial(steps.eval_step, **kw))(state, test, batch)
   x = (images / 255.0 - mean) / std
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   s = x.shape[1] - 16

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, child_env, tiny_config
-from cvjax import models, train
+from cvjax import experiment, models, steps, train
 from cvjax.data import memory
 
 
@@ -236,10 +236,10 @@ def test_help_lists_the_fields_and_dry_run_prints_the_plan(tmp_path):
 
 def test_bfloat16_on_a_cpu_is_named_slow(idx_dir, caplog):
   caplog.set_level('WARNING', logger='absl')
-  train.setup(tiny_config(idx_dir, **{'train.compute_dtype': 'bfloat16'}))
+  experiment.build(tiny_config(idx_dir, **{'train.compute_dtype': 'bfloat16'}))
   assert 'bfloat16 on a CPU is slower than float32' in caplog.text
   caplog.clear()
-  train.setup(tiny_config(idx_dir))
+  experiment.build(tiny_config(idx_dir))
   assert 'bfloat16' not in caplog.text
 
 
@@ -248,12 +248,12 @@ def test_split_backward_follows_the_backend_unless_the_config_sets_it(monkeypatc
   cifar, imagenet, one = resnet.get_config(), resnet.get_config('imagenet'), lenet.get_config()
   assert cifar.train.split_backward is None and one.train.split_backward is False
   assert jax.default_backend() == 'cpu'
-  assert train.split_backward(cifar) and train.split_backward(imagenet)
-  assert not train.split_backward(one)  # LeNet-5 keeps one program.
+  assert steps.split_backward(cifar) and steps.split_backward(imagenet)
+  assert not steps.split_backward(one)  # LeNet-5 keeps one program.
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert not train.split_backward(cifar) and not train.split_backward(imagenet)
+  assert not steps.split_backward(cifar) and not steps.split_backward(imagenet)
   cifar.train.split_backward = True
-  assert train.split_backward(cifar)
+  assert steps.split_backward(cifar)
 
 
 @pytest.mark.slow
@@ -263,16 +263,17 @@ def test_the_train_step_is_traced_once_across_evaluations_and_a_resume(idx_dir, 
   # A second trace would mean a second compilation: e.g. a restored state whose shardings or
   # dtypes differ from what the step returns, or an evaluation that changed the state's.
   traces = []
-  for name in ('train_forward', 'train_backward', 'train_step'):
-    original = getattr(train, name)
+  for name in ('train_forward', 'train_backward', 'train_step', 'eval_step'):
+    original = getattr(steps, name)
 
     def counted(*args, _name=name, _original=original, **kwargs):
       traces.append(_name)
       return _original(*args, **kwargs)
-    monkeypatch.setattr(train, name, counted)
+    monkeypatch.setattr(steps, name, counted)
   kw = {'train.eval_every_steps': 2, 'train.checkpoint_every_steps': 2, 'train.log_every_steps': 2,
         'train.split_backward': split}
-  names = {'train_forward', 'train_backward'} if split else {'train_step'}
+  names = {'train_forward', 'train_backward', 'eval_step'} if split else {'train_step',
+                                                                           'eval_step'}
   train.train_and_evaluate(tiny_config(idx_dir, **kw, **{'train.num_steps': 4}), str(tmp_path))
   assert sorted(traces) == sorted(names), traces  # 4 steps, 2 evaluations: one trace each.
   traces.clear()

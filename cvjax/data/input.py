@@ -1,5 +1,5 @@
 """What the training loop sees of either pipeline (`Input`), and the pieces the memory and
-streaming pipelines share: the eval crop count, the data identity a checkpoint records and
+streaming pipelines share: the eval crop count, the data fingerprint a checkpoint records and
 ImageNet's normalisation."""
 
 import dataclasses
@@ -13,8 +13,9 @@ from cvjax.errors import UserError
 
 @dataclasses.dataclass
 class Input:
-  """What the training loop sees of either pipeline: device-resident arrays put once, and
-  the batch arguments of the jitted train and eval steps."""
+  """What the training loop sees of either pipeline: device-resident arrays put once, the
+  batch arguments of the jitted train and eval steps, and the pure functions the steps build
+  their input with (so the steps never ask which pipeline fed them)."""
   pipeline: str  # 'memory' | 'streaming'
   num_train: int
   class_names: list
@@ -23,9 +24,13 @@ class Input:
   test_data: dict  # numpy; the eval step's `data`.
   train_batches: Callable  # start_step -> iterator of the train step's batch argument.
   eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
+  # (train_data, batch, rng, *, sharding, dtype) -> (normalised, augmented images, labels).
+  make_train_batch: Callable
+  # (test_data, batch, *, sharding, dtype) -> (normalised images, labels, mask of real examples).
+  make_eval_batch: Callable
   test_labels: Any  # int array [num_test].
   test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
-  identity: dict  # What a checkpoint records of its data (see `identity`).
+  fingerprint: dict  # What a checkpoint records of its data (see `fingerprint`).
   eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
   # In memory: (seed, step) -> that step's example indices in the seed's data order (one per
   # member of a population); None when streamed.
@@ -59,7 +64,7 @@ def eval_flip(config):
   return flip
 
 
-def identity(class_names, train_labels, test_labels):
+def fingerprint(class_names, train_labels, test_labels):
   """What a checkpoint records of its data, so a run does not resume on other data: the
   classes, the split sizes and a hash of the labels (cheap, and different for different
   datasets). Not the path (moved data still resumes) nor the name (which only labels it)."""

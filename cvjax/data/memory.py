@@ -9,6 +9,7 @@ the step.
 """
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import itertools
@@ -25,7 +26,7 @@ import numpy as np
 
 from cvjax import runtime
 from cvjax.data import image_files
-from cvjax.data.input import Input, eval_crops, identity, imagenet_stats
+from cvjax.data.input import Input, eval_crops, fingerprint, imagenet_stats
 from cvjax.errors import UserError
 
 # Small real datasets shipped in cvjax/data/embedded (its README says where they come from):
@@ -70,9 +71,9 @@ def in_memory_input(config, mesh) -> Input:
     raise UserError('eval.crops=10 on in-memory data crops from test images padded by '
                     'input.crop_padding, as in training; set input.crop_padding > 0.')
   batch_size, n = config.train.batch_size, len(train_images)
-  eval_batch = config.train.eval_batch_size
-  num_eval_batches = -(-len(test_images) // eval_batch)
-  padded = num_eval_batches * eval_batch - len(test_images)  # Padded, then masked out.
+  eval_size = config.train.eval_batch_size
+  num_eval_batches = -(-len(test_images) // eval_size)
+  padded = num_eval_batches * eval_size - len(test_images)  # Padded, then masked out.
   batch_sharding = NamedSharding(mesh, P('data'))
 
   per_epoch, permutations = n // batch_size, {}
@@ -102,10 +103,12 @@ def in_memory_input(config, mesh) -> Input:
                  'labels': np.pad(data.test_labels, (0, padded)),
                  'mask': np.pad(np.ones(len(test_images), np.bool_), (0, padded)),
                  'mean': mean, 'std': std},
-      train_batches=train_batches, eval_batches=eval_batches, test_labels=data.test_labels,
-      train_indices=train_indices,
+      train_batches=train_batches, eval_batches=eval_batches, make_train_batch=functools.partial(
+          train_batch, crop_padding=config.input.crop_padding, flip=config.input.flip),
+      make_eval_batch=functools.partial(eval_batch, batch_size=eval_size),
+      test_labels=data.test_labels, train_indices=train_indices,
       test_images=test_images,
-      identity=identity(data.class_names, data.train_labels, data.test_labels),
+      fingerprint=fingerprint(data.class_names, data.train_labels, data.test_labels),
       eval_padding=config.input.crop_padding)
 
 
@@ -491,6 +494,25 @@ def augment(images, rng, *, crop_padding, flip):
     flips = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
     images = jnp.where(flips, images[:, :, ::-1, :], images)
   return images
+
+
+def train_batch(data, batch, rng, *, crop_padding, flip, sharding, dtype):
+  """The train step's images and labels on in-memory data: the batch's examples gathered from
+  the device-resident split (`batch['indices']`), normalised, randomly cropped and flipped."""
+  indices = batch['indices']
+  images = jax.lax.with_sharding_constraint(data['train_images'][indices], sharding)
+  x = augment(normalize(images, data['mean'], data['std']), rng, crop_padding=crop_padding,
+              flip=flip)
+  return x.astype(dtype), data['train_labels'][indices]
+
+
+def eval_batch(test, batch, *, batch_size, sharding, dtype):
+  """The eval step's normalised images, labels and mask: slice `batch['index']` of the padded
+  device-resident test set."""
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
+  images = jax.lax.with_sharding_constraint(take(test['images']), sharding)
+  x = normalize(images, test['mean'], test['std']).astype(dtype)
+  return x, take(test['labels']), take(test['mask'])
 
 
 def ten_crop(images, size):

@@ -346,16 +346,34 @@ def make_input(config, mesh):
 
   stats = {'mean': mean, 'std': std}
   if isinstance(splits.train, FolderSource):
-    identity = data_input.identity(splits.class_names, splits.train.labels,
+    fingerprint = data_input.fingerprint(splits.class_names, splits.train.labels,
                                        splits.test.labels)
   else:  # Hashing tfds labels would read the whole dataset: classes and sizes only.
-    identity = {'class_names': splits.class_names, 'num_train': len(splits.train),
+    fingerprint = {'class_names': splits.class_names, 'num_train': len(splits.train),
                 'num_test': len(splits.test)}
   return data_input.Input(
       'streaming', len(splits.train), splits.class_names, (size, size, 3), train_data=stats,
       test_data=stats, train_batches=train_batches, eval_batches=eval_batches,
+      make_train_batch=train_batch, make_eval_batch=eval_batch,
       test_labels=splits.test.labels, test_images=EvalImages(splits.test, size),
-      identity=identity)
+      fingerprint=fingerprint)
+
+
+def train_batch(data, batch, rng, *, sharding, dtype):
+  """The train step's images and labels on streamed data: cropped and flipped by the host
+  workers, placed by `prefetch_to_device`, normalised here."""
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  del rng, sharding
+  return memory.normalize(batch['images'], data['mean'], data['std'], dtype), batch['labels']
+
+
+def eval_batch(test, batch, *, sharding, dtype):
+  """The eval step's normalised images, labels and mask (of the padding) on streamed data."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  images = jax.lax.with_sharding_constraint(batch['images'], sharding)
+  return (memory.normalize(images, test['mean'], test['std'], dtype), batch['labels'],
+          batch['mask'])
 
 
 def prefetch_to_device(batches, sharding, size=2, close=None):

@@ -12,7 +12,7 @@ step variant it prints train images/s, step time (median, p90), compile time, fi
 time, eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same
 run, and the process's peak host memory so far (a high-water mark: run one model per
 process to attribute it); the last line is one JSON object with every figure.
-The step is the real one (`train.jit_train_step`: gather from a device-resident dataset,
+The step is the real one (`steps.jit_train_step`: gather from a device-resident dataset,
 augmentation, forward, backward, SGD update) on random images.
 
 `--population=P,...` adds a table of the population step (`population.seeds=P`, one program
@@ -22,6 +22,7 @@ per step of the whole population, and per member-step against P single runs; its
 times a member's step (XLA's count of one run's step).
 """
 
+import functools
 import itertools
 import json
 import platform
@@ -36,11 +37,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
-from cvjax.ops import convolution
+from cvjax import experiment
+from cvjax import jit_steps
 from cvjax import models
 from cvjax import optim
 from cvjax import runtime
-from cvjax import train
+from cvjax import sharding
+from cvjax import steps
+from cvjax.data import memory
+from cvjax.ops import convolution
 
 _MODEL = flags.DEFINE_list('model', ['resnet20'], 'resnetN, plainN (CIFAR) or lenet5.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
@@ -107,7 +112,7 @@ def matmul_peak_gflops(dtype, n=4096, reps=5):
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', recipe='none'):
+def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', recipe='none'):
   config = model_config(name)
   for field, value in RECIPES[recipe].items():
     section, key = field.split('.')
@@ -121,7 +126,7 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', reci
   if _SCAN.value is not None and 'scan_blocks' in config.model:
     config.model.scan_blocks = _SCAN.value
   shape, num_classes = input_shape_and_classes(name)
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh(config)
   replicated = NamedSharding(mesh, P())
   model = models.create_model(config.model, num_classes=num_classes, dtype=jnp.dtype(dtype),
                               remat=config.train.get('remat', False),
@@ -130,7 +135,7 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', reci
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000))
   ema = config.train.get('ema_decay', 0) > 0
-  state = jax.jit(train.state_initializer(model, tx, shape, jnp.dtype(dtype), ema),
+  state = jax.jit(steps.state_initializer(model, tx, shape, jnp.dtype(dtype), ema),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
   n = 4 * batch_size
@@ -144,13 +149,15 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', reci
              for i in range(4)]
   key = jax.random.key(1)
 
-  step = train.jit_train_step(model, tx, config, mesh)
+  train_batch = functools.partial(memory.train_batch, crop_padding=config.input.crop_padding,
+                                  flip=config.input.flip)
+  step = steps.jit_train_step(model, tx, config, mesh, train_batch)
   t0 = time.perf_counter()
   state, _ = step(state, data, batches[0], key)
   jax.block_until_ready(state)
   first = time.perf_counter() - t0
   times = []
-  for i in range(warmup + steps):
+  for i in range(warmup + num_steps):
     t0 = time.perf_counter()
     state, metrics = step(state, data, batches[i % 4], key)
     jax.block_until_ready((state, metrics))
@@ -161,15 +168,16 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', reci
 
   test = dict(images=data['train_images'], labels=data['train_labels'],
               mask=jnp.ones(n, bool), mean=data['mean'], std=data['std'])
-  eval_step = jax.jit(lambda s, t: train.eval_step(
-      s, t, {'index': 0}, model=model, batch_size=n,
+  eval_step = jax.jit(lambda s, t: steps.eval_step(
+      s, t, {'index': 0}, model=model,
+      make_eval_batch=functools.partial(memory.eval_batch, batch_size=n),
       batch_sharding=NamedSharding(mesh, P('data')), dtype=jnp.dtype(dtype)))
   jax.block_until_ready(eval_step(state, test))
   t0 = time.perf_counter()
   for _ in range(3):
     jax.block_until_ready(eval_step(state, test))
   eval_ips = 3 * n / (time.perf_counter() - t0)
-  flops = step_flops(config, tx, mesh, shape, num_classes, (data, batches[0], key))
+  flops = step_flops(config, tx, mesh, shape, num_classes, train_batch, (data, batches[0], key))
   return {'model': name, 'variant': variant, 'conv': conv, 'recipe': recipe,
           'train_images_per_s': batch_size / median,
           'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
@@ -181,9 +189,9 @@ def run_jax(name, variant, batch_size, steps, warmup, dtype, conv='native', reci
 _MEMBER_FLOPS = {}  # (model, batch size) -> FLOPs of one run's step.
 
 
-def run_population(name, members, per_call, batch_size, steps, warmup):
+def run_population(name, members, per_call, batch_size, num_steps, warmup):
   """Step time of a population of `members` seeds, `per_call` steps per dispatch, through
-  the training loop's own setup and step (`train.setup`, `train.jit_train_steps`)."""
+  the training loop's own experiment and step (`experiment.build`, `jit_steps.jit_train_steps`)."""
   config = model_config(name)
   config.dataset.name = 'mnist10k' if name == 'lenet5' else 'cifar10_6k'
   config.dataset.path = ''
@@ -191,19 +199,17 @@ def run_population(name, members, per_call, batch_size, steps, warmup):
   config.train.num_steps = 10_000
   config.train.steps_per_call = per_call
   config.population.seeds = members
-  s = train.setup(config)
-  sharding = train.state_sharding(s)
-  init_rng = (train.population_rngs(s)[0] if s.population else jax.random.key(0))
-  state = train.init_state(s.init, init_rng, sharding)
-  data = jax.device_put(s.input.train_data, NamedSharding(s.mesh, P()))
-  rng = train.population_rngs(s)[1] if s.population else jax.random.key(1)
-  step = train.jit_train_steps(s, per_call)
-  batches = [train.indices_batch(s, i * per_call, per_call) for i in range(4)]
+  exp = experiment.build(config)
+  init_rng, rng = exp.rngs()
+  state = steps.init_state(exp.init, init_rng, jit_steps.state_sharding(exp))
+  data = jax.device_put(exp.input.train_data, NamedSharding(exp.mesh, P()))
+  step = jit_steps.jit_train_steps(exp, per_call)
+  batches = [jit_steps.indices_batch(exp, i * per_call, per_call) for i in range(4)]
   t0 = time.perf_counter()
   state, _ = step(state, data, batches[0], rng)
   jax.block_until_ready(state)
   first = time.perf_counter() - t0
-  calls = max(1, -(-steps // per_call))
+  calls = max(1, -(-num_steps // per_call))
   times = []
   for i in range(max(1, warmup // per_call) + calls):
     t0 = time.perf_counter()
@@ -211,15 +217,15 @@ def run_population(name, members, per_call, batch_size, steps, warmup):
     jax.block_until_ready((state, metrics))
     times.append((time.perf_counter() - t0) / per_call)
   median = float(np.median(times[-calls:]))
-  split = per_call == 1 and train.split_backward(config)
+  split = per_call == 1 and steps.split_backward(config)
   if (name, batch_size) not in _MEMBER_FLOPS:  # A member's step, counted once per model.
     one = config.copy_and_resolve_references()
     one.population.seeds, one.train.steps_per_call = 1, 1
     indices = {'indices': jax.device_put(np.arange(batch_size, dtype=np.int32),
-                                         NamedSharding(s.mesh, P('data')))}
+                                         NamedSharding(exp.mesh, P('data')))}
     _MEMBER_FLOPS[name, batch_size] = step_flops(
-        one, s.tx, s.mesh, s.input.image_shape, s.input.num_classes,
-        (data, indices, jax.random.key(1)))
+        one, exp.tx, exp.mesh, exp.input.image_shape, exp.input.num_classes,
+        exp.input.make_train_batch, (data, indices, jax.random.key(1)))
   flops = members * _MEMBER_FLOPS[name, batch_size]
   return {'model': name, 'members': members, 'steps_per_call': per_call,
           'dtype': config.train.compute_dtype,
@@ -244,7 +250,7 @@ def print_population_table(results):
           f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
 
 
-def step_flops(config, tx, mesh, shape, num_classes, step_args):
+def step_flops(config, tx, mesh, shape, num_classes, make_train_batch, step_args):
   """Model FLOPs of one train step: XLA's cost analysis of the one-program step, without
   scan or micro-batches (the analysis counts a loop body once) or remat (re-computation is not
   model work)."""
@@ -258,10 +264,10 @@ def step_flops(config, tx, mesh, shape, num_classes, step_args):
   dtype = jnp.dtype(one.train.compute_dtype)
   model = models.create_model(one.model, num_classes=num_classes, dtype=dtype,
                               conv_general_dilated=convolution.conv_general_dilated)
-  state = jax.eval_shape(train.state_initializer(model, tx, shape, dtype,
+  state = jax.eval_shape(steps.state_initializer(model, tx, shape, dtype,
                                                  one.train.get('ema_decay', 0) > 0),
                          jax.random.key(0))
-  lowered = train.jit_train_step(model, tx, one, mesh).lower(state, *step_args)
+  lowered = steps.jit_train_step(model, tx, one, mesh, make_train_batch).lower(state, *step_args)
   cost = lowered.cost_analysis()
   if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
     cost = lowered.compile().cost_analysis()

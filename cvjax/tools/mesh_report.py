@@ -4,7 +4,7 @@
   python -m cvjax.tools.mesh_report --models=vgg16 --meshes=8x1,4x2 --fsdp --cpu_devices=8
 
 Models are cvjax.tools.summary's zoo names (`--models` and `--fsdp` are its flags) (full size, their input shapes). For each model,
-mesh and FSDP setting the real train step (`train.jit_train_step`, one program, XLA's
+mesh and FSDP setting the real train step (`steps.jit_train_step`, one program, XLA's
 convolutions) is lowered and compiled on abstract inputs: nothing is allocated unless
 `--steps` runs it. Reported: the train state per device (cvjax.sharding's rules), XLA's memory
 analysis of the compiled program per device (arguments, outputs, temporaries), and its
@@ -31,13 +31,14 @@ _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Simulate this many CPU de
                                     'devices JAX finds).')
 
 
-def report(name, data, model, fsdp, batch_size, steps=0):
+def report(name, data, model, fsdp, batch_size, num_steps=0):
   """One row: the mesh's state bytes, compiled memory and collectives per train step."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from cvjax import models, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from cvjax import models, optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
   from cvjax.ops import convolution  # pylint: disable=g-import-not-at-top
   cfg, shape, classes, _, _ = summary.ZOO[name]
   config = common.base_config()
@@ -49,7 +50,7 @@ def report(name, data, model, fsdp, batch_size, steps=0):
                             conv_general_dilated=sharding.grouped_per_device(
                                 convolution.conv_general_dilated, mesh))
   tx = optim.make_optimizer(config.optimizer, lambda step: config.optimizer.learning_rate)
-  init = train.state_initializer(net, tx, shape, jnp.float32)
+  init = steps.state_initializer(net, tx, shape, jnp.float32)
   abstract = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_sharding(abstract, mesh, config)
   by_data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
@@ -61,7 +62,7 @@ def report(name, data, model, fsdp, batch_size, steps=0):
       {'images': jax.ShapeDtypeStruct((batch_size, *shape), jnp.uint8, sharding=by_data),
        'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=by_data)},
       jax.random.key(0))
-  step = train.jit_train_step(net, tx, config, mesh, shardings)
+  step = steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
   t0 = time.perf_counter()
   compiled = step.lower(*args).compile()
   row = {'model': name, 'mesh': f'{data}x{model}', 'fsdp': fsdp, 'batch_size': batch_size,
@@ -72,9 +73,9 @@ def report(name, data, model, fsdp, batch_size, steps=0):
   if memory is not None:
     row['memory_bytes'] = {k: getattr(memory, f'{k}_size_in_bytes')
                            for k in ('argument', 'output', 'temp', 'generated_code')}
-  if steps:
+  if num_steps:
     rng = np.random.default_rng(0)
-    state = train.init_state(init, jax.random.key(0), shardings)
+    state = steps.init_state(init, jax.random.key(0), shardings)
     data_arrays = jax.device_put({'mean': np.zeros((1, 1, 1, 1), np.float32),
                                   'std': np.ones((1, 1, 1, 1), np.float32)}, replicated)
     batch = jax.device_put({'images': rng.integers(0, 256, (batch_size, *shape), np.uint8),
@@ -82,7 +83,7 @@ def report(name, data, model, fsdp, batch_size, steps=0):
                            by_data)
     state, _ = compiled(state, data_arrays, batch, args[3])  # Warm-up.
     times = []
-    for _ in range(steps):
+    for _ in range(num_steps):
       t0 = time.perf_counter()
       state, metrics = compiled(state, data_arrays, batch, args[3])
       jax.block_until_ready((state, metrics))

@@ -97,9 +97,9 @@ def state_bytes(cfg, variables, mesh_shape, fsdp=False):
   """Bytes per device of the parameters and the optimizer state (SGD with momentum, as every
   config trains with) on a (data, model) mesh of `mesh_shape`, under cvjax.sharding's rules."""
   import optax  # pylint: disable=g-import-not-at-top
-  from cvjax import sharding, train  # pylint: disable=g-import-not-at-top
+  from cvjax import sharding, steps  # pylint: disable=g-import-not-at-top
   params = variables['params']
-  state = train.TrainState(
+  state = steps.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
       model_state={k: v for k, v in variables.items() if k != 'params'},
       opt_state=jax.eval_shape(optax.sgd(0.1, momentum=0.9).init, params))

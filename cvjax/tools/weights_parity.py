@@ -48,15 +48,15 @@ def random_torchvision(model, seed=0):
 def restore(workdir, config):
   """The checkpoint in `workdir`, restored as `cvjax.main` and `cvjax.evaluate` restore it."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cvjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing, experiment  # pylint: disable=g-import-not-at-top
   size = config.input.image_size
   num_classes = 1000
-  model, _, _, _, abstract = train.build_state(config, num_classes, (size, size, 3), 1)
-  replicated = jax.sharding.NamedSharding(train.make_mesh(), jax.sharding.PartitionSpec())
+  model, _, _, _, abstract = experiment.build_state(config, num_classes, (size, size, 3), 1)
+  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = checkpointing.restore_latest(
       checkpointing.manager(workdir, 1),
       checkpointing.abstract_with_sharding(abstract, replicated),
-      train.run_identity(config, num_classes, (size, size, 3)), read_only=True)
+      experiment.fingerprint(config, num_classes, (size, size, 3)), read_only=True)
   return model, state
 
 

@@ -1,0 +1,113 @@
+"""Checks of a config's values, before a run writes anything: a negative learning rate or a
+boundary outside the run would train without a word of warning."""
+
+import math
+
+from cvjax import data as data_lib
+from cvjax.errors import UserError
+
+
+def check_config(config, num_devices):
+  """Rejects values the loop would misread, before the run writes anything."""
+  t = config.train
+  for key in ('batch_size', 'eval_batch_size'):
+    b = t[key]
+    if b <= 0 or b % num_devices:
+      raise UserError(f'train.{key}={b} must be a positive multiple of the {num_devices} '
+                      'devices the batch is split over.')
+  k = t.get('accumulate_steps', 1)
+  if isinstance(k, int) and k > 1 and t.batch_size % (k * num_devices):
+    raise UserError(f'train.batch_size={t.batch_size} does not split into '
+                    f'train.accumulate_steps={k} micro-batches over {num_devices} device(s): '
+                    f'use a multiple of {k * num_devices}.')
+  if t.compute_dtype not in ('float32', 'bfloat16'):
+    raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32 or bfloat16.')
+  at_least = {
+      'log_every_steps': (1, 'log every N steps'),
+      'keep_checkpoints': (1, 'how many of the latest checkpoints to keep'),
+      'checkpoint_every_steps': (0, 'save every N steps; 0: only at the end and on preemption'),
+      'eval_every_steps': (0, 'evaluate every N steps; 0: once per epoch'),
+      'grad_norm_every_steps': (0, 'log gradient norms every N steps; 0: off'),
+      'steps_per_call': (1, 'train steps per dispatch of the jitted loop'),
+  }
+  for key, (low, meaning) in at_least.items():
+    value = t.get(key, low)
+    if not isinstance(value, int) or value < low:
+      raise UserError(f'train.{key}={value!r}; expected an integer >= {low} ({meaning}).')
+  if t.num_steps is not None and t.num_steps <= 0:
+    raise UserError(f'train.num_steps={t.num_steps}; expected a positive number of steps (or '
+                    'leave it unset and set train.num_epochs).')
+  if t.num_steps is None and not (_is_number(t.num_epochs) and t.num_epochs > 0):
+    raise UserError(f'train.num_epochs={t.num_epochs!r}; expected a positive number (or set '
+                    'train.num_steps).')
+  data_lib.eval_flip(config)
+  check_values(config)
+
+
+def _is_number(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_values(config):
+  """Signs, ranges and types of the optimizer, schedule, input and seed fields: a negative
+  learning rate or a boundary outside the run trains without a word of warning."""
+  o, sch, inp, t = config.optimizer, config.schedule, config.input, config.train
+  numbers = [  # (field, value, test, what is expected)
+      ('optimizer.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number'),
+      ('optimizer.weight_decay', o.get('weight_decay', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off)'),
+      ('optimizer.momentum', o.get('momentum', 0), lambda v: 0 <= v < 1,
+       'a number in [0, 1) (0: plain SGD)'),
+      ('schedule.decay_factor', sch.get('decay_factor', 1), lambda v: v > 0,
+       'a positive factor (0.1: /10 at each boundary)'),
+      ('schedule.power', sch.get('power', 1), lambda v: v > 0,
+       'a positive exponent of the polynomial schedule'),
+      ('schedule.end_value', sch.get('end_value', 0), lambda v: 0 <= v <= o.learning_rate,
+       f'a learning rate in [0, optimizer.learning_rate={o.learning_rate}]'),
+      ('optimizer.b1', o.get('b1', 0.9), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.b2', o.get('b2', 0.999), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.eps', o.get('eps', 1e-8), lambda v: v >= 0, 'a number >= 0'),
+      ('optimizer.trust_coefficient', o.get('trust_coefficient', 1e-3), lambda v: v > 0,
+       "a positive number (LARS's eta, 0.001)"),
+      ('train.label_smoothing', t.get('label_smoothing', 0), lambda v: 0 <= v < 1,
+       'a number in [0, 1) (0: off; 0.1 in torchvision\'s recipe)'),
+      ('train.ema_decay', t.get('ema_decay', 0), lambda v: 0 <= v < 1,
+       'a per-step decay in [0, 1) (0: no moving average; e.g. 0.999)'),
+      ('input.random_erasing', inp.get('random_erasing', 0), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1] (0: off)'),
+      ('input.mixup_alpha', inp.get('mixup_alpha', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off; 0.2 in torchvision\'s recipe)'),
+      ('input.cutmix_alpha', inp.get('cutmix_alpha', 0), lambda v: v >= 0,
+       'a number >= 0 (0: off; 1.0 in torchvision\'s recipe)'),
+      ('input.mix_prob', inp.get('mix_prob', 1), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1]'),
+      ('input.cutmix_prob', inp.get('cutmix_prob', 0.5), lambda v: 0 <= v <= 1,
+       'a probability in [0, 1]'),
+  ]
+  for field, value, test, expected in numbers:
+    if not _is_number(value) or not test(value):
+      raise UserError(f'{field}={value!r}; expected {expected}.')
+  integers = [  # (field, value, low, high, meaning)
+      ('schedule.warmup_steps', sch.get('warmup_steps', 0), 0, None, 'steps of linear warm-up'),
+      ('input.crop_padding', inp.get('crop_padding', 0), 0, 256,
+       'pixels of zero padding for random crops; 0: off'),
+      ('input.image_size', inp.get('image_size', 0), 0, 4096,
+       'the side of the input images; 0: as stored'),
+      ('seed', config.get('seed', 0), 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
+      ('train.accumulate_steps', t.get('accumulate_steps', 1), 1, None,
+       'micro-batches per update; 1: off'),
+  ]
+  for field, value, low, high, meaning in integers:
+    if (not isinstance(value, int) or isinstance(value, bool) or value < low
+        or (high is not None and value > high)):
+      limit = f'>= {low}' if high is None else f'in [{low}, {high}]'
+      raise UserError(f'{field}={value!r}; expected an integer {limit} ({meaning}).')
+  auto = inp.get('auto_augment', '')
+  if auto not in ('', 'trivial_augment_wide'):
+    raise UserError(f'input.auto_augment={auto!r}; expected \'\' (off) or trivial_augment_wide '
+                    '(TrivialAugment, torchvision\'s TrivialAugmentWide; streamed input).')
+  boundaries = sch.get('boundaries', ())
+  if sch.name == 'piecewise' and (not isinstance(boundaries, (tuple, list)) or not all(
+      _is_number(b) and 0 <= b <= 1 for b in boundaries)):
+    raise UserError(f'schedule.boundaries={boundaries!r}; expected fractions of the run in '
+                    '[0, 1], e.g. (0.5, 0.75): /10 at half and three quarters of the steps.')

@@ -1,0 +1,205 @@
+"""What a run builds from its config before it touches the workdir: the config checked, the
+mesh, the input, the model, optimizer and abstract train state, and the fingerprint a
+checkpoint must match; one run's, or a population's by group (cvjax/population.py)."""
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+
+from cvjax import checkpointing
+from cvjax import config_checks
+from cvjax import data as data_lib
+from cvjax import models
+from cvjax import optim
+from cvjax import population
+from cvjax import sharding as sharding_lib
+from cvjax import steps
+from cvjax.errors import UserError
+from cvjax.ops import convolution
+
+
+@dataclasses.dataclass
+class Group:
+  """Members whose configs differ only by the seed: one model and optimizer, vmapped."""
+  members: list  # population.Member
+  model: Any
+  schedule: Any
+  tx: Any
+  init: Any  # rng -> one member's TrainState.
+  abstract_state: Any  # One member's.
+
+
+@dataclasses.dataclass
+class Experiment:
+  """One run, or a population of members trained together. A population's `init`,
+  `abstract_state` and train step hold every group's state, by `state_keys`; `model`,
+  `schedule` and `tx` are then those of its first group."""
+  config: Any
+  mesh: Any
+  input: data_lib.Input
+  model: Any
+  schedule: Any
+  tx: Any
+  steps_per_epoch: int
+  total_steps: int
+  init: Any  # rng -> TrainState (a population: {key: rngs} -> {key: stacked TrainState}).
+  abstract_state: Any
+  fingerprint: dict  # What a checkpoint must match: the model, the data and its input shape.
+  groups: list = dataclasses.field(default_factory=list)  # A population's; [] for one run.
+
+  @property
+  def population(self):
+    return bool(self.groups)
+
+  @property
+  def members(self):
+    return [m for g in self.groups for m in g.members]
+
+  @property
+  def state_keys(self):
+    return [f'group{i}' for i in range(len(self.groups))]
+
+  def rngs(self):
+    """(init rng, train rng): one run's from its seed; a population's by group, each member's
+    derived from its seed as a run alone."""
+    if not self.population:
+      return tuple(jax.random.split(jax.random.key(self.config.seed)))
+
+    def keys(g, i):
+      return jnp.stack([jax.random.split(jax.random.key(m.config.seed))[i] for m in g.members])
+    return ({k: keys(g, 0) for k, g in zip(self.state_keys, self.groups)},
+            {k: keys(g, 1) for k, g in zip(self.state_keys, self.groups)})
+
+  def member_dirs(self, workdir):
+    """{member: its folder}: one run's is the workdir ({None: workdir}); a population's
+    members each have `members/<name>/`, laid out as an ordinary run's."""
+    if not self.population:
+      return {None: epath.Path(workdir)}
+    return {m.name: epath.Path(workdir) / 'members' / m.name for m in self.members}
+
+  def by_member(self, tree):
+    """{member: its part} of a host tree whose leaves have a member axis ({None: tree})."""
+    if not self.population:
+      return {None: tree}
+    return {m.name: jax.tree.map(lambda x, i=i: x[i], tree) for i, m in enumerate(self.members)}
+
+  def by_member_of_groups(self, trees):
+    """{member: its part} of {state key: tree with a member axis} (the train state, gradient
+    norms)."""
+    if not self.population:
+      return {None: trees}
+    return {m.name: jax.tree.map(lambda x, i=i: x[i], trees[k])
+            for k, g in zip(self.state_keys, self.groups) for i, m in enumerate(g.members)}
+
+  def member_configs(self):
+    """{member: (its config, its group)}; one run's: {None: (config, the experiment)}, which
+    has the group's `model` and `abstract_state`."""
+    if not self.population:
+      return {None: (self.config, self)}
+    return {m.name: (m.config, g) for g in self.groups for m in g.members}
+
+
+def build_state(config, num_classes, input_shape, total_steps, mesh=None):
+  """(model, schedule, optimizer, initializer, abstract train state) of `config` for
+  `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
+  data (cvjax.import_weights writes checkpoints with it). On a `mesh` of several devices,
+  grouped convolutions run per device (cvjax.sharding.grouped_per_device)."""
+  dtype = jnp.dtype(config.train.compute_dtype)
+  model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
+                              remat=config.train.get('remat'),
+                              conv_general_dilated=sharding_lib.grouped_per_device(
+                                  convolution.for_config(config), mesh))
+  # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
+  schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
+                                         total_steps))
+  tx = optim.make_optimizer(config.optimizer, schedule)
+  init = steps.state_initializer(model, tx, input_shape, dtype,
+                                 ema=config.train.get('ema_decay', 0.0) > 0)
+  return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
+
+
+def fingerprint(config, num_classes, input_shape, dataset=None):
+  """What a checkpoint must match to be restored: the model, the data and its input shape.
+  Without `dataset` (imported weights) it matches any data of that input shape and number of
+  classes: checkpointing.check_fingerprint compares the fields both record. The optimizer's,
+  the schedule's and the run length's settings are recorded, not matched: they may change when
+  a run resumes, as long as the train state keeps its layout (checkpointing.check_layout)."""
+  out = {'model': config.model.to_dict(), 'num_classes': num_classes,
+         'input_shape': list(input_shape), checkpointing.RESUMABLE: json.loads(json.dumps({
+             'optimizer': config.optimizer.to_dict(), 'schedule': config.schedule.to_dict(),
+             'num_steps': config.train.num_steps, 'num_epochs': config.train.num_epochs,
+             'batch_size': config.train.batch_size}))}  # As saved: tuples as lists.
+  return out if dataset is None else {**out, 'dataset': dataset}
+
+
+def steps_for(config, num_train):
+  """(steps per epoch, total steps): `train.num_steps` wins over `train.num_epochs`."""
+  batch = config.train.batch_size
+  if batch > num_train:
+    raise UserError(f'train.batch_size={batch} exceeds the {num_train} training examples.')
+  per_epoch = num_train // batch  # The last partial batch of an epoch is dropped.
+  total = config.train.num_steps or int(math.ceil(config.train.num_epochs * per_epoch))
+  if total <= 0:
+    raise UserError('set train.num_steps or train.num_epochs to a positive number.')
+  return per_epoch, total
+
+
+def _check_combinations(config, mesh):
+  """Settings that are each fine but do not go together (or not on this machine)."""
+  is_population = population.is_population(config)
+  if is_population and (mesh.shape['model'] > 1 or config.mesh.fsdp):
+    raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
+                    '(population.seeds > 1 or population.vary) splits its members or their '
+                    'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
+  if config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu':
+    logging.warning('train.compute_dtype=bfloat16 on a CPU is slower than float32: XLA:CPU has '
+                    'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
+                    '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
+                    'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
+  if data_lib.pipeline_for(config.dataset) == 'memory':
+    return
+  if config.train.get('steps_per_call', 1) > 1:
+    raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
+                    'held on the device; this dataset streams from disk (dataset.pipeline), one '
+                    'batch per call: leave train.steps_per_call=1.')
+  if is_population:
+    raise UserError('a population (population.seeds > 1 or population.vary) trains on data '
+                    'held on the device; this dataset streams from disk (dataset.pipeline). '
+                    'Train its members as separate runs instead, e.g. a sweep over seed.')
+
+
+def build(config, devices=None) -> Experiment:
+  """The experiment of `config` on `devices` (default: all): checks the config and loads the
+  data; writes nothing."""
+  mesh = sharding_lib.make_mesh(config, devices)
+  config_checks.check_config(config, mesh.shape['data'])
+  _check_combinations(config, mesh)
+  inp = data_lib.make_input(config, mesh)
+  input_shape = tuple(inp.image_shape)
+  steps_per_epoch, total_steps = steps_for(config, inp.num_train)
+  model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
+                                                          total_steps, mesh)
+  checked = fingerprint(config, inp.num_classes, input_shape, inp.fingerprint)
+  if not population.is_population(config):
+    return Experiment(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
+                      abstract_state, checked)
+  groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
+            for ms in population.group_members(population.members(config))]
+  keys = [f'group{i}' for i in range(len(groups))]
+  stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
+
+  def init_population(rngs):
+    return {k: jax.vmap(g.init)(rngs[k]) for k, g in zip(keys, groups)}
+  abstract = {k: jax.tree.map(lambda a, n=len(g.members): stacked(a, n), g.abstract_state)
+              for k, g in zip(keys, groups)}
+  checked['population'] = json.loads(json.dumps({  # As saved: tuples as lists.
+      'members': [m.name for g in groups for m in g.members],
+      'models': [g.members[0].config.model.to_dict() for g in groups]}))
+  return Experiment(config, mesh, inp, groups[0].model, groups[0].schedule, groups[0].tx,
+                    steps_per_epoch, total_steps, init_population, abstract, checked, groups)
