@@ -65,28 +65,35 @@ def _log_start(exp, sharding):
     logging.info('%s.', sharding_lib.describe(exp.abstract_state, sharding, exp.mesh))
 
 
-def _write_configs(exp, workdir, dirs):
-  """config.json of the run, and of each member of a population in its folder."""
-  (epath.Path(workdir) / 'config.json').write_text(exp.config.to_json_best_effort(indent=2))
-  for m in exp.members:
-    dirs[m.name].mkdir(parents=True, exist_ok=True)
-    (dirs[m.name] / 'config.json').write_text(m.config.to_json_best_effort(indent=2))
+def open_writers(exp, workdir, start_step):
+  """The metric writer of the run, or of each member of a population, resumed at
+  `start_step`; the main process first writes each one's config.json."""
+  dirs = exp.member_dirs(workdir)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(exp.config.to_json_best_effort(indent=2))
+    for m in exp.members:
+      dirs[m.name].mkdir(parents=True, exist_ok=True)
+      (dirs[m.name] / 'config.json').write_text(m.config.to_json_best_effort(indent=2))
+  return {name: metric_writer.create(d, resume_step=start_step) for name, d in dirs.items()}
+
+
+def restore_or_init(exp, workdir, sharding, init_rng):
+  """(checkpoint manager, train state): the newest checkpoint that restores, or a new state
+  built in place."""
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpointing.check_shared_workdir(workdir)
+  mngr = checkpointing.manager(workdir, exp.config.train.keep_checkpoints)
+  state = checkpointing.restore_latest(
+      mngr, checkpointing.abstract_with_sharding(exp.abstract_state, sharding), exp.fingerprint)
+  return mngr, steps.init_state(exp.init, init_rng, sharding) if state is None else state
 
 
 def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   """The loop of `train_and_evaluate`, once the experiment is built and the workdir locked."""
-  config, t = exp.config, exp.config.train
+  t = exp.config.train
   sharding = jit_steps.state_sharding(exp)
-
-  # --- The train state: restored, or built in place. ---
   init_rng, train_rng = exp.rngs()
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  checkpointing.check_shared_workdir(workdir)
-  mngr = checkpointing.manager(workdir, t.keep_checkpoints)
-  state = checkpointing.restore_latest(
-      mngr, checkpointing.abstract_with_sharding(exp.abstract_state, sharding), exp.fingerprint)
-  if state is None:
-    state = steps.init_state(exp.init, init_rng, sharding)
+  mngr, state = restore_or_init(exp, workdir, sharding, init_rng)
   start_step = current_step(state)
   if start_step >= exp.total_steps:
     finished = results_lib.read_finished(workdir, exp, start_step)
@@ -95,11 +102,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   elif start_step:
     logging.info('Resuming from the checkpoint at step %d.', start_step)
   t_start = time.perf_counter()
-  is_main = jax.process_index() == 0  # Writes the logs, metrics and results.
-  dirs = exp.member_dirs(workdir)
-  if is_main:
-    _write_configs(exp, workdir, dirs)
-  writers = {name: metric_writer.create(d, resume_step=start_step) for name, d in dirs.items()}
+  writers = open_writers(exp, workdir, start_step)
   schedules = {name: g.schedule for name, (_, g) in exp.member_configs().items()}
   _log_start(exp, sharding)
 
@@ -119,6 +122,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   accumulate = jax.jit(steps.accumulate)
 
   def evaluate_all(state):
+    """(test metrics, top-5 predictions, confidence), of the moving average too."""
     metrics, predictions, confidence = evaluate(eval_step, state, test_data,
                                                 exp.input.eval_batches(), exp.input.num_test,
                                                 exp.input.num_classes)
@@ -129,10 +133,8 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   log_every, ckpt_every = t.log_every_steps, t.checkpoint_every_steps
   eval_every = t.eval_every_steps or exp.steps_per_epoch
   skip_nonfinite = t.get('skip_nonfinite', False)
-  per_call = t.get('steps_per_call', 1)
   chrono = progress.Chrono(exp.total_steps, t.batch_size * (len(exp.members) or 1))
-  acc, test_metrics, predictions, confidence = None, {}, None, None
-  saved = [start_step]
+  acc, evaluation, saved = None, None, [start_step]
 
   def save(done, state, acc):
     if saved[-1] == done:
@@ -145,17 +147,14 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
         w.sync()  # Logs up to here reach a remote workdir with each checkpoint.
     saved.append(done)
 
-  def close_writers():
-    for w in writers.values():
-      w.close()
-
-  # Each call trains up to `per_call` steps, and stops at the next step that logs, evaluates,
-  # checkpoints or measures gradients, so those happen at the same steps whatever per_call is.
+  # Each call trains up to train.steps_per_call steps, and stops at the next step that logs,
+  # evaluates, checkpoints or measures gradients, so those happen at the same steps whatever
+  # steps_per_call is.
   events = [e for e in (log_every, eval_every, ckpt_every, grad_norm_every) if e]
   in_flight, done = None, start_step
   while done < exp.total_steps:
     step = done
-    k = min([per_call, exp.total_steps - step] + [e - step % e for e in events])
+    k = min([t.get('steps_per_call', 1), exp.total_steps - step] + [e - step % e for e in events])
     with chrono.waiting_for_input():
       batch = next_batch(step, k)
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
@@ -184,25 +183,18 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     eval_now = done % eval_every == 0 or done == exp.total_steps
     if (log_now or eval_now) and not skip_nonfinite:
       check_finite(acc, mngr)  # A non-finite state is never logged, evaluated or saved.
-
-    if log_now:
+    if log_now:  # The only host pull of train metrics: once per log.
       log_train(exp, done, jax.device_get(acc), chrono.lap(done), schedules, writers,
-                skip_nonfinite)  # The only host pull of train metrics: once per log.
+                skip_nonfinite)
       acc = None
-
     if done == exp.total_steps:  # Saved before the final evaluation: a stop there loses nothing.
       save(done, state, acc)
       mngr.wait_until_finished()
       logging.info('Saved the final checkpoint (step %d).', done)
-
     if eval_now:
       with chrono.paused():
-        test_metrics, predictions, confidence = evaluate_all(state)
-        logged = exp.by_member(test_metrics)
-        for name, m in logged.items():
-          writers[name].write_scalars(done, m)
-        logging.info('step %d/%d  test %s', done, exp.total_steps,
-                     progress.metrics_text(logged, 'test'))
+        evaluation = evaluate_all(state)
+        log_test(exp, done, evaluation[0], writers)
 
     stop = stop_requested(done)  # SIGTERM or SIGINT: save this step and stop.
     if (ckpt_every and done % ckpt_every == 0) or stop:
@@ -210,28 +202,42 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     if stop and done < exp.total_steps:
       logging.warning('Stopping after step %d (%s): its checkpoint is saved.', done, stop)
       mngr.wait_until_finished()
-      close_writers()
+      for w in writers.values():
+        w.close()
       raise preemption.Preempted(done, stop)
 
   if batches is not None:
     batches.close()  # Stops the streaming workers.
   mngr.wait_until_finished()
-  final = {}
-  step = current_step(state)
-  if step >= exp.total_steps:
-    if predictions is None:  # Nothing left to train: evaluate the restored state.
-      logging.info('The checkpoint at step %d is the last of this run; evaluating it.', step)
-      test_metrics, predictions, confidence = evaluate_all(state)
-    final = exp.by_member({k: np.asarray(v) for k, v in test_metrics.items()})
-    if is_main:
-      results = results_lib.write(workdir, exp, step, test_metrics, predictions, confidence,
-                                  writers)
-      logging.info('%s', results_lib.summary_line(
-          results, workdir, f'Finished {config.model.name} at step {results["step"]} in '
-          f'{progress.fmt_time(time.perf_counter() - t_start)}'))
-  close_writers()
-  final = {name: {k: float(v) for k, v in m.items()} for name, m in final.items()}
-  return state, final[None] if not exp.population else final
+  if evaluation is None:  # Nothing left to train: evaluate the restored state.
+    logging.info('The checkpoint at step %d is the last of this run; evaluating it.', done)
+    evaluation = evaluate_all(state)
+  return state, finish(exp, workdir, done, evaluation, writers, time.perf_counter() - t_start)
+
+
+def finish(exp, workdir, step, evaluation, writers, seconds):
+  """Writes the results (the main process), closes the writers; returns the test metrics
+  (a population's by member)."""
+  test_metrics, predictions, confidence = evaluation
+  if jax.process_index() == 0:
+    results = results_lib.write(workdir, exp, step, test_metrics, predictions, confidence,
+                                writers)
+    logging.info('%s', results_lib.summary_line(
+        results, workdir, f'Finished {exp.config.model.name} at step {step} in '
+        f'{progress.fmt_time(seconds)}'))
+  for w in writers.values():
+    w.close()
+  by_member = exp.by_member({k: np.asarray(v) for k, v in test_metrics.items()})
+  final = {name: {k: float(v) for k, v in m.items()} for name, m in by_member.items()}
+  return final[None] if not exp.population else final
+
+
+def log_test(exp, step, test_metrics, writers):
+  """Writes each member's test metrics, and the test line of the log."""
+  logged = exp.by_member(test_metrics)
+  for name, m in logged.items():
+    writers[name].write_scalars(step, m)
+  logging.info('step %d/%d  test %s', step, exp.total_steps, progress.metrics_text(logged, 'test'))
 
 
 def log_train(exp, step, sums, lap, schedules, writers, skip_nonfinite):

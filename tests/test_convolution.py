@@ -65,6 +65,7 @@ def _loss(conv, strides, padding, **kw):
     ((2, 9, 9, 8), (3, 3, 8, 8), (2, 2), ((1, 1), (1, 1))),  # stride 2, explicit pad 1
     ((2, 8, 8, 4), (5, 5, 2, 6), (1, 1), 'SAME'),        # AlexNet conv2: two groups
 ])
+@pytest.mark.slow
 def test_gradients_match_autodiff(backend, shape, kernel, strides, padding):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 from ml_collections import ConfigDict
+import pytest
 
 from cvjax.data import memory as ip
 
@@ -44,6 +45,7 @@ def test_cifar10_6k_by_name_offline():
   assert np.bincount(data.test_labels).tolist() == [100] * 10
 
 
+@pytest.mark.slow
 def test_build_writes_the_shipped_mnist10k_bytes(tmp_path):
   """Recovers each digit's images in package order from the shipped files (the documented
   split and sha256 order), rebuilds, and compares bytes: the builder is the one that made them."""

@@ -200,6 +200,7 @@ print(matplotlib.get_backend(), plt.get_fignums())
 """
 
 
+@pytest.mark.slow
 def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
   """A notebook's inline backend (here: svg) stays, so its own plots still show."""
   paths = [str(tmp_path), str(tmp_path / 'f6.png'), str(tmp_path / 'g.png')]

@@ -129,6 +129,7 @@ def test_tfds_mock_data():
   assert len(data.class_names) == 10  # Mock metadata carries no names.
 
 
+@pytest.mark.slow
 def test_tfds_unknown_name_and_offline(tmp_path, monkeypatch):
   with pytest.raises(UserError, match='unknown dataset.name=.places365.*cifar10'):
     ip.load(ConfigDict(dict(name='places365', path='', data_dir='', download=True)))
@@ -144,6 +145,7 @@ def test_tfds_unknown_name_and_offline(tmp_path, monkeypatch):
     ip.load(ConfigDict(dict(name='mnist', path='', data_dir=str(tmp_path), download=True)))
 
 
+@pytest.mark.slow
 def test_augmentation_is_deterministic_given_the_rng():
   images = jax.random.normal(jax.random.key(0), (8, 12, 12, 3))
   a = ip.augment(images, jax.random.key(1), crop_padding=4, flip=True)

@@ -19,6 +19,7 @@ def count_params(model, shape):
   return sum(x.size for x in jax.tree.leaves(variables['params']))
 
 
+@pytest.mark.slow
 def test_lenet5_shape_and_count():
   model = LeNet5()
   x = jnp.zeros((3, 32, 32, 1))
@@ -33,6 +34,7 @@ PAPER_PARAMS = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
 
 
 @pytest.mark.parametrize('depth', sorted(PAPER_PARAMS))
+@pytest.mark.slow
 def test_cifar_resnet_params_match_paper_and_plain_twin(depth):
   resnet = count_params(CifarResNet(depth=depth), (1, 32, 32, 3))
   plain = count_params(CifarResNet(depth=depth, residual=False), (1, 32, 32, 3))
@@ -43,6 +45,7 @@ def test_cifar_resnet_params_match_paper_and_plain_twin(depth):
 
 
 @pytest.mark.parametrize('residual', [True, False])
+@pytest.mark.slow
 def test_cifar_resnet_forward_train_and_eval(residual):
   model = CifarResNet(depth=8, residual=residual, num_classes=7)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
@@ -55,6 +58,7 @@ def test_cifar_resnet_forward_train_and_eval(residual):
   assert model.apply(variables, x).shape == (4, 7)
 
 
+@pytest.mark.slow
 def test_residual_and_plain_differ_only_by_the_shortcut():
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   variables = CifarResNet(depth=8).init(jax.random.key(0), x)
@@ -64,6 +68,7 @@ def test_residual_and_plain_differ_only_by_the_shortcut():
   assert not np.allclose(res, plain)
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_given_the_seed():
   model = CifarResNet(depth=8)
   x = jnp.zeros((1, 8, 8, 3))
@@ -74,6 +79,7 @@ def test_init_is_deterministic_given_the_seed():
   assert not jax.tree.all(jax.tree.map(jnp.array_equal, a['params'], c['params']))
 
 
+@pytest.mark.slow
 def test_activation_and_batch_norm_options():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   for act in ('relu', 'tanh', 'sigmoid'):
@@ -180,6 +186,7 @@ def test_cifar_stride_two_branch_samples_the_shortcuts_pixels():
 
 @pytest.mark.parametrize('bottleneck,stride_in_bottleneck',
                          [(False, '1x1'), (True, '1x1'), (True, '3x3')])
+@pytest.mark.slow
 def test_imagenet_stride_two_branch_and_projection_sample_the_same_pixels(bottleneck,
                                                                          stride_in_bottleneck):
   """With identity kernels and BatchNorm at its initial statistics, the branch of a stride-2

@@ -176,6 +176,7 @@ print('AGREE')
 
 
 @pytest.mark.parametrize('seeds', [1, 2])
+@pytest.mark.slow
 def test_several_steps_per_call_equal_single_steps(idx_dir, tmp_path, seeds):
   """train.steps_per_call=5: a lax.scan of 5 steps per dispatch gives the states and the
   logged metrics of single steps (one run and a population); logs, evaluations and checkpoints

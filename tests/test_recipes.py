@@ -32,6 +32,7 @@ def step_fn(s, **kw):
                                                                   **batch_kw, **kw}))
 
 
+@pytest.mark.slow
 def test_the_default_step_is_the_papers_step_bit_for_bit(idx_dir):
   """Every recipe off (the defaults): the step equals the step as it was written before them:
   crops and flips, integer-label cross-entropy, SGD + L2 + momentum."""
@@ -60,6 +61,7 @@ def test_the_default_step_is_the_papers_step_bit_for_bit(idx_dir):
                (params, model_state))
 
 
+@pytest.mark.slow
 def test_label_smoothing_is_optax_formula_and_zero_is_the_plain_loss():
   logits = jax.random.normal(jax.random.key(0), (16, 10)) * 3
   labels = jax.random.randint(jax.random.key(1), (16,), 0, 10)
@@ -81,6 +83,7 @@ def test_label_smoothing_is_optax_formula_and_zero_is_the_plain_loss():
       jnp.sum(optax.softmax_cross_entropy(logits, target)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_step_trains_on_the_smoothed_loss(idx_dir):
   config = tiny_config(idx_dir, **{'train.label_smoothing': 0.1})
   s, state, data, batch = first_batch(config)
@@ -104,6 +107,7 @@ def images(seed=0, b=8, size=12):
   return jax.random.uniform(jax.random.key(seed), (b, size, size, 3), minval=0.1, maxval=1.0)
 
 
+@pytest.mark.slow
 def test_mixup_mixes_with_the_rolled_batch_and_prob_zero_mixes_nothing():
   x, labels = images(), jnp.arange(8)
   mixed, other, weight = batch_augment.mix(x, labels, jax.random.key(3), mixup_alpha=0.4)
@@ -147,6 +151,7 @@ def test_both_alphas_switch_between_mixup_and_cutmix():
   assert 8 <= sum(kinds) <= 32, sum(kinds)  # About half CutMix (p = 0.5, 40 draws).
 
 
+@pytest.mark.slow
 def test_random_erasing_sets_one_box_per_image_to_zero():
   x = images(b=64, size=32)
   np.testing.assert_array_equal(batch_augment.random_erase(x, jax.random.key(0), 0.0), x)
@@ -163,6 +168,7 @@ def test_random_erasing_sets_one_box_per_image_to_zero():
   assert 16 <= some.any(axis=(1, 2)).sum() <= 48
 
 
+@pytest.mark.slow
 def test_ema_decay_zero_is_the_raw_weights_and_the_warmup_follows_tf(idx_dir):
   config = tiny_config(idx_dir, **{'train.ema_decay': 0.999})
   s, state, data, batch = first_batch(config)
@@ -242,6 +248,7 @@ def idx_256(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow
 def test_two_micro_batches_of_64_are_one_step_of_128_without_batchnorm(idx_256):
   config = tiny_config(idx_256, **{'train.batch_size': 128, 'model.batch_norm': False,
                                    'optimizer.learning_rate': 0.05})
@@ -256,6 +263,7 @@ def test_two_micro_batches_of_64_are_one_step_of_128_without_batchnorm(idx_256):
   assert m1['count'] == m2['count'] == 128 and m1['errors'] == m2['errors']
 
 
+@pytest.mark.slow
 def test_accumulation_with_batchnorm_updates_the_running_averages_per_micro_batch(idx_256):
   config = tiny_config(idx_256, **{'train.batch_size': 128})
   s, state, data, batch = first_batch(config)
@@ -266,6 +274,7 @@ def test_accumulation_with_batchnorm_updates_the_running_averages_per_micro_batc
   assert not np.allclose(first(two), first(one))
 
 
+@pytest.mark.slow
 def test_flip_averages_the_logits_of_each_image_and_its_mirror(idx_dir):
   s, state, _, _ = first_batch(tiny_config(idx_dir))
   test = jax.device_put(s.input.test_data)
@@ -292,6 +301,7 @@ def test_decay_mask_leaves_out_batchnorm_and_biases(idx_dir):
 
 
 @pytest.mark.parametrize('name', ['sgd', 'adamw', 'lars', 'lamb'])
+@pytest.mark.slow
 def test_each_optimizer_steps_and_the_mask_spares_batchnorm_and_biases(idx_dir, name):
   config = tiny_config(idx_dir, **{'optimizer.name': name, 'optimizer.weight_decay': 0.1,
                                    'optimizer.decay_bn_and_bias': False,

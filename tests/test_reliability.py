@@ -98,6 +98,7 @@ def test_values_out_of_range_are_refused_before_anything_is_written(idx_dir, tmp
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_an_extra_argument_is_one_paragraph_and_exit_2(tmp_path):
   out = run_main(tmp_path / 'run', 'extra')
   assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
@@ -206,6 +207,7 @@ def test_dataset_name_that_contradicts_the_path_is_reported(idx_dir, tmp_path, c
   assert 'disagrees' not in caplog.text
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_dataset_is_refused(idx_dir, tmp_path):
   from conftest import bars, write_idx  # pylint: disable=g-import-not-at-top
   other = tmp_path / 'other'  # Same shapes and classes, other images and labels.

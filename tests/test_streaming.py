@@ -145,6 +145,7 @@ def test_train_batches_shard_by_process_and_restart_at_any_step():
   assert len(parts[0][0]['labels']) == 2
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_batches(tmp_path):
   splits = streaming.image_folder(write_jpeg_folder(tmp_path))
   ds = streaming.train_dataset(

@@ -173,6 +173,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(idx_dir, tmp_path):
      "unknown config field 'train.learning_rate'; did you mean 'optimizer.learning_rate'?"),
     (['--config=configs/nope.py'], 'No such file'),
 ])
+@pytest.mark.slow
 def test_bad_config_flags_give_one_line(tmp_path, args, message):
   out = subprocess.run([sys.executable, '-m', 'cvjax.main', f'--workdir={tmp_path}', *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -180,6 +181,7 @@ def test_bad_config_flags_give_one_line(tmp_path, args, message):
   assert 'cvjax: error:' in out.stderr and message in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_end_of_a_run_is_saved_first_and_a_finished_run_says_so(idx_dir, tmp_path, caplog,
                                                                     monkeypatch):
   """The final checkpoint is written before the final evaluation, so a run stopped during it
@@ -217,6 +219,7 @@ def test_the_end_of_a_run_is_saved_first_and_a_finished_run_says_so(idx_dir, tmp
   assert int(again.step) == 12
 
 
+@pytest.mark.slow
 def test_help_lists_the_fields_and_dry_run_prints_the_plan(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'cvjax.main', '--config=configs/lenet.py:quick',
                         '--help'], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -32,6 +32,7 @@ def abstract_variables(name):
 
 
 @pytest.mark.parametrize('name', sorted(EXACT))
+@pytest.mark.slow
 def test_exact_parameter_counts(name):
   _, variables = abstract_variables(name)
   assert sum(x.size for x in jax.tree.leaves(variables['params'])) == EXACT[name]
@@ -121,6 +122,7 @@ def test_init_is_deterministic_for_every_family():
     assert jax.tree.all(jax.tree.map(jnp.array_equal, a, b))
 
 
+@pytest.mark.slow
 def test_summary_table_rows():
   row = summary.describe('cifar_resnet20')
   assert row['params'] == 269_722 and row['weight_layers'] == 20
@@ -164,6 +166,7 @@ class FieldsRead:
 
 
 @pytest.mark.parametrize('module,arg', config_args())
+@pytest.mark.slow
 def test_every_config_builds_its_model(module, arg):
   config = load_config(module, arg)
   model = models.create_model(config.model, num_classes=10, dtype=jnp.float32)
