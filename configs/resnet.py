@@ -21,7 +21,10 @@ over the first 400 steps).
 Measured (README, docs/results; 2-core CPUs):
   quick: 5 epochs, 2 min 45 s cold, 60.4% test error (AMD EPYC Zen 5, shared).
   resnet20 for 3 epochs (num_epochs=3, the CIFAR-10 JPEG copy): 31.34% test error, ~13 min;
-  plain20 the same: 37.67%, ~7 min (2-core CPU, 2026-11-25). One CIFAR-10 epoch of resnet20:
+  plain20 the same: 37.67%, ~7 min (2-core CPU, 2026-11-25). With 3 seeds as populations
+  (experiments/depth_ablation.py:quick, 3 epochs, AMD EPYC Zen 5, 2 cores, 2026-12-02):
+  resnet20 31.37 ± 0.77%, plain20 38.22 ± 2.71%, resnet56 55.73 ± 7.42%, plain56 78.75 ± 8.51%.
+  One CIFAR-10 epoch of resnet20:
   610-629 img/s (Intel Xeon Sapphire Rapids, 2 cores, 2026-11-26; docs/performance.md).
   The paper's full schedule (164 epochs): not yet measured.
 """

@@ -14,7 +14,10 @@ The report gives each net's test error as mean ± std over its seeds, and the be
 Args (comma-separated): `quick`, a CPU-sized look: 3 seeds, 3 epochs (1,170 steps) with the
 same schedule shape (lr /10 at 50% and 75%); `single`: one run per net and seed 0 (trials
 plain20 ... resnet56, resnet110), as before populations; `single,quick`: those for 3 epochs,
-on a 2-core CPU ~8 min for ResNet-20, ~25 min for ResNet-56.
+on a 2-core CPU ~8 min for ResNet-20, ~25 min for ResNet-56. The quick populations on a
+2-core CPU: depth20 (6 members) ~47 min; depth56's six members need more than 24 GiB of host
+memory there (~4-7 GB a member), so docs/results runs its plain and residual nets as two
+populations of 3 (`--config.model.residual=False|True --config.population.seeds=3`).
 """
 
 
