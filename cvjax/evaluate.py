@@ -4,10 +4,14 @@
   python -m cvjax.evaluate --workdir=DIR --member=NAME     # one member of a population
   python -m cvjax.evaluate --config=configs/resnet.py:imagenet_resnet50_v1.5 --workdir=DIR \
       --config.dataset.path=... [--predictions=FILE]
+  python -m cvjax.evaluate --workdir=trained/cifar10_resnet20 --data=cifar10   # shipped weights
   python -m cvjax.evaluate --score=FILE --labels=FILE
 
 The first two print the test top-1 and top-5 error of the latest checkpoint in DIR and write
 its error analysis (WORKDIR/error_analysis/; a population member's in WORKDIR/members/NAME/);
+`--data=NAME_OR_PATH` evaluates on other data than the config's: a tfds or shipped name
+(`cifar10`, `cifar10_6k`) or a local path (dataset.path), e.g. your own copy of the test set of
+a run that ships with cvjax (trained/README.md); its classes must be the run's, in its order.
 `--predictions=FILE` also writes the top-5
 classes of every test image, the challenge's submission format. `--score` checks such a file
 against labels held by someone else, without the model.
@@ -36,7 +40,11 @@ TOP_K = 5
 def restore(exp, workdir):
   """The latest checkpoint in `workdir` for the experiment `exp` (cvjax.experiment)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cvjax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cvjax import checkpointing, shipped  # pylint: disable=g-import-not-at-top
+  if shipped.is_shipped(workdir) and not checkpointing.directory(workdir).is_dir():
+    if exp.population:
+      raise UserError(f'{workdir} holds shipped weights of one run, not a population.')
+    return jax.device_put(shipped.restore(workdir, exp))
   if not checkpointing.directory(workdir).is_dir():
     raise UserError(f'{workdir}/checkpoints does not exist: --workdir must hold a training run '
                     'or an import (python -m cvjax.import_weights).')
@@ -169,6 +177,18 @@ def check_writable(path):
     raise UserError(f'--predictions={path}: the folder {folder} is not writable.')
 
 
+def with_data(config, data):
+  """`config` evaluated on `data`: a local path (dataset.path) or a dataset name."""
+  config = config.copy_and_resolve_references()
+  if os.path.exists(os.path.expanduser(data)):
+    config.dataset.path = data
+  elif os.sep in data or data.endswith(('.tar.gz', '.tgz', '.tar')):
+    raise UserError(f'--data={data}: no such file or folder.')
+  else:
+    config.dataset.name, config.dataset.path = data, ''
+  return config
+
+
 def read_run_config(workdir):
   """The config a run saved in WORKDIR/config.json."""
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -209,6 +229,8 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
       config = read_run_config(_WORKDIR.value)
+    if _DATA.value:
+      config = with_data(config, _DATA.value)
     metrics, analysis = evaluate_checkpoint(config, _WORKDIR.value, _PREDICTIONS.value,
                                             _MEMBER.value)
   except UserError as e:
@@ -234,6 +256,8 @@ if __name__ == '__main__':
   _PREDICTIONS = flags.DEFINE_string('predictions', None,
                                      'Also write the top-5 classes per test image here.')
   _MEMBER = flags.DEFINE_string('member', None, 'A population\'s member to evaluate.')
+  _DATA = flags.DEFINE_string('data', None, 'Evaluate on this dataset instead of the config\'s: '
+                              'a name (cifar10, mnist10k, ...) or a local path.')
   _SCORE = flags.DEFINE_string('score', None, 'A predictions file to score against --labels.')
   _LABELS = flags.DEFINE_string('labels', None, 'The true labels, one per line, from 1.')
   app.run(main)

@@ -22,6 +22,7 @@ from cvjax import progress
 from cvjax import results as results_lib
 from cvjax import run_lock
 from cvjax import sharding as sharding_lib
+from cvjax import shipped
 from cvjax import steps
 from cvjax.errors import UserError
 
@@ -34,6 +35,10 @@ def train_and_evaluate(config, workdir, *, devices=None):
   run_dir = epath.Path(workdir)  # A local path or gs://... (any etils.epath path).
   if run_dir.exists() and not run_dir.is_dir():
     raise UserError(f'--workdir={workdir} exists and is not a directory.')
+  if shipped.is_shipped(workdir):
+    raise UserError(f'--workdir={workdir} holds the shipped weights of a finished run, without '
+                    'its optimizer state: evaluate them with `python -m cvjax.evaluate '
+                    f'--workdir={workdir} --data=...`; to train, use a new --workdir.')
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
     stopped = stop_requested(0)

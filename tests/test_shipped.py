@@ -1,0 +1,130 @@
+"""Trained weights that ship (trained/, cvjax/shipped.py, cvjax.tools.ship): each shipped run
+reproduces its results.json on the data that ships with cvjax, and shipping keeps what a
+finished run needs and nothing of ours."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from cvjax import evaluate, shipped, train
+from cvjax.errors import UserError
+from cvjax.tools import ship
+
+TRAINED = os.path.join(ROOT, 'trained')
+SHIPPED = sorted(d for d in (os.listdir(TRAINED) if os.path.isdir(TRAINED) else [])
+                 if shipped.is_shipped(os.path.join(TRAINED, d)))
+# The CIFAR-10 test images that ship (cifar10_6k) are files 0000-0099 of each class of the
+# test set the CIFAR runs evaluated on (the same JPEG tree, byte for byte; its README): in the
+# evaluation's order (sorted paths, 1,000 per class) the rows c * 1000 + i, i < 100.
+CIFAR_SUBSET = np.concatenate([np.arange(100) + 1000 * c for c in range(10)])
+
+
+def read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def top1_of(predictions_file):
+  return np.array([int(line.split()[0]) - 1 for line in read(predictions_file).splitlines()])
+
+
+def test_some_run_ships():
+  assert SHIPPED, f'no shipped run in {TRAINED}'
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_a_shipped_run_names_no_local_path_and_has_no_optimizer_state(name):
+  run = os.path.join(TRAINED, name)
+  assert json.loads(read(os.path.join(run, 'config.json')))['dataset']['path'] == ''
+  assert not os.path.exists(os.path.join(run, 'checkpoints'))
+  assert not os.path.exists(os.path.join(run, 'lock'))
+  results = json.loads(read(os.path.join(run, 'results.json')))
+  # The predictions that ship are the ones results.json counts: its mistakes, to the image.
+  analysis = json.loads(read(os.path.join(run, 'error_analysis', 'error_analysis.json')))
+  cm = np.array(analysis['confusion_matrix'])
+  top1 = top1_of(os.path.join(run, 'test_predictions.txt'))
+  assert len(top1) == cm.sum() == results['test/count']
+  predicted = np.bincount(top1, minlength=len(cm))
+  np.testing.assert_array_equal(predicted, cm.sum(axis=0))  # Each class predicted as often.
+  assert results['num_mistakes'] == cm.sum() - np.trace(cm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', SHIPPED)
+def test_a_shipped_run_reproduces_its_results_on_the_data_that_ships(name, tmp_path):
+  run = str(tmp_path / name)
+  shutil.copytree(os.path.join(TRAINED, name), run)  # Evaluation writes its error analysis.
+  config = evaluate.read_run_config(run)
+  results = json.loads(read(os.path.join(run, 'results.json')))
+  expected = top1_of(os.path.join(run, 'test_predictions.txt'))
+  if config.dataset.name == 'cifar10':  # The 1,000 test images that ship of its 10,000.
+    config, expected = evaluate.with_data(config, 'cifar10_6k'), expected[CIFAR_SUBSET]
+  else:
+    assert config.dataset.name in ('mnist10k', 'cifar10_6k'), 'its test set must ship'
+  predictions = str(tmp_path / 'predictions.txt')
+  metrics, analysis = evaluate.evaluate_checkpoint(config, run, predictions)
+  got = top1_of(predictions)
+  # Another CPU's float rounding may flip an image whose top two logits (nearly) tie.
+  assert np.sum(got != expected) <= 1, np.flatnonzero(got != expected)
+  if len(got) == results['test/count']:
+    assert abs(analysis['num_mistakes'] - results['num_mistakes']) <= 1
+    assert analysis['step'] == results['step']
+
+
+def test_ship_keeps_the_weights_and_evaluation_reads_them(idx_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(idx_dir)
+  _, test = train.train_and_evaluate(config, workdir)
+  config_json = json.loads(read(os.path.join(workdir, 'config.json')))
+  assert config_json['dataset']['path'] == idx_dir
+
+  error, meta = ship.ship(evaluate.read_run_config(workdir), workdir)
+  assert error == test['test/error'] and meta['step'] == 12
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  assert json.loads(read(os.path.join(workdir, 'config.json')))['dataset']['path'] == ''
+  with pytest.raises(UserError, match='shipped already'):
+    ship.ship(evaluate.read_run_config(workdir), workdir)
+
+  # The user's own copy of the data (here: the same files) through --data.
+  config = evaluate.with_data(evaluate.read_run_config(workdir), idx_dir)
+  metrics, _ = evaluate.evaluate_checkpoint(config, workdir, str(tmp_path / 'p.txt'))
+  assert metrics['test/error'] == test['test/error']
+  assert read(tmp_path / 'p.txt') == read(os.path.join(workdir, 'test_predictions.txt'))
+
+  with pytest.raises(UserError, match='shipped weights of a finished run'):
+    train.train_and_evaluate(config, workdir)  # Nothing to resume: no optimizer state.
+
+  with open(os.path.join(workdir, shipped.WEIGHTS), 'r+b') as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+  with pytest.raises(UserError, match='does not match the sha256'):
+    evaluate.evaluate_checkpoint(config, workdir)
+
+
+def test_ship_refuses_an_unfinished_run(idx_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(idx_dir), workdir)
+  config = evaluate.read_run_config(workdir)
+  config.train.num_steps = 24  # The same checkpoint, now short of its run's end.
+  with pytest.raises(UserError, match='only a finished run ships'):
+    ship.ship(config, workdir)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints'))
+
+
+def test_data_of_other_classes_is_refused(idx_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(idx_dir), workdir)
+  ship.ship(evaluate.read_run_config(workdir), workdir)
+  meta = json.loads(read(os.path.join(workdir, shipped.META)))
+  meta['class_names'] = meta['class_names'][::-1]
+  with open(os.path.join(workdir, shipped.META), 'w') as f:
+    json.dump(meta, f)
+  config = evaluate.with_data(evaluate.read_run_config(workdir), idx_dir)
+  with pytest.raises(UserError, match='trained on the classes'):
+    evaluate.evaluate_checkpoint(config, workdir)
