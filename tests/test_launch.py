@@ -97,6 +97,7 @@ def test_tpu_workers_make_a_python_3_11_environment_with_what_the_run_needs(dry,
   # python3 is asked first, then newer ones; the environment is made with the first >= 3.11.
   assert 'python3 --version' in install
   assert 'for p in python3 python3.13 python3.12 python3.11;' in install
+  assert 'sudo apt-get -qq install -y python3.11 python3.11-venv' in install  # Ubuntu 22.04.
   assert 'sys.exit(sys.version_info < (3, 11))' in install
   assert '$PY -m venv .venv' in install
   assert installed(install) == ['jax', 'flax', 'optax', 'orbax-checkpoint', 'etils', 'filelock',
@@ -108,8 +109,8 @@ def test_tpu_workers_make_a_python_3_11_environment_with_what_the_run_needs(dry,
 
 
 def test_tpu_worker_without_python_3_11_stops_with_what_to_do(tmp_path):
-  """The install step on a VM whose Pythons are all older (the default image: 3.10): exit 3
-  with a message, before any environment or package."""
+  """The install step on a VM whose Pythons are all older and that cannot get one (no
+  apt-get): exit 3 with a message, before any environment or package."""
   bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
   bin_dir.mkdir()
   home.mkdir()
@@ -353,3 +354,41 @@ def test_injected_values_reach_the_tools_as_data_not_commands(tmp_path):
                    '--distributed=on', evil]]
   for place in (ROOT, tmp_path, tmp_path / 'home', tmp_path / 'home' / 'cvjax'):
     assert not [f for f in os.listdir(place) if f.startswith('PWNED')], place
+
+
+# --- docs/cluster.md: its commands and what it says a dry run prints ---
+
+def doc_commands(prefix):
+  """The shell commands of docs/cluster.md's ```sh blocks that start with `prefix`."""
+  text = open(os.path.join(ROOT, 'docs', 'cluster.md')).read()
+  blocks = re.findall(r'```sh\n(.*?)```', text, re.S)
+  return [shlex.split(l.split('  #')[0]) for b in blocks
+          for l in b.replace('\\\n', ' ').splitlines() if l.startswith(prefix)], text
+
+
+def test_cluster_doc_dry_runs_run_and_print_what_the_doc_shows(dry):
+  runs, text = doc_commands('./launch.sh ')
+  dry_runs = [argv[1:] for argv in runs if '--dry-run' in argv]
+  assert any(a[0] == 'tpu' and any(x.startswith('--parallel') for x in a)
+             and '--sweep=experiments/depth_ablation.py' in a for a in dry_runs), dry_runs
+  assert any(a[0] == 'slurm' for a in dry_runs)
+  printed = {}
+  for argv in dry_runs:
+    rc, lines, err = dry(*argv)
+    assert rc == 0, (argv, err)
+    printed[' '.join(argv)] = lines
+  # The printed dry run of the one-slice sweep, as the doc shows it.
+  shown = re.search(r'The dry run of the one-slice sweep prints.*?```\n(.*?)```', text, re.S)[1]
+  one_slice = next(v for k, v in printed.items() if k.startswith('tpu') and '--parallel' not in k)
+  tmp = os.path.dirname(commands(one_slice, 'tar')[0][2])
+  actual = [l.replace(tmp, '$TMP') for l in one_slice]
+  for line in shown.splitlines():
+    if '[' in line and 'pip install' in line:  # The abridged install line: its start.
+      start = line.split(' [')[0]
+      assert any(a.startswith(start) for a in actual), start
+    else:
+      assert line in actual, line
+  # The versions the install table names are those the launcher and requirements.txt use.
+  assert f'jax[cuda12]=={launch.JAX_VERSION}' in text and f'jax[tpu]=={launch.JAX_VERSION}' in text
+  assert f'jax=={launch.JAX_VERSION}' in open(os.path.join(ROOT, 'requirements.txt')).read()
+  assert 'Python 3.11 or newer' in text and launch.MIN_PYTHON == (3, 11)

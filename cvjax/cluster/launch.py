@@ -223,8 +223,8 @@ def overrides_of(args, trial_overrides=()):
 
 def install_script(packages):
   """The install step each TPU worker runs: unpack the code, find a Python >= 3.11 (python3
-  first; the default TPU VM image has 3.10), make REMOTE_DIR/.venv with it and install
-  `packages` there; without such a Python, stop with what to do."""
+  first; the Ubuntu 22.04 images have 3.10: then apt-get's python3.11), make REMOTE_DIR/.venv
+  with it and install `packages` there; without such a Python, stop with what to do."""
   want = '.'.join(map(str, MIN_PYTHON))
   probe = f'import sys; sys.exit(sys.version_info < {MIN_PYTHON})'
   candidates = ['python3'] + [f'python3.{m}' for m in (13, 12, 11)]
@@ -232,8 +232,13 @@ def install_script(packages):
       f'set -e; mkdir -p {REMOTE_DIR}; tar -xzf {CODE_ARCHIVE} -C {REMOTE_DIR}; '
       f'rm -f {CODE_ARCHIVE}; cd {REMOTE_DIR}',
       'echo "$(hostname): $(python3 --version 2>&1)"; PY=',
-      f'for p in {" ".join(candidates)}; do if command -v $p >/dev/null 2>&1 && '
-      f'$p -c {shlex.quote(probe)} 2>/dev/null; then PY=$p; break; fi; done',
+      f'find_python() {{ for p in {" ".join(candidates)}; do if command -v $p >/dev/null 2>&1 '
+      f'&& $p -c {shlex.quote(probe)} 2>/dev/null; then PY=$p; return; fi; done; }}; '
+      'find_python',
+      # Ubuntu 22.04 (the v4 and older images) has 3.10, and 3.11 in its own archive.
+      f'if [ -z "$PY" ] && command -v apt-get >/dev/null 2>&1; then echo "$(hostname): '
+      f'installing python{want} (apt-get)"; sudo apt-get -qq update && sudo apt-get -qq install '
+      f'-y python{want} python{want}-venv >/dev/null || true; find_python; fi',
       f'if [ -z "$PY" ]; then echo "launch.sh: cvjax needs Python >= {want} (jax {JAX_VERSION} '
       f'has no wheels for older ones) and this TPU VM has $(python3 --version 2>&1) only. '
       f'Create the slice with a TPU software version (--runtime_version) whose image has '
