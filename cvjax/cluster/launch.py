@@ -8,8 +8,9 @@
 Cloud TPU: create the slice through a queued resource (or reuse an existing one), wait until
 it is ACTIVE, copy the code to every worker, make a Python >= 3.11 virtual environment there
 with only what the run needs (`jax[tpu]`, cvjax's core packages; grain when the data streams,
-tensorflow-datasets when it comes by tfds name; versions from requirements.txt), run `cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with
-their output streamed here, and with --delete delete the slice at the end. --parallel=N
+tensorflow-datasets when it comes by tfds name; versions from requirements.txt), run
+`cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with their
+output streamed here, and with --delete delete the slice at the end. --parallel=N
 gives each trial of a sweep its own slice (NAME-TRIAL), N at a time.
 Slurm: write an sbatch script whose `srun` starts one process per GPU (JAX reads its
 rank, the process count and the coordinator from Slurm's environment), and submit it.
@@ -248,6 +249,7 @@ def install_script(packages):
       '(e.g. sudo apt-get install python3-venv) and re-run." >&2; exit 3; }',
       f'{REMOTE_PYTHON} -m pip install -q --upgrade pip',
       f'{REMOTE_PYTHON} -m pip install -q {shlex.join(packages)}'])
+
 
 def runtime_version(accelerator_type):
   for prefix, version in RUNTIME_VERSIONS:
