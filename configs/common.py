@@ -95,12 +95,14 @@ def base_config():
   c.train.batch_size = 128
   c.train.num_epochs = 164.0
   c.train.num_steps = config_dict.placeholder(int)  # Wins over num_epochs when set.
-  c.train.eval_batch_size = 1000
+  c.train.eval_batch_size = 1000  # Rounded up to a multiple of the devices (padding masked).
   c.train.eval_every_steps = 0  # 0: once per epoch.
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
-  c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32).
+  # float32 | bfloat16 | auto: bfloat16 on GPUs and TPUs, float32 on CPUs. Parameters,
+  # optimizer state, BatchNorm statistics, logits and loss stay float32.
+  c.train.compute_dtype = 'float32'
   # Forward and backward as two XLA programs (True) or the plain jax.grad step (False).
   # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),
   # one elsewhere; decided when the step is built (cvjax.steps.split_backward).
@@ -135,5 +137,6 @@ def imagenet_input(c, image_size=224):
   c.input.crop_padding = 0
   c.input.workers = -1  # One grain worker per CPU core but one, at most 16.
   c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
+  c.train.compute_dtype = 'auto'  # bfloat16 on accelerators, as published ResNet-50 numbers.
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000

@@ -10,18 +10,19 @@ from cvjax.errors import UserError
 def check_config(config, num_devices):
   """Rejects values the loop would misread, before the run writes anything."""
   t = config.train
-  for key in ('batch_size', 'eval_batch_size'):
-    b = t[key]
-    if b <= 0 or b % num_devices:
-      raise UserError(f'train.{key}={b} must be a positive multiple of the {num_devices} '
-                      'devices the batch is split over.')
+  if t.batch_size <= 0 or t.batch_size % num_devices:
+    raise UserError(f'train.batch_size={t.batch_size} must be a positive multiple of the '
+                    f'{num_devices} devices the batch is split over.')
+  if t.eval_batch_size <= 0:  # Rounded up to a multiple of the devices (experiment.py).
+    raise UserError(f'train.eval_batch_size={t.eval_batch_size}; expected a positive number.')
   k = t.get('accumulate_steps', 1)
   if isinstance(k, int) and k > 1 and t.batch_size % (k * num_devices):
     raise UserError(f'train.batch_size={t.batch_size} does not split into '
                     f'train.accumulate_steps={k} micro-batches over {num_devices} device(s): '
                     f'use a multiple of {k * num_devices}.')
-  if t.compute_dtype not in ('float32', 'bfloat16'):
-    raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32 or bfloat16.')
+  if t.compute_dtype not in ('float32', 'bfloat16', 'auto'):
+    raise UserError(f'train.compute_dtype={t.compute_dtype!r}; expected float32, bfloat16 or '
+                    'auto (bfloat16 on GPUs and TPUs, float32 on CPUs).')
   at_least = {
       'log_every_steps': (1, 'log every N steps'),
       'keep_checkpoints': (1, 'how many of the latest checkpoints to keep'),

@@ -2,6 +2,7 @@
 mesh, the input, the model, optimizer and abstract train state, and the fingerprint a
 checkpoint must match; one run's, or a population's by group (cvjax/population.py)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -110,6 +111,8 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
   data (cvjax.import_weights writes checkpoints with it). On a `mesh` of several devices,
   grouped convolutions run per device (cvjax.sharding.grouped_per_device)."""
+  if config.train.compute_dtype == 'auto':  # Called directly (cvjax.import_weights).
+    config = with_devices(config, mesh)
   dtype = jnp.dtype(config.train.compute_dtype)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'),
@@ -122,6 +125,38 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   init = steps.state_initializer(model, tx, input_shape, dtype,
                                  ema=config.train.get('ema_decay', 0.0) > 0)
   return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
+
+
+# train.compute_dtype='auto' by platform: bfloat16 where it is the fast path (GPU and TPU
+# matrix units; parameters, optimizer state, BatchNorm statistics, logits and loss stay
+# float32), float32 on CPUs, where bfloat16 is slower (docs/performance.md).
+AUTO_DTYPE = {'gpu': 'bfloat16', 'tpu': 'bfloat16'}
+
+
+def with_devices(config, mesh=None):
+  """`config` with what depends on the devices settled (a copy; the caller's stays as given):
+  train.compute_dtype='auto' by the platform, and train.eval_batch_size rounded up to a
+  multiple of the mesh's data axis. Evaluation pads its last batch and masks the padding, so
+  a rounded batch changes no metric: the default 250 fits 1, 2 and 5 devices but not 4 or 8,
+  1000 not 16."""
+  t = config.train
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  dtype = AUTO_DTYPE.get(platform, 'float32') if t.compute_dtype == 'auto' else t.compute_dtype
+  data = mesh.shape['data'] if mesh is not None else 1
+  eval_batch = t.eval_batch_size
+  if isinstance(eval_batch, int) and eval_batch > 0 and eval_batch % data:
+    eval_batch = -(-eval_batch // data) * data
+  if (dtype, eval_batch) == (t.compute_dtype, t.eval_batch_size):
+    return config
+  if dtype != t.compute_dtype:
+    logging.info('train.compute_dtype=auto: %s on %s.', dtype, platform)
+  if eval_batch != t.eval_batch_size:
+    logging.info('train.eval_batch_size=%d rounded up to %d, a multiple of the %d devices of '
+                 'the data axis (the padding is masked: the metrics are unchanged).',
+                 t.eval_batch_size, eval_batch, data)
+  config = copy.deepcopy(config)
+  config.train.compute_dtype, config.train.eval_batch_size = dtype, eval_batch
+  return config
 
 
 def fingerprint(config, num_classes, input_shape, dataset=None):
@@ -178,6 +213,7 @@ def build(config, devices=None) -> Experiment:
   """The experiment of `config` on `devices` (default: all): checks the config and loads the
   data; writes nothing."""
   mesh = sharding_lib.make_mesh(config, devices)
+  config = with_devices(config, mesh)
   config_checks.check_config(config, mesh.shape['data'])
   _check_combinations(config, mesh)
   inp = data_lib.make_input(config, mesh)

@@ -7,10 +7,17 @@ stops it at once.
 One process: a signal handler sets a flag, read once per step (no device sync). Several
 processes (jax.distributed): all must stop after the same step, so the decision is JAX's
 preemption sync point, which hears SIGTERM through JAX's own handler and agrees on a step
-with the other processes; SIGINT is passed on to it as SIGTERM.
+with the other processes; SIGINT is passed on to it as SIGTERM. JAX's contract is a counter
+that every process passes at every step, one more each time (it stops at the largest counter
+any process had passed when the notice came, plus one): a step that jumps by
+`train.steps_per_call` would skip that point and never stop. So the counter passed is the
+number of checks: every process checks at the same points (once at start-up, then after
+each call of the train step, whose steps are the same on all processes), and they all stop
+after the same call.
 """
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -23,6 +30,11 @@ from jax.experimental import multihost_utils
 # A second signal this soon after the first is the same request delivered twice, not a
 # request to stop at once.
 REPEAT_SECONDS = 1.0
+
+
+# The checks of this process so far (JAX's sync counter): it only grows, also over the runs
+# of one process (a sweep's trials), which every process runs in the same order.
+_checks = itertools.count()
 
 
 class Preempted(Exception):
@@ -39,7 +51,9 @@ class Preempted(Exception):
 
 @contextlib.contextmanager
 def watch():
-  """Yields `stop_requested(step) -> signal name or None`, to call once after every step."""
+  """Yields `stop_requested(step) -> signal name or None`, to call at start-up (step 0) and
+  after every call of the train step (its last step); every process calls it at the same
+  steps."""
   if threading.current_thread() is not threading.main_thread():
     yield lambda step: None  # Signals reach only the main thread; nothing to watch.
     return
@@ -77,7 +91,7 @@ def watch():
 
   def stop_requested(step):
     if multi:
-      if multihost_utils.reached_preemption_sync_point(step):
+      if multihost_utils.reached_preemption_sync_point(next(_checks)):
         return received[0] if received else 'SIGTERM'
       return None
     return received[0] if received else None

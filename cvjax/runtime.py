@@ -74,8 +74,9 @@ def native_conv_buildable():
 def enable_compilation_cache():
   settings = {'jax_compilation_cache_dir': os.path.join(cache_dir(), 'jax'),
               # Programs that compile faster than this are not worth a file.
-              'jax_persistent_cache_min_compile_time_secs': 0.5,
-              'jax_compilation_cache_max_size': 2 << 30}  # Least recently used go first.
+              'jax_persistent_cache_min_compile_time_secs': 0.5}
+  if filelock_available():  # JAX evicts with a file lock; without one it refuses a size.
+    settings['jax_compilation_cache_max_size'] = 2 << 30  # Least recently used go first.
   if 'jax' in sys.modules:  # JAX read its environment already: update its config.
     import jax  # pylint: disable=g-import-not-at-top
     if jax.config.jax_compilation_cache_dir is None:
@@ -84,6 +85,18 @@ def enable_compilation_cache():
   elif 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     for name, value in settings.items():
       os.environ[name.upper()] = str(value)
+
+
+def filelock_available():
+  """Whether `filelock` imports: JAX needs it to bound the cache's size, and without it
+  refuses every cache read and write (a warning each) once a size is set. It is in
+  requirements.txt; a user's own environment may lack it, and then the cache grows unbounded
+  rather than not working."""
+  try:
+    import filelock  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
 
 
 class _NoMissingTpu(logging.Filter):

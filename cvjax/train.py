@@ -24,6 +24,7 @@ from cvjax import run_lock
 from cvjax import sharding as sharding_lib
 from cvjax import shipped
 from cvjax import steps
+from cvjax.cluster import distributed
 from cvjax.errors import UserError
 
 
@@ -50,7 +51,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
 
 def current_step(state):
   counters = [x.step for x in (state.values() if isinstance(state, dict) else [state])]
-  return int(max(np.max(x) for x in jax.device_get(counters)))
+  return int(max(np.max(x) for x in distributed.host_values(counters)))
 
 
 def _log_start(exp, sharding):
@@ -189,7 +190,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     if (log_now or eval_now) and not skip_nonfinite:
       check_finite(acc, mngr)  # A non-finite state is never logged, evaluated or saved.
     if log_now:  # The only host pull of train metrics: once per log.
-      log_train(exp, done, jax.device_get(acc), chrono.lap(done), schedules, writers,
+      log_train(exp, done, distributed.host_values(acc), chrono.lap(done), schedules, writers,
                 skip_nonfinite)
       acc = None
     if done == exp.total_steps:  # Saved before the final evaluation: a stop there loses nothing.
@@ -315,7 +316,7 @@ def evaluate_ema(eval_step, state, test_data, inp):
 def check_finite(acc, mngr):
   """Stops the run when a step since the last check was non-finite, naming the first one;
   the state is then never saved, so the newest checkpoint stays the last good one."""
-  count, first = jax.device_get((acc['nonfinite'], acc['first_nonfinite']))
+  count, first = distributed.host_values((acc['nonfinite'], acc['first_nonfinite']))
   count, first = int(np.sum(count)), int(np.min(first))  # A population's: over its members.
   if count:
     mngr.wait_until_finished()

@@ -11,7 +11,7 @@
 #     STOP_SECONDS=150 CIFAR=../shared/data/cifar10-jpeg.tar.gz OUT=runs/smoke \
 #     RUNS=runs/smoke/runs RESULTS=runs/smoke/gpu.json experiments/gpu_check.sh  # on a CPU
 #
-# Needs: the packages of requirements.txt (or wheels of the missing ones in .whl/, installed
+# Needs: the packages of requirements.txt, checked first (or wheels of the missing ones in .whl/, installed
 # into /tmp/site; on the H200 image of 2026-11 those are ml-collections and tensorboardX), the
 # CIFAR-10 archive at $CIFAR (default data/cifar10-jpeg.tar.gz, a copy of
 # ../shared/data/cifar10-jpeg.tar.gz). What comes back is in $OUT (default runs/gpu_check), at
@@ -96,6 +96,25 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Every package a phase imports, imported now: a missing one stops the check in seconds, not
+# after minutes of benchmarks (exit 3, nothing run).
+python3 - <<'EOF' || exit 3
+import importlib, sys
+NEEDED = {'jax': 'jax', 'flax': 'flax', 'optax': 'optax', 'orbax.checkpoint': 'orbax-checkpoint',
+          'etils.epath': 'etils[epath]', 'absl': 'absl-py', 'ml_collections': 'ml-collections',
+          'tensorboardX': 'tensorboardX', 'PIL': 'pillow', 'matplotlib': 'matplotlib',
+          'filelock': 'filelock', 'grain': 'grain'}
+missing = []
+for module, package in NEEDED.items():
+  try:
+    importlib.import_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # ImportError, or a broken install.
+    missing.append(f'{package} (import {module}: {type(e).__name__}: {e})')
+if missing:
+  sys.exit('gpu_check: missing packages, nothing was run: ' + '; '.join(missing)
+           + '. Install them (requirements.txt pins them) or put their wheels in .whl/.')
+print('gpu_check: every needed package imports.')
+EOF
 if [ -n "${RESUME:-}" ]; then  # A folder of what an earlier call left in $OUT (or its tar).
   if [ -f "$RESUME" ]; then
     tar -xzf "$RESUME" -C "$RUNS" || exit 1

@@ -5,7 +5,9 @@ run starts no process at all.
 """
 
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -49,19 +51,85 @@ def test_tpu_run_dry_run_prints_every_step(dry):
   assert gcloud[0] == gcloud[2] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe',
                                     'depth', '--zone=us-central2-b',
                                     '--format=value(state.state)']
-  assert gcloud[3] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', 'cvjax-code.tar.gz', 'depth:',
+  archive = gcloud[3][5]
+  assert gcloud[3] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', archive, 'depth:',
                        '--zone=us-central2-b', '--worker=all']
+  # The code archive is made outside the repository, and nothing is left there.
+  assert os.path.basename(archive) == 'cvjax-code.tar.gz'
+  assert not archive.startswith(ROOT) and not os.path.exists(os.path.dirname(archive))
+  assert commands(lines, 'tar')[0][:3] == ['tar', '-czf', archive]
   install, train = gcloud[4][-1], gcloud[5][-1]
   assert gcloud[4][:8] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'depth',
                            '--zone=us-central2-b', '--worker=all']
-  assert '"jax[tpu]==0.10.2" -r requirements.txt' in install
-  assert train == ('--command=cd ~/cvjax && python3 -m cvjax.main '
+  assert train == ('--command=cd ~/cvjax && .venv/bin/python -m cvjax.main '
                    '--config=configs/resnet.py:resnet56 --workdir=gs://bucket/r56 '
                    '--distributed=on --config.train.num_epochs=3')
   assert gcloud[6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', 'depth',
                        '--zone=us-central2-b', '--force', '--quiet']
   assert len(gcloud) == 7
-  assert commands(lines, 'tar')[0][:2] == ['tar', '-czf']
+  assert not os.path.exists(os.path.join(ROOT, 'cvjax-code.tar.gz'))
+
+
+def installed(install):
+  """The packages the install step of a dry run puts in the worker's environment."""
+  pip = [c for c in install.split('; ') if ' -m pip install -q ' in c and '--upgrade' not in c]
+  assert len(pip) == 1 and pip[0].startswith('.venv/bin/python -m pip install -q '), install
+  return [re.split(r'[\[=<>]', p)[0] for p in shlex.split(pip[0])[5:]]
+
+
+@pytest.mark.parametrize('config,extra', [
+    ('configs/resnet.py:resnet56', ['tensorflow-cpu', 'tensorflow-datasets',
+                                    'importlib_resources']),  # CIFAR-10 by tfds name.
+    ('configs/resnet.py:imagenet', ['tensorflow-cpu', 'tensorflow-datasets',
+                                    'importlib_resources', 'grain']),  # tfds imagenet2012.
+    ('configs/lenet.py', []),  # MNIST, embedded in cvjax.
+])
+def test_tpu_workers_make_a_python_3_11_environment_with_what_the_run_needs(dry, config,
+                                                                              extra):
+  overrides = ['--config.dataset.name=mnist10k'] if config == 'configs/lenet.py' else []
+  if config.endswith('imagenet'):  # An image folder on the VM: grain alone.
+    rc, lines, _ = dry(*TPU, '--dry-run', config, 'gs://b/w', '--config.dataset.path=/data/in')
+    assert rc == 0
+    assert installed(commands(lines, 'gcloud')[4][-1])[-1] == 'grain'
+  rc, lines, _ = dry(*TPU, '--dry-run', config, 'gs://b/w', *overrides)
+  assert rc == 0
+  install = commands(lines, 'gcloud')[4][-1]
+  # python3 is asked first, then newer ones; the environment is made with the first >= 3.11.
+  assert 'python3 --version' in install
+  assert 'for p in python3 python3.13 python3.12 python3.11;' in install
+  assert 'sudo apt-get -qq install -y python3.11 python3.11-venv' in install  # Ubuntu 22.04.
+  assert 'sys.exit(sys.version_info < (3, 11))' in install
+  assert '$PY -m venv .venv' in install
+  assert installed(install) == ['jax', 'flax', 'optax', 'orbax-checkpoint', 'etils', 'filelock',
+                                'ml-collections', 'absl-py', 'numpy', 'pillow', 'tensorboardX',
+                                'matplotlib', *extra]
+  assert '"jax[tpu]==0.10.2"' in install.replace("'", '"')
+  for unneeded in ('requirements.txt', 'pytest', 'ipykernel', 'onednn', 'torch'):
+    assert unneeded not in install
+
+
+def test_tpu_worker_without_python_3_11_stops_with_what_to_do(tmp_path):
+  """The install step on a VM whose Pythons are all older and that cannot get one (no
+  apt-get): exit 3 with a message, before any environment or package."""
+  bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  home.mkdir()
+  for tool in ('mkdir', 'tar', 'rm', 'hostname', 'gzip'):
+    if shutil.which(tool):
+      os.symlink(shutil.which(tool), bin_dir / tool)
+  for python in ('python3', 'python3.10'):  # Python 3.10: the version probe fails.
+    (bin_dir / python).write_text('#!/bin/bash\n[ "$1" = --version ] && echo Python 3.10.12 '
+                                  '&& exit 0\nexit 1\n')
+    (bin_dir / python).chmod(0o755)
+  subprocess.run(['tar', '-czf', str(home / 'cvjax-code.tar.gz'), '-C', ROOT, 'launch.sh'],
+                 check=True)
+  script = launch.install_script(['jax[tpu]==0.10.2'])
+  out = subprocess.run(['/bin/bash', '-c', script], cwd=home, capture_output=True, text=True,
+                       env={'PATH': str(bin_dir), 'HOME': str(home)}, timeout=60)
+  assert out.returncode == 3, out.stderr
+  assert 'cvjax needs Python >= 3.11' in out.stderr and 'Python 3.10.12' in out.stderr
+  assert '--runtime_version' in out.stderr and 'uv python install 3.11' in out.stderr
+  assert not os.path.exists(home / 'cvjax' / '.venv')
 
 
 def test_tpu_sweep_runs_its_trials_on_one_slice(dry):
@@ -71,7 +139,7 @@ def test_tpu_sweep_runs_its_trials_on_one_slice(dry):
   gcloud = commands(lines, 'gcloud')
   assert sum(c[4] == 'create' for c in gcloud) == 1
   assert gcloud[-1][-1] == (
-      '--command=cd ~/cvjax && python3 -m cvjax.sweep --config=configs/resnet.py '
+      '--command=cd ~/cvjax && .venv/bin/python -m cvjax.sweep --config=configs/resnet.py '
       '--sweep=experiments/depth_ablation.py:quick --workdir=gs://bucket/depth '
       '--only=depth20,depth56 --distributed=on')
   assert not any('delete' in c for c in gcloud)  # Kept without --delete.
@@ -88,7 +156,8 @@ def test_tpu_parallel_sweep_gives_each_trial_its_slice(dry):
   checks = [c[-1] for c in gcloud if c[1] == 'storage']
   assert checks[0] == 'gs://bucket/depth/depth20/results.json' and len(checks) == 5
   runs = [c[-1] for c in gcloud if c[3:5] == ['tpu-vm', 'ssh'] and 'cvjax.main' in c[-1]]
-  assert runs[-1] == ('--command=cd ~/cvjax && python3 -m cvjax.main --config=configs/resnet.py '
+  assert runs[-1] == ('--command=cd ~/cvjax && .venv/bin/python -m cvjax.main '
+                      '--config=configs/resnet.py '
                       '--workdir=gs://bucket/depth/resnet110 --distributed=on --config.seed=1 '
                       '--config.model.depth=110 --config.model.residual=True '
                       '--config.schedule.warmup_steps=400 --config.population.seeds=5')
@@ -239,9 +308,12 @@ def stand_ins(tmp_path):
   bin_dir, log = tmp_path / 'bin', tmp_path / 'log'
   bin_dir.mkdir()
   log.mkdir()
-  bodies = {'sbatch': 'bash "$1"', 'srun': 'true', 'python3': 'true',
-            'gcloud': 'for a in "$@"; do case $a in describe) echo ACTIVE;; '
-                      'scp) cp cvjax-code.tar.gz "$HOME/";; '
+  # python3 -m venv DIR makes DIR/bin/python a link to this stand-in.
+  bodies = {'sbatch': 'bash "$1"', 'srun': 'true',
+            'python3': '[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && ln -s "$0" "$3/bin/python"'
+                       '; true',
+            'gcloud': '[ "$4" = scp ] && cp "$5" "$HOME/"; '
+                      'for a in "$@"; do case $a in describe) echo ACTIVE;; '
                       '--command=*) (cd "$HOME" && bash -c "${a#--command=}");; esac; done'}
   for tool, body in bodies.items():
     (bin_dir / tool).write_text(STAND_IN.format(tool=tool, body=body))
@@ -282,3 +354,41 @@ def test_injected_values_reach_the_tools_as_data_not_commands(tmp_path):
                    '--distributed=on', evil]]
   for place in (ROOT, tmp_path, tmp_path / 'home', tmp_path / 'home' / 'cvjax'):
     assert not [f for f in os.listdir(place) if f.startswith('PWNED')], place
+
+
+# --- docs/cluster.md: its commands and what it says a dry run prints ---
+
+def doc_commands(prefix):
+  """The shell commands of docs/cluster.md's ```sh blocks that start with `prefix`."""
+  text = open(os.path.join(ROOT, 'docs', 'cluster.md')).read()
+  blocks = re.findall(r'```sh\n(.*?)```', text, re.S)
+  return [shlex.split(l.split('  #')[0]) for b in blocks
+          for l in b.replace('\\\n', ' ').splitlines() if l.startswith(prefix)], text
+
+
+def test_cluster_doc_dry_runs_run_and_print_what_the_doc_shows(dry):
+  runs, text = doc_commands('./launch.sh ')
+  dry_runs = [argv[1:] for argv in runs if '--dry-run' in argv]
+  assert any(a[0] == 'tpu' and any(x.startswith('--parallel') for x in a)
+             and '--sweep=experiments/depth_ablation.py' in a for a in dry_runs), dry_runs
+  assert any(a[0] == 'slurm' for a in dry_runs)
+  printed = {}
+  for argv in dry_runs:
+    rc, lines, err = dry(*argv)
+    assert rc == 0, (argv, err)
+    printed[' '.join(argv)] = lines
+  # The printed dry run of the one-slice sweep, as the doc shows it.
+  shown = re.search(r'The dry run of the one-slice sweep prints.*?```\n(.*?)```', text, re.S)[1]
+  one_slice = next(v for k, v in printed.items() if k.startswith('tpu') and '--parallel' not in k)
+  tmp = os.path.dirname(commands(one_slice, 'tar')[0][2])
+  actual = [l.replace(tmp, '$TMP') for l in one_slice]
+  for line in shown.splitlines():
+    if '[' in line and 'pip install' in line:  # The abridged install line: its start.
+      start = line.split(' [')[0]
+      assert any(a.startswith(start) for a in actual), start
+    else:
+      assert line in actual, line
+  # The versions the install table names are those the launcher and requirements.txt use.
+  assert f'jax[cuda12]=={launch.JAX_VERSION}' in text and f'jax[tpu]=={launch.JAX_VERSION}' in text
+  assert f'jax=={launch.JAX_VERSION}' in open(os.path.join(ROOT, 'requirements.txt')).read()
+  assert 'Python 3.11 or newer' in text and launch.MIN_PYTHON == (3, 11)

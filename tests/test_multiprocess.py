@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import jax
 jax.config.update('jax_num_cpu_devices', {devices})
 logging.set_verbosity(logging.INFO)  # As cvjax.main has it.
 from conftest import tiny_config
-from cvjax import train
+from cvjax import preemption, train
 from cvjax.cluster import distributed
 from cvjax.errors import UserError
 pid, nproc, port, workdir, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
@@ -51,15 +52,19 @@ try:
 except UserError as e:
   print('USERERROR', e, flush=True)
   sys.exit(3)
+except preemption.Preempted as e:
+  print('PREEMPTED at step', e.step, flush=True)
+  sys.exit(75)
 builtins.open = real_open
 assert len(jax.devices()) == 4 and jax.process_count() == nproc
 from jax.experimental import multihost_utils
-leaves = [multihost_utils.process_allgather(x, tiled=True)  # Sharded over processes (FSDP).
-          for x in jax.tree.leaves((state.params, state.model_state))]
+states = list(state.values()) if isinstance(state, dict) else [state]  # A population's: by group.
+leaves = [multihost_utils.process_allgather(x, tiled=True)  # Split over processes (FSDP, members).
+          for x in jax.tree.leaves([(s.params, s.model_state, s.step) for s in states])]
 np_ = __import__('numpy')
 np_.savez(f'{{out}}.{{pid}}.npz', *leaves)
 with open(f'{{out}}.{{pid}}.json', 'w') as f:
-  json.dump({{'metrics': metrics, 'written': written, 'step': int(state.step)}}, f)
+  json.dump({{'metrics': metrics, 'written': written, 'step': int(np_.max(leaves[-1]))}}, f)
 '''
 
 
@@ -69,17 +74,22 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run(nproc, workdir, out, idx_dir, overrides=None, workdirs=None):
-  """Runs `nproc` processes (4 devices in all) to the end; returns their outputs."""
+def start(nproc, workdir, out, idx_dir, overrides=None, workdirs=None):
+  """Starts `nproc` processes (4 devices in all) of one run."""
   script = WORKER.format(devices=4 // nproc, idx_dir=idx_dir, overrides=overrides or {})
   port = str(free_port())
   env = child_env(PYTHONUNBUFFERED='1')
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-c', script, str(i), str(nproc), port,
        str(workdirs[i] if workdirs else workdir), str(out)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(nproc)]
+
+
+def run(nproc, workdir, out, idx_dir, overrides=None, workdirs=None):
+  """Runs `nproc` processes (4 devices in all) to the end; returns their outputs."""
+  procs = start(nproc, workdir, out, idx_dir, overrides, workdirs)
   logs = []
   try:
     for p in procs:
@@ -197,3 +207,63 @@ def test_a_workdir_that_is_not_shared_is_refused(idx_dir, tmp_path):
   for log in logs:
     assert 'is not shared between the 2 processes' in log and 'gs://' in log
   assert not os.path.exists(dirs[0] / 'checkpoints' / '4')
+
+
+def test_a_population_split_over_two_processes_equals_one_process(idx_dir, tmp_path):
+  """population.seeds=4 on 4 devices of 2 processes: each member on one device, so the state
+  and the train metrics are split over the processes (the host pulls only what it may). It
+  trains, checkpoints and resumes to every member's metrics of the 1-process run."""
+  pop = {'population.seeds': 4}
+  out = {}
+  for name, nproc in (('one', 1), ('two', 2)):
+    codes, logs = run(nproc, tmp_path / name, tmp_path / f'{name}.out', idx_dir, pop)
+    assert codes == [0] * nproc, '\n'.join(l[-3000:] for l in logs)
+    assert 'members split over the devices' in logs[0]
+    out[name] = load(tmp_path / f'{name}.out')
+  assert set(out['one'][1]['metrics']) == {'seed0', 'seed1', 'seed2', 'seed3'}
+  # Interrupted after the step-4 checkpoint, resumed by 2 processes.
+  resumed = tmp_path / 'two'
+  for step in ('8', '12'):
+    shutil.rmtree(resumed / 'checkpoints' / step)
+  os.remove(resumed / 'results.json')
+  codes, logs = run(2, resumed, tmp_path / 'resumed.out', idx_dir, pop)
+  assert codes == [0, 0], '\n'.join(l[-3000:] for l in logs)
+  assert 'Resuming from the checkpoint at step 4' in logs[0]
+  out['resumed'] = load(tmp_path / 'resumed.out')
+  for name in ('two', 'resumed'):
+    assert out[name][1]['step'] == 12
+    assert_same(out['one'][0], out[name][0], RTOL, ATOL)
+    for member, metrics in out['one'][1]['metrics'].items():
+      for k, v in metrics.items():
+        np.testing.assert_allclose(out[name][1]['metrics'][member][k], v, rtol=1e-4, atol=1e-6)
+  rows = [json.loads(l) for l in open(resumed / 'members' / 'seed3' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows if 'train/loss' in r] == [4, 8, 12]
+
+
+def test_sigterm_stops_two_processes_at_one_step_with_several_steps_per_call(idx_dir, tmp_path):
+  """train.steps_per_call=4: SIGTERM to one process (a preempted VM of a slice) stops both
+  after the same call, with its checkpoint. JAX's sync point wants a counter that grows by
+  one per check; the step, growing by 4, would skip it and train on to the end."""
+  overrides = {'train.steps_per_call': 4, 'train.num_steps': 2000, 'train.log_every_steps': 400,
+               'train.eval_every_steps': 2000, 'train.checkpoint_every_steps': 2000}
+  procs = start(2, tmp_path / 'run', tmp_path / 'out', idx_dir, overrides)
+  logs = [[], []]
+  try:
+    for line in procs[0].stdout:  # Process 1 logs warnings only.
+      logs[0].append(line)
+      if 'First step' in line:
+        procs[1].send_signal(signal.SIGTERM)
+        break
+    logs[0].append(procs[0].communicate(timeout=TIMEOUT)[0])
+    logs[1].append(procs[1].communicate(timeout=TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [''.join(l) for l in logs]
+  assert [p.returncode for p in procs] == [75, 75], '\n'.join(l[-3000:] for l in logs)
+  stopped = [int(re.search(r'PREEMPTED at step (\d+)', l)[1]) for l in logs]
+  assert stopped[0] == stopped[1] and stopped[0] % 4 == 0 and 4 <= stopped[0] < 2000, stopped
+  saved = [d for d in os.listdir(tmp_path / 'run' / 'checkpoints') if d.isdigit()]
+  assert saved == [str(stopped[0])]

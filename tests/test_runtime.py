@@ -51,3 +51,35 @@ def test_importing_cvjax_sets_nothing_process_wide():
   cpu_flags = ' '.join(runtime.CPU_FLAGS)
   assert out.stdout.splitlines() == [
       'None False', f'{cpu_flags!r} True', f"'--xla_cpu_enable_fast_math=false {cpu_flags}' True"]
+
+
+FILELOCK_CHECK = '''
+import os, sys, warnings
+if {hide}:
+  sys.modules['filelock'] = None  # As in an environment without the package.
+from cvjax import runtime; runtime.configure()
+import jax, jax.numpy as jnp
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()
+print(len(caught), jax.config.jax_compilation_cache_max_size)
+for w in caught:
+  print(w.message, file=sys.stderr)
+'''
+
+
+@pytest.mark.parametrize('hide', [True, False])
+def test_compilation_cache_works_with_and_without_filelock(tmp_path, hide):
+  """JAX refuses a cache size without `filelock`, with a warning at every cache read and write
+  and nothing cached: cvjax sets the size only when filelock imports."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  out = subprocess.run([sys.executable, '-c', FILELOCK_CHECK.format(hide=hide)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**env, 'CVJAX_CACHE_DIR': str(tmp_path)})
+  assert out.returncode == 0, out.stderr
+  warnings, max_size = out.stdout.split()
+  assert warnings == '0', out.stderr
+  assert int(max_size) == (-1 if hide else 2 << 30)
+  assert [f for f in os.listdir(tmp_path / 'jax') if f.endswith('-cache')], os.listdir(
+      tmp_path / 'jax')

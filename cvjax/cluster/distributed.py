@@ -15,6 +15,7 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 from cvjax.errors import UserError
 
@@ -55,3 +56,15 @@ def initialize(mode='auto', coordinator_address=None, num_processes=None, proces
   if jax.process_index():
     logging.set_verbosity(logging.WARNING)
   return True
+
+
+def host_values(tree):
+  """`jax.device_get(tree)`, also for arrays split over the devices of several processes (a
+  population's members, one per device): those are gathered from every process, which must all
+  call this at the same point. Arrays this process holds whole, or replicated, are read
+  locally, so a single-process run reads exactly what `jax.device_get` does."""
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+  return jax.device_get(jax.tree.map(one, tree))

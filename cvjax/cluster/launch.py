@@ -6,9 +6,11 @@
       CONFIG WORKDIR [--sweep=FILE[:arg]] [--only=a,b] [--config.x=v ...]
 
 Cloud TPU: create the slice through a queued resource (or reuse an existing one), wait until
-it is ACTIVE, copy the code to every worker, install `jax[tpu]` and requirements.txt there,
-run `cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with
-their output streamed here, and with --delete delete the slice at the end. --parallel=N
+it is ACTIVE, copy the code to every worker, make a Python >= 3.11 virtual environment there
+with only what the run needs (`jax[tpu]`, cvjax's core packages; grain when the data streams,
+tensorflow-datasets when it comes by tfds name; versions from requirements.txt), run
+`cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with their
+output streamed here, and with --delete delete the slice at the end. --parallel=N
 gives each trial of a sweep its own slice (NAME-TRIAL), N at a time.
 Slurm: write an sbatch script whose `srun` starts one process per GPU (JAX reads its
 rank, the process count and the coordinator from Slurm's environment), and submit it.
@@ -17,12 +19,14 @@ rank, the process count and the coordinator from Slurm's environment), and submi
 
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,11 +34,19 @@ from cvjax import sweep as sweep_lib
 from cvjax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-JAX_VERSION = '0.10.2'
+JAX_VERSION = '0.10.2'  # Its wheels need Python >= 3.11 (3.10 gets none).
+MIN_PYTHON = (3, 11)
 # What the runs need on the TPU VMs (the tests and benchmarks stay here).
 CODE = ('cvjax', 'configs', 'experiments', 'requirements.txt', 'launch.sh')
-CODE_ARCHIVE = 'cvjax-code.tar.gz'
+CODE_ARCHIVE = 'cvjax-code.tar.gz'  # Made in a temporary folder, removed after the copy.
 REMOTE_DIR = '~/cvjax'
+REMOTE_PYTHON = '.venv/bin/python'  # In REMOTE_DIR: the environment the install makes.
+# Pinned in requirements.txt; a TPU run needs these (not the tests, the notebook, TensorBoard's
+# viewer or the oneDNN CPU convolutions), plus jax[tpu] and what its data needs (DATA_PACKAGES).
+CORE_PACKAGES = ('flax', 'optax', 'orbax-checkpoint', 'etils', 'filelock', 'ml-collections',
+                 'absl-py', 'numpy', 'pillow', 'tensorboardX', 'matplotlib')
+DATA_PACKAGES = {'streaming': ('grain',),
+                 'tfds': ('tensorflow-cpu', 'tensorflow-datasets', 'importlib_resources')}
 # TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes).
 RUNTIME_VERSIONS = (('v6e', 'v2-alpha-tpuv6e'), ('v5p', 'v2-alpha-tpuv5'),
                     ('v5litepod', 'v2-alpha-tpuv5-lite'), ('v5e', 'v2-alpha-tpuv5-lite'))
@@ -165,6 +177,80 @@ def train_command(args, python, distributed=()):
 
 # --- Cloud TPU ---
 
+def pinned(names):
+  """requirements.txt's lines (without comments) for the packages `names`, in its order."""
+  with open(os.path.join(ROOT, 'requirements.txt')) as f:
+    lines = [l.split('#')[0].strip() for l in f]
+  name = lambda l: re.split(r'[\[=<>!~;\s]', l, maxsplit=1)[0].lower()
+  found = [l for l in lines if l and name(l) in {n.lower() for n in names}]
+  missing = {n.lower() for n in names} - {name(l) for l in found}
+  if missing:
+    raise LaunchError(f'requirements.txt pins no {sorted(missing)}, which a TPU run installs.')
+  return found
+
+
+def data_needs(args, runs):
+  """What the data of `runs` (their config overrides) needs beyond the core: 'streaming'
+  (grain: ImageNet, dataset.pipeline=streaming, or an image folder on the VM that may stream)
+  and 'tfds' (a dataset by name that does not ship with cvjax)."""
+  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  path, _, arg = args.config.partition(':')
+  try:
+    # As the workers read it: relative to the code copied there (the repository's root).
+    spec = importlib.util.spec_from_file_location('launched_config', os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dataset = module.get_config(arg or None).dataset
+  except Exception as e:  # pylint: disable=broad-except  # A missing or broken config file.
+    raise LaunchError(f'CONFIG={args.config}: {type(e).__name__}: {e}') from None
+  needs = set()
+  for overrides in runs:
+    d = {k: dataset.get(k, '') for k in ('name', 'path', 'pipeline')}
+    d.update({k[len('dataset.'):]: str(v) for k, v in overrides.items()
+              if k[len('dataset.'):] in d and k.startswith('dataset.')})
+    if d['pipeline'] == 'streaming' or d['name'].startswith('imagenet') or (
+        d['path'] and d['pipeline'] in ('', 'auto')):
+      needs.add('streaming')
+    if not d['path'] and d['name'] not in memory.EMBEDDED_DATASETS:
+      needs.add('tfds')
+  return needs
+
+
+def overrides_of(args, trial_overrides=()):
+  """The --config.x=v overrides of the command line as {x: v}, then a trial's."""
+  out = dict(o[len('--config.'):].split('=', 1) for o in args.overrides if '=' in o)
+  return {**out, **dict(trial_overrides)}
+
+
+def install_script(packages):
+  """The install step each TPU worker runs: unpack the code, find a Python >= 3.11 (python3
+  first; the Ubuntu 22.04 images have 3.10: then apt-get's python3.11), make REMOTE_DIR/.venv
+  with it and install `packages` there; without such a Python, stop with what to do."""
+  want = '.'.join(map(str, MIN_PYTHON))
+  probe = f'import sys; sys.exit(sys.version_info < {MIN_PYTHON})'
+  candidates = ['python3'] + [f'python3.{m}' for m in (13, 12, 11)]
+  return '; '.join([
+      f'set -e; mkdir -p {REMOTE_DIR}; tar -xzf {CODE_ARCHIVE} -C {REMOTE_DIR}; '
+      f'rm -f {CODE_ARCHIVE}; cd {REMOTE_DIR}',
+      'echo "$(hostname): $(python3 --version 2>&1)"; PY=',
+      f'find_python() {{ for p in {" ".join(candidates)}; do if command -v $p >/dev/null 2>&1 '
+      f'&& $p -c {shlex.quote(probe)} 2>/dev/null; then PY=$p; return; fi; done; }}; '
+      'find_python',
+      # Ubuntu 22.04 (the v4 and older images) has 3.10, and 3.11 in its own archive.
+      f'if [ -z "$PY" ] && command -v apt-get >/dev/null 2>&1; then echo "$(hostname): '
+      f'installing python{want} (apt-get)"; sudo apt-get -qq update && sudo apt-get -qq install '
+      f'-y python{want} python{want}-venv >/dev/null || true; find_python; fi',
+      f'if [ -z "$PY" ]; then echo "launch.sh: cvjax needs Python >= {want} (jax {JAX_VERSION} '
+      f'has no wheels for older ones) and this TPU VM has $(python3 --version 2>&1) only. '
+      f'Create the slice with a TPU software version (--runtime_version) whose image has '
+      f'Python {want}+, or install one on the VM first (uv python install {want}, or pyenv) '
+      f'and re-run." >&2; exit 3; fi',
+      '$PY -m venv .venv || { echo "launch.sh: $PY -m venv failed: install its venv module '
+      '(e.g. sudo apt-get install python3-venv) and re-run." >&2; exit 3; }',
+      f'{REMOTE_PYTHON} -m pip install -q --upgrade pip',
+      f'{REMOTE_PYTHON} -m pip install -q {shlex.join(packages)}'])
+
+
 def runtime_version(accelerator_type):
   for prefix, version in RUNTIME_VERSIONS:
     if accelerator_type.startswith(prefix):
@@ -172,7 +258,7 @@ def runtime_version(accelerator_type):
   return DEFAULT_RUNTIME_VERSION
 
 
-def tpu_steps(args, name, command, results=None):
+def tpu_steps(args, name, command, packages, archive, results=None):
   """[(kind, argv or text)] for one slice: create-or-reuse, wait, copy, install, run, delete.
 
   kind 'run' is a command to run; 'if_absent' one run only when the describe before it
@@ -183,9 +269,7 @@ def tpu_steps(args, name, command, results=None):
   qr = ['gcloud', 'compute', 'tpus', 'queued-resources']
   vm = ['gcloud', 'compute', 'tpus', 'tpu-vm']
   describe = [*qr, 'describe', name, *where, '--format=value(state.state)']
-  install = (f'set -e; mkdir -p {REMOTE_DIR}; tar -xzf {CODE_ARCHIVE} -C {REMOTE_DIR}; '
-             f'cd {REMOTE_DIR}; python3 -m pip install -q "jax[tpu]=={JAX_VERSION}" '
-             '-r requirements.txt')
+  install = install_script(packages)
   steps = [('finished', ['gcloud', 'storage', 'ls', results])] if results else []
   steps += [
       ('note', f'slice {name}: reuse it if it exists, else queue it'),
@@ -196,7 +280,7 @@ def tpu_steps(args, name, command, results=None):
                      *(['--spot'] if args.spot else [])]),
       ('note', f'wait until {name} is ACTIVE (polled every {POLL_SECONDS} s)'),
       ('wait', describe),
-      ('run', [*vm, 'scp', CODE_ARCHIVE, f'{name}:', *where, '--worker=all']),
+      ('run', [*vm, 'scp', archive, f'{name}:', *where, '--worker=all']),
       ('run', [*vm, 'ssh', name, *where, '--worker=all', f'--command={install}']),
       ('run', [*vm, 'ssh', name, *where, '--worker=all',
                f'--command=cd {REMOTE_DIR} && {shlex.join(command)}']),
@@ -277,6 +361,20 @@ def launch_tpu(args):
                       '--parallel its checkpoints and results would be lost with the slice. '
                       'Use a bucket the slice can write, e.g. gs://my-bucket/runs/depth.')
   distributed = ['--distributed=on']
+  # The archive of the code, in a folder of its own (never the repository) removed at the end.
+  tmp = tempfile.mkdtemp(prefix='cvjax-launch-')
+  archive = os.path.join(tmp, CODE_ARCHIVE)
+  try:
+    return _launch_tpu(args, distributed, archive)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _launch_tpu(args, distributed, archive):
+  remote = workdir.is_remote(args.workdir)
+  runs = [overrides_of(args, o) for _, o in trials(args)] or [overrides_of(args)]
+  packages = [f'jax[tpu]=={JAX_VERSION}', *pinned(CORE_PACKAGES + tuple(
+      p for need in sorted(data_needs(args, runs)) for p in DATA_PACKAGES[need]))]
   if args.parallel:
     plans = []
     for trial, overrides in trials(args):
@@ -285,14 +383,15 @@ def launch_tpu(args):
         raise LaunchError(f'trial {trial!r} would run on a slice named {name!r}, which is not '
                           f'{NAMES["name"][1]}; rename the trial or shorten --name.')
       command = sweep_lib.trial_command(args.config, args.workdir, trial, overrides,
-                                        [*distributed, *args.overrides], python='python3')
-      plans.append((name, tpu_steps(args, name, command,
-                                    results=f'{args.workdir.rstrip("/")}/{trial}/results.json')))
+                                        [*distributed, *args.overrides], python=REMOTE_PYTHON)
+      plans.append((name, tpu_steps(
+          args, name, command, packages, archive,
+          results=f'{args.workdir.rstrip("/")}/{trial}/results.json')))
   else:
-    trials(args)  # Checks the sweep file and --only before anything starts.
-    plans = [(args.name, tpu_steps(args, args.name, train_command(args, 'python3', distributed)))]
-  pack = ['tar', '-czf', CODE_ARCHIVE, '--exclude=__pycache__', '-C', os.path.relpath(ROOT),
-          *CODE]
+    plans = [(args.name, tpu_steps(args, args.name,
+                                   train_command(args, REMOTE_PYTHON, distributed), packages,
+                                   archive))]
+  pack = ['tar', '-czf', archive, '--exclude=__pycache__', '-C', os.path.relpath(ROOT), *CODE]
   if args.dry_run:
     print(f'# package the code ({", ".join(CODE)})\n{shlex.join(pack)}')
     for _, steps in plans:

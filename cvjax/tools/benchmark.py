@@ -182,8 +182,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
           'train_images_per_s': batch_size / median,
           'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
           'compile_s': first - median, 'first_step_s': first, 'eval_images_per_s': eval_ips,
-          'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
-          'peak_host_memory_mib': peak_mib}
+          **_flops_fields(flops, median), 'peak_host_memory_mib': peak_mib}
 
 
 _MEMBER_FLOPS = {}  # (model, batch size) -> FLOPs of one run's step.
@@ -226,13 +225,13 @@ def run_population(name, members, per_call, batch_size, num_steps, warmup):
     _MEMBER_FLOPS[name, batch_size] = step_flops(
         one, exp.tx, exp.mesh, exp.input.image_shape, exp.input.num_classes,
         exp.input.make_train_batch, (data, indices, jax.random.key(1)))
-  flops = members * _MEMBER_FLOPS[name, batch_size]
+  flops = _MEMBER_FLOPS[name, batch_size] and members * _MEMBER_FLOPS[name, batch_size]
   return {'model': name, 'members': members, 'steps_per_call': per_call,
           'dtype': config.train.compute_dtype,
           'variant': 'split' if split else 'one_program', 'step_ms_median': 1e3 * median,
           'member_step_ms': 1e3 * median / members,
           'train_images_per_s': members * batch_size / median, 'compile_s': first - median,
-          'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / median / 1e9,
+          **_flops_fields(flops, median),
           'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -250,10 +249,18 @@ def print_population_table(results):
           f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
 
 
+def _flops_fields(flops, seconds):
+  """GFLOP per step and GFLOP/s; None where the backend gave no FLOP count."""
+  if not flops:
+    return {'gflops_per_step': None, 'achieved_gflops_per_s': None}
+  return {'gflops_per_step': flops / 1e9, 'achieved_gflops_per_s': flops / seconds / 1e9}
+
+
 def step_flops(config, tx, mesh, shape, num_classes, make_train_batch, step_args):
   """Model FLOPs of one train step: XLA's cost analysis of the one-program step, without
   scan or micro-batches (the analysis counts a loop body once) or remat (re-computation is not
-  model work)."""
+  model work). None where the backend has no cost analysis (some GPU and TPU plugins): the
+  timings are still reported."""
   one = config.copy_and_resolve_references()
   one.train.split_backward = False
   one.train.native_conv = False  # XLA counts its own convolutions, not custom calls.
@@ -268,11 +275,19 @@ def step_flops(config, tx, mesh, shape, num_classes, make_train_batch, step_args
                                                  one.train.get('ema_decay', 0) > 0),
                          jax.random.key(0))
   lowered = steps.jit_train_step(model, tx, one, mesh, make_train_batch).lower(state, *step_args)
-  cost = lowered.cost_analysis()
-  if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
-    cost = lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return cost['flops']
+  try:
+    cost = lowered.cost_analysis()
+    if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.
+      cost = lowered.compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  except Exception as e:  # pylint: disable=broad-except  # Unimplemented on this backend.
+    print(f'  no FLOP count ({type(e).__name__}: {str(e)[:200]}); GFLOP/s and MFU left out.',
+          flush=True)
+    return None
+  flops = (cost or {}).get('flops')
+  if not flops:
+    print('  no FLOP count from the cost analysis; GFLOP/s and MFU left out.', flush=True)
+  return flops or None
 
 
 def main(argv):
@@ -301,13 +316,14 @@ def main(argv):
         if recipe not in RECIPES:
           raise app.UsageError(f'unknown --recipe={recipe}; expected {", ".join(RECIPES)}.')
         r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype, conv, recipe)
-        r.update(dtype=dtype, mfu=r['achieved_gflops_per_s'] / peaks[dtype])
+        gflops = r['achieved_gflops_per_s']
+        r.update(dtype=dtype, mfu=gflops / peaks[dtype] if gflops is not None else None)
         results.append(r)
         print(f'{name:<18} {dtype:<8} {variant:<12} {conv:<6} {recipe:<15} '
               f'{r["train_images_per_s"]:>8.0f} '
               f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
               f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
-              f'{r["achieved_gflops_per_s"]:>8.1f} {r["mfu"]:>6.1%} '
+              f'{_or_dash(r["achieved_gflops_per_s"], ">8.1f")} {_or_dash(r["mfu"], ">6.1%")} '
               f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
       if _BASELINE.value == 'torch' and (t := run_torch(name, dtype, results)):
         results.append(t)
@@ -319,6 +335,10 @@ def main(argv):
                     'devices': jax.device_count(), 'batch_size': _BATCH.value,
                     'matmul_gflops_per_s': rates, 'mfu_roof_gflops_per_s': peaks,
                     'results': results, 'population': population}))
+
+
+def _or_dash(value, spec):
+  return format(value, spec) if value is not None else format('-', spec[:2])
 
 
 def run_torch(name, dtype, results):

@@ -44,7 +44,8 @@ def chip_peak(device):
 
 
 def _throughput(r, peak):
-  tflops = r['achieved_gflops_per_s'] / 1e3 if 'achieved_gflops_per_s' in r else None
+  gflops = r.get('achieved_gflops_per_s')  # None where the backend gave no FLOP count.
+  tflops = gflops / 1e3 if gflops is not None else None
   return {'tflops_per_second': round(tflops, 2) if tflops is not None else None,
           'mfu_vs_bf16_peak': round(tflops / peak, 4) if tflops is not None and peak else None}
 
