@@ -190,7 +190,7 @@ def build(config, devices=None) -> Experiment:
     return Experiment(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
                       abstract_state, checked)
   groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
-            for ms in population.group_members(population.members(config))]
+            for ms in population.group_members(population.members(config, mesh.shape['data']))]
   keys = [f'group{i}' for i in range(len(groups))]
   stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
 
