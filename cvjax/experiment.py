@@ -135,7 +135,10 @@ def fingerprint(config, num_classes, input_shape, dataset=None):
              'optimizer': config.optimizer.to_dict(), 'schedule': config.schedule.to_dict(),
              'num_steps': config.train.num_steps, 'num_epochs': config.train.num_epochs,
              'batch_size': config.train.batch_size}))}  # As saved: tuples as lists.
-  return out if dataset is None else {**out, 'dataset': dataset}
+  # A trained run's seed decided its initialisation and its data order up to the checkpoint:
+  # a resume with another seed would record steps it did not run (checkpointing.check_seed).
+  # An import has none: a fine-tune may start from it with any seed.
+  return out if dataset is None else {**out, 'dataset': dataset, 'seed': config.seed}
 
 
 def steps_for(config, num_train):

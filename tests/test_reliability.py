@@ -846,3 +846,82 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once_when_redon
   events.Reload()
   assert [e.step for e in events.Scalars('train/loss')] == [4, 8]
   assert [r['step'] for r in read_jsonl(tmp_path)] == [4, 8]
+
+
+def files_of(workdir):
+  """{path: bytes} of every file in a workdir but the lock: what a refused run must leave."""
+  out = {}
+  for folder, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(folder, name)
+      if name != 'lock':
+        with open(path, 'rb') as f:
+          out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_another_seed_and_records_changed_settings(idx_dir, tmp_path):
+  from cvjax import population  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 4}), run)
+  os.remove(os.path.join(run, 'results.json'))
+  before = files_of(run)
+  other_seed = tiny_config(idx_dir, **{'train.num_steps': 8})
+  other_seed.seed = 1
+  with pytest.raises(UserError, match=r'step 4 was trained with seed=0; this run asks for '
+                     r'seed=1\. .*resume with seed=0 .*fresh run in a new --workdir'):
+    train.train_and_evaluate(other_seed, run)
+  assert files_of(run) == before  # config.json still says seed 0.
+  # Changed settings: config.json holds them, config_history.jsonl says from which step.
+  changed = tiny_config(idx_dir, **{'train.num_steps': 8, 'optimizer.learning_rate': 0.05})
+  train.train_and_evaluate(changed, run)
+  with open(os.path.join(run, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert history == [{'step': 4, 'changed': {
+      'optimizer.learning_rate': {'was': 0.1, 'now': 0.05},
+      'train.num_steps': {'was': 4, 'now': 8}}}]
+  with open(os.path.join(run, 'config.json')) as f:
+    assert json.load(f)['optimizer']['learning_rate'] == 0.05
+  # A population refuses it the same way (its members' names hold their seeds).
+  pop = str(tmp_path / 'pop')
+  c = tiny_config(idx_dir, **{'train.num_steps': 4})
+  c.population.seeds = 2
+  train.train_and_evaluate(c, pop)
+  os.remove(os.path.join(pop, 'results.json'))
+  c = tiny_config(idx_dir, **{'train.num_steps': 8})
+  c.population.seeds, c.seed = 2, 5
+  assert population.is_population(c)
+  before = files_of(pop)
+  with pytest.raises(UserError, match=r'trained with seed=0; this run asks for seed=5'):
+    train.train_and_evaluate(c, pop)
+  assert files_of(pop) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage, message', [
+    ('not utf-8', r'metrics.jsonl is not the metrics cvjax writes: byte \d+ .* is not UTF-8'),
+    ('a wrong type', r'metrics.jsonl, line 2: .* is not a record cvjax writes'),
+    ('a list', r'metrics.jsonl, line 1: .* is not a record cvjax writes'),
+    ('a folder', r'metrics.jsonl is a folder'),
+])
+def test_a_resume_on_a_damaged_metrics_file_writes_nothing(idx_dir, tmp_path, damage, message):
+  run = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 4}), str(run))
+  os.remove(run / 'results.json')
+  jsonl = run / 'metrics.jsonl'
+  if damage == 'not utf-8':
+    jsonl.write_bytes(jsonl.read_bytes() + b'{"step": 5, "train/loss": "\xff\xfe"}\n')
+  elif damage == 'a wrong type':
+    jsonl.write_text('{"step": 4, "train/loss": 1.0}\n{"step": "4", "train/loss": 1.0}\n')
+  elif damage == 'a list':
+    jsonl.write_text('[4, 1.0]\n')
+  else:
+    os.remove(jsonl)
+    (jsonl / 'x').mkdir(parents=True)
+  before = files_of(run)
+  with pytest.raises(UserError, match=message + '.*nothing was written'):
+    train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 8,
+                                                     'optimizer.learning_rate': 0.05}), str(run))
+  assert files_of(run) == before
+
