@@ -17,6 +17,7 @@ from cvjax import checkpointing
 from cvjax import config_history
 from cvjax import experiment
 from cvjax import jit_steps
+from cvjax import memory_estimate
 from cvjax import metric_writer
 from cvjax import preemption
 from cvjax import progress
@@ -37,6 +38,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
     raise UserError(f'--workdir={workdir} exists and is not a directory.')
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
+    memory_estimate.check(exp)  # Logs the memory it needs; refuses what clearly cannot fit.
     stopped = stop_requested(0)
     if stopped:
       raise preemption.Preempted(0, stopped)

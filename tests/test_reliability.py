@@ -925,3 +925,49 @@ def test_a_resume_on_a_damaged_metrics_file_writes_nothing(idx_dir, tmp_path, da
                                                      'optimizer.learning_rate': 0.05}), str(run))
   assert files_of(run) == before
 
+
+def test_a_sweep_says_how_a_trial_ended_and_leaves_no_lock_of_a_killed_one(tmp_path, monkeypatch,
+                                                                          capsys):
+  from cvjax import sweep  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'three.py').write_text(
+      'def get_trials(arg=None):\n  return [("oom", {}), ("segv", {}), ("bad", {})]\n')
+  ends = {'oom': 'os.kill(os.getpid(), signal.SIGKILL)',  # As the OOM killer would.
+          'segv': 'os.kill(os.getpid(), signal.SIGSEGV)', 'bad': 'sys.exit(2)'}
+
+  def trial(config, workdir, name, overrides, extra):  # Takes the lock as cvjax.main does.
+    return [sys.executable, '-c', 'import os, signal, sys; from cvjax import run_lock; '
+            f'run_lock.acquire({os.path.join(workdir, name)!r}); {ends[name]}']
+  monkeypatch.setattr(sweep, 'trial_command', trial)
+  monkeypatch.chdir(ROOT)
+  status = sweep.run_sweep('configs/resnet.py', str(tmp_path / 'three.py'), str(tmp_path / 'w'))
+  out = capsys.readouterr().out
+  assert status == {'oom': 'failed', 'segv': 'failed', 'bad': 'failed'}
+  assert ("oom: killed by SIGKILL: the kernel's out-of-memory killer, most likely" in out
+          and 'segv: killed by SIGSEGV.' in out
+          and 'bad: failed with exit status 2: a configuration or input error' in out), out
+  assert not os.path.exists(tmp_path / 'w' / 'oom' / 'lock')
+  assert not os.path.exists(tmp_path / 'w' / 'segv' / 'lock')
+  assert os.path.exists(tmp_path / 'w' / 'bad' / 'lock')  # Its own exit: never the sweep's to take.
+
+
+@pytest.mark.slow
+def test_memory_is_estimated_at_start_up_and_a_run_that_cannot_fit_is_refused(
+    idx_dir, tmp_path, monkeypatch, caplog):
+  from cvjax import memory_estimate, population  # pylint: disable=g-import-not-at-top
+  caplog.set_level('INFO', logger='absl')
+  c = tiny_config(idx_dir, **{'train.num_steps': 2})
+  train.train_and_evaluate(c, str(tmp_path / 'one'))
+  assert re.search(r'Memory: about \d+ MiB estimated by tracing the step \(train state .*\); '
+                   r'this machine has [\d.]+ GiB available', caplog.text), caplog.text
+  monkeypatch.setattr(memory_estimate, 'available_bytes', lambda: 4 * 2 ** 20)  # 4 MiB.
+  c.population.seeds = 4
+  assert population.is_population(c)
+  with pytest.raises(UserError, match=r'this run needs about \d+ MiB of host memory \(train '
+                     r'state .*for 4 members\) and this machine has 4 MiB available: .*Train fewer '
+                     r'members .*CVJAX_IGNORE_MEMORY_ESTIMATE=1'):
+    train.train_and_evaluate(c, str(tmp_path / 'pop'))
+  assert not (tmp_path / 'pop').exists()
+  assert "estimated by XLA's memory analysis" in caplog.text
+  monkeypatch.setenv('CVJAX_IGNORE_MEMORY_ESTIMATE', '1')  # The override: a warning instead.
+  assert memory_estimate.check(experiment.build(c)) > 4 * 2 ** 20
+  assert 'CVJAX_IGNORE_MEMORY_ESTIMATE=1: running anyway' in caplog.text
