@@ -137,6 +137,11 @@ def reads(config, field):
   table = {'optimizer': OPTIMIZER_READS, 'schedule': SCHEDULE_READS}.get(section)
   if table is None or key == 'name':
     return True
+  o = config.optimizer
+  if field == 'optimizer.nesterov' and not o.get('momentum'):
+    return False  # Nesterov of no momentum: plain SGD either way.
+  if field == 'optimizer.decay_bn_and_bias' and o.name != 'lars' and not o.get('weight_decay'):
+    return False  # Only the decay's mask (and LARS's trust ratio's) reads it.
   return key in table.get(config[section].name, {key})  # An unknown name fails elsewhere.
 
 
@@ -147,6 +152,10 @@ def check_read(config, fields):
       section = field.split('.')[0]
       name = config[section].name
       table = OPTIMIZER_READS if section == 'optimizer' else SCHEDULE_READS
+      if field.split('.')[1] in table.get(name, ()):
+        off = 'optimizer.momentum=0' if 'nesterov' in field else 'optimizer.weight_decay=0'
+        raise UserError(f'{field} is not read with {off}: varying it would train identical '
+                        'runs.')
       raise UserError(f'{field} is not read by {section}.name={name!r}, which reads '
                       f'{", ".join(sorted(table[name]))}: varying it would train identical '
                       'runs.')

@@ -78,6 +78,10 @@ def test_each_member_gets_the_checks_of_its_run_alone(idx_dir, vary, seed, messa
     ('optimizer.b1=0.9,0.95', {}, "optimizer.b1 is not read by optimizer.name='sgd'"),
     ('optimizer.trust_coefficient=0.001,0.01', {'optimizer.name': 'adamw'},
      "optimizer.trust_coefficient is not read by optimizer.name='adamw'"),
+    ('optimizer.nesterov=False,True', {'optimizer.momentum': 0.0},
+     'optimizer.nesterov is not read with optimizer.momentum=0'),
+    ('optimizer.decay_bn_and_bias=False,True', {'optimizer.weight_decay': 0.0},
+     'optimizer.decay_bn_and_bias is not read with optimizer.weight_decay=0'),
     ('optimizer.name=sgd,adamw optimizer.b1=0.9,0.95', {},
      'member namesgd_b10.9_seed0: optimizer.b1 is not read'),
 ])
