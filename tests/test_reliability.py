@@ -962,7 +962,7 @@ def test_memory_is_estimated_at_start_up_and_a_run_that_cannot_fit_is_refused(
   monkeypatch.setattr(memory_estimate, 'available_bytes', lambda: 4 * 2 ** 20)  # 4 MiB.
   c.population.seeds = 4
   assert population.is_population(c)
-  with pytest.raises(UserError, match=r'this run needs about \d+ MiB of host memory \(train '
+  with pytest.raises(UserError, match=r'this run needs about \d+ MiB more host memory \(train '
                      r'state .*for 4 members\) and this machine has 4 MiB available: .*Train fewer '
                      r'members .*CVJAX_IGNORE_MEMORY_ESTIMATE=1'):
     train.train_and_evaluate(c, str(tmp_path / 'pop'))
