@@ -157,7 +157,7 @@ def read_records(workdir):
   path = epath.Path(workdir) / 'metrics.jsonl'
   if not path.exists():
     return []
-  fix = (f'Move it aside (the run\'s checkpoints and events are intact) and re-run; nothing '
+  fix = ('Move it aside (the run\'s checkpoints and events are intact) and re-run; nothing '
          'was written.')
   if path.is_dir():
     raise UserError(f'{path} is a folder; cvjax keeps the run\'s metrics there (one JSON line '
