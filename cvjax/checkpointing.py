@@ -111,6 +111,8 @@ def restore_latest(mngr, abstract_state, fingerprint, read_only=False):
     except Exception as e:  # pylint: disable=broad-except
       set_aside(mngr, step, e, read_only)
       continue
+    if not read_only:  # An evaluation reads the weights, whatever seed made them.
+      check_seed(saved_fingerprint, fingerprint, step, mngr.directory)
     check_fingerprint(saved_fingerprint, fingerprint, step, mngr.directory)
     check_layout(saved_layout, layout(abstract_state), saved_fingerprint, fingerprint, step,
                  mngr.directory)
@@ -145,10 +147,25 @@ def all_finite(tree):
 RESUMABLE = 'training'
 
 
+def check_seed(saved, fingerprint, step, directory):
+  """Refuses to resume a checkpoint with another `seed` (a run's or a population's base
+  seed): the steps before it drew their initialisation and data order from the old one, and
+  config.json would then claim the new seed for them."""
+  if 'seed' in saved and 'seed' in fingerprint and saved['seed'] != fingerprint['seed']:
+    raise UserError(
+        f'the checkpoint at step {step} was trained with seed={saved["seed"]}; this run asks '
+        f'for seed={fingerprint["seed"]}. A seed decides the initialisation and the data order '
+        f'of every step, so it cannot change within a run: resume with seed={saved["seed"]} '
+        '(leave --config.seed out), or train the new seed as a fresh run in a new --workdir. '
+        f'Nothing in {directory} was changed.')
+
+
 def check_fingerprint(saved, fingerprint, step, directory):
   """Refuses a checkpoint whose fingerprint differs in a field both record (checkpoints of
-  older versions record fewer fields), other than the resumable settings."""
-  diff = {k: (saved[k], fingerprint[k]) for k in set(saved) & set(fingerprint) - {RESUMABLE}
+  older versions record fewer fields), other than the resumable settings and the seed
+  (`check_seed`)."""
+  diff = {k: (saved[k], fingerprint[k])
+          for k in set(saved) & set(fingerprint) - {RESUMABLE, 'seed'}
           if saved[k] != fingerprint[k]}
   if diff:
     raise UserError(

@@ -112,3 +112,51 @@ def check_values(config):
       _is_number(b) and 0 <= b <= 1 for b in boundaries)):
     raise UserError(f'schedule.boundaries={boundaries!r}; expected fractions of the run in '
                     '[0, 1], e.g. (0.5, 0.75): /10 at half and three quarters of the steps.')
+
+
+# The fields of `optimizer` and `schedule` each name reads (cvjax/optim.py): a population that
+# varies a field its members' runs never read would train identical members without a word.
+OPTIMIZER_READS = {
+    'sgd': {'learning_rate', 'momentum', 'nesterov', 'weight_decay', 'decay_bn_and_bias'},
+    'adamw': {'learning_rate', 'b1', 'b2', 'eps', 'weight_decay', 'decay_bn_and_bias'},
+    'lamb': {'learning_rate', 'b1', 'b2', 'eps', 'weight_decay', 'decay_bn_and_bias'},
+    'lars': {'learning_rate', 'momentum', 'nesterov', 'weight_decay', 'decay_bn_and_bias',
+             'trust_coefficient'},
+}
+SCHEDULE_READS = {
+    'piecewise': {'warmup_steps', 'boundaries', 'decay_factor'},
+    'cosine': {'warmup_steps'},
+    'polynomial': {'warmup_steps', 'power', 'end_value'},
+    'constant': {'warmup_steps'},
+}
+
+
+def reads(config, field):
+  """Whether a run of `config` reads `field` ('section.key'). Every `name` is read; a model's
+  fields are those its family's config fills for its builder, so all count as read."""
+  section, _, key = field.partition('.')
+  table = {'optimizer': OPTIMIZER_READS, 'schedule': SCHEDULE_READS}.get(section)
+  if table is None or key == 'name':
+    return True
+  o = config.optimizer
+  if field == 'optimizer.nesterov' and not o.get('momentum'):
+    return False  # Nesterov of no momentum: plain SGD either way.
+  if field == 'optimizer.decay_bn_and_bias' and o.name != 'lars' and not o.get('weight_decay'):
+    return False  # Only the decay's mask (and LARS's trust ratio's) reads it.
+  return key in table.get(config[section].name, {key})  # An unknown name fails elsewhere.
+
+
+def check_read(config, fields):
+  """Refuses a field in `fields` that a run of `config` never reads."""
+  for field in fields:
+    if not reads(config, field):
+      section = field.split('.')[0]
+      name = config[section].name
+      table = OPTIMIZER_READS if section == 'optimizer' else SCHEDULE_READS
+      if field.split('.')[1] in table.get(name, ()):
+        off = 'optimizer.momentum=0' if 'nesterov' in field else 'optimizer.weight_decay=0'
+        raise UserError(f'{field} is not read with {off}: varying it would train identical '
+                        'runs.')
+      raise UserError(f'{field} is not read by {section}.name={name!r}, which reads '
+                      f'{", ".join(sorted(table[name]))}: varying it would train identical '
+                      'runs.')

@@ -13,7 +13,8 @@ its error analysis (WORKDIR/error_analysis/; a population member's in WORKDIR/me
 (`cifar10`, `cifar10_6k`) or a local path (dataset.path), e.g. your own copy of the test set of
 a run that ships with cvjax (trained/README.md); its classes must be the run's, in its order.
 `--predictions=FILE` also writes the top-5
-classes of every test image, the challenge's submission format. `--score` checks such a file
+classes of every test image, the challenge's submission format (never over one of the run's
+own records: its metrics, config, results, checkpoints, events or error analysis). `--score` checks such a file
 against labels held by someone else, without the model.
 
 Prediction file (the ILSVRC2012 devkit's classification format): one line per test image, in
@@ -166,11 +167,40 @@ def score(predictions_path, labels_path):
           'top5_error': float(np.mean(~in_top5))}
 
 
-def check_writable(path):
-  """Before the evaluation (minutes on ImageNet): can `path` be written?"""
+# What a run (or each member of a population, in members/<name>/) owns in its workdir: no
+# other command writes over them. Also any TensorBoard event file (events.out.tfevents.*).
+RUN_FOLDERS = ('checkpoints', 'bad_checkpoints', 'error_analysis')
+RUN_FILES = ('metrics.jsonl', 'config.json', 'config_history.jsonl', 'results.json', 'lock')
+
+
+def run_record(path, workdir):
+  """The part of `workdir` (a run's records) that writing `path` would replace, or None."""
+  rel = os.path.relpath(os.path.realpath(path), os.path.realpath(workdir))
+  parts = rel.split(os.sep)
+  if parts[0] == os.pardir:
+    return None
+  if parts[0] == 'members' and len(parts) > 2:  # A member's folder is laid out as a run's.
+    parts = parts[2:]
+  if parts[0] in RUN_FOLDERS or parts[0] == 'members' or (
+      len(parts) == 1 and (parts[0] in RUN_FILES or parts[0].startswith('events.out.tfevents'))):
+    return rel
+  return None
+
+
+def check_writable(path, workdir=None):
+  """Before the evaluation (minutes on ImageNet): can `path` be written, without replacing
+  one of the run's own records in `workdir` (its metrics, config, results, checkpoints,
+  events, error analysis; a member's too)?"""
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise UserError(f'--predictions={path} is a folder; expected a file name.')
+  record = None
+  if workdir and '://' not in str(workdir):
+    record = run_record(path, workdir)
+  if record is not None:
+    raise UserError(f'--predictions={path} is {record} of the run in {workdir}: writing the '
+                    'predictions there would replace the run\'s own records. Choose another '
+                    'file, e.g. predictions.txt beside the run. Nothing was written.')
   if not os.path.isdir(folder):
     raise UserError(f'--predictions={path}: the folder {folder} does not exist.')
   if not os.access(folder, os.W_OK):
@@ -225,7 +255,7 @@ def main(argv):
       raise UserError('pass --workdir=DIR (a run or an import) to evaluate, or --score=FILE '
                       '--labels=FILE to score predictions.')
     if _PREDICTIONS.value:
-      check_writable(_PREDICTIONS.value)
+      check_writable(_PREDICTIONS.value, _WORKDIR.value)
     config = _CONFIG.value
     if config is None:
       config = read_run_config(_WORKDIR.value)

@@ -170,7 +170,10 @@ def fingerprint(config, num_classes, input_shape, dataset=None):
              'optimizer': config.optimizer.to_dict(), 'schedule': config.schedule.to_dict(),
              'num_steps': config.train.num_steps, 'num_epochs': config.train.num_epochs,
              'batch_size': config.train.batch_size}))}  # As saved: tuples as lists.
-  return out if dataset is None else {**out, 'dataset': dataset}
+  # A trained run's seed decided its initialisation and its data order up to the checkpoint:
+  # a resume with another seed would record steps it did not run (checkpointing.check_seed).
+  # An import has none: a fine-tune may start from it with any seed.
+  return out if dataset is None else {**out, 'dataset': dataset, 'seed': config.seed}
 
 
 def steps_for(config, num_train):
@@ -226,7 +229,7 @@ def build(config, devices=None) -> Experiment:
     return Experiment(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
                       abstract_state, checked)
   groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
-            for ms in population.group_members(population.members(config))]
+            for ms in population.group_members(population.members(config, mesh.shape['data']))]
   keys = [f'group{i}' for i in range(len(groups))]
   stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
 

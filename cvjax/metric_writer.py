@@ -21,6 +21,7 @@ from etils import epath
 import jax
 
 from cvjax import workdir as workdir_lib
+from cvjax.errors import UserError
 
 
 def summary_writer(logdir, **kwargs):
@@ -92,25 +93,8 @@ class MetricWriter:
     self.jsonl = epath.Path(workdir) / 'metrics.jsonl'
     self._records = []
     if self.jsonl.exists():
-      self._records = [r for r in self._read_jsonl() if r['step'] <= resume_step]
+      self._records = [r for r in read_records(workdir) if r['step'] <= resume_step]
       self._write_jsonl()
-
-  def _read_jsonl(self):
-    """The records of metrics.jsonl; a line torn by a crash is dropped with a warning."""
-    records, torn = [], []
-    for i, line in enumerate(self.jsonl.read_text().splitlines()):
-      try:
-        record = json.loads(line)
-        int(record['step'])
-      except (ValueError, KeyError, TypeError):
-        if line.strip():
-          torn.append(i + 1)
-        continue
-      records.append(record)
-    if torn:
-      logging.warning('%s: dropped unreadable line(s) %s (a line torn by a crash).', self.jsonl,
-                      torn)
-    return records
 
   def _write_jsonl(self):
     self.jsonl.write_text(''.join(json.dumps(r) + '\n' for r in self._records))
@@ -163,6 +147,52 @@ class NullWriter:
 
   def close(self):
     pass
+
+
+def read_records(workdir):
+  """The records of WORKDIR/metrics.jsonl ([] when there is none); a line torn by a crash
+  (not JSON) is dropped with a warning. A file cvjax cannot have written (a folder, bytes that
+  are not UTF-8, a line that is JSON but not {"step": int, tag: number, ...}) is a UserError
+  naming it: a resume checks this before it writes anything."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  fix = ('Move it aside (the run\'s checkpoints and events are intact) and re-run; nothing '
+         'was written.')
+  if path.is_dir():
+    raise UserError(f'{path} is a folder; cvjax keeps the run\'s metrics there (one JSON line '
+                    f'per logged step). {fix}')
+  try:
+    text = path.read_bytes().decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path} is not the metrics cvjax writes: byte {e.start} '
+                    f'({e.object[e.start:e.start + 1]!r}) is not UTF-8 text. {fix}') from None
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror or e}. {fix}') from None
+  records, torn = [], []
+  for i, line in enumerate(text.splitlines()):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      if line.strip():
+        torn.append(i + 1)
+      continue
+    if not (isinstance(record, dict) and _is_int(record.get('step')) and all(
+        _is_number(v) for v in record.values())):
+      raise UserError(f'{path}, line {i + 1}: {line[:80]!r} is not a record cvjax writes '
+                      f'({{"step": integer, "tag": number, ...}}). {fix}')
+    records.append(record)
+  if torn:
+    logging.warning('%s: dropped unreadable line(s) %s (a line torn by a crash).', path, torn)
+  return records
+
+
+def _is_int(x):
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def create(workdir, resume_step=0):

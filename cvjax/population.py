@@ -26,6 +26,7 @@ import json
 import jax
 import numpy as np
 
+from cvjax import config_checks
 from cvjax.errors import UserError
 
 # What a member may change: the net and its training, not the data, the batch or the run length
@@ -79,14 +80,18 @@ def _parse(field, text, current):
     raise UserError(f'population.vary: {field}={text!r} is not a value like the field\'s '
                     f'current {current!r}.') from None
   if isinstance(current, bool) != isinstance(value, bool) or (
-      isinstance(current, (int, float)) and not isinstance(value, (int, float))):
+      isinstance(current, (int, float)) and not isinstance(value, (int, float))) or (
+          isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float)):
     raise UserError(f'population.vary: {field}={text!r} has type {type(value).__name__}; the '
                     f'field holds a {type(current).__name__} ({current!r}).')
   return float(value) if isinstance(current, float) else value
 
 
-def members(config):
-  """The members, grouped: the members of a group (same config but the seed) are adjacent."""
+def members(config, num_devices=1):
+  """The members, grouped: the members of a group (same config but the seed) are adjacent.
+  Each member's config passes the checks a run's own config gets (cvjax/config_checks.py,
+  over `num_devices`), and every varied field must be one its run reads: a member is the run
+  its config would train alone, so it is held to that run's rules."""
   pop = config.population
   seeds = pop.get('seeds', 1)
   if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -103,7 +108,15 @@ def members(config):
       c.seed = config.seed + i
       c.population.seeds, c.population.vary = 1, ''
       label = [f'{f.split(".")[-1]}{_label(v)}' for (f, _), v in zip(vary, values)]
-      out.append(Member('_'.join(label + [f'seed{c.seed}']), c))
+      name = '_'.join(label + [f'seed{c.seed}'])
+      try:
+        config_checks.check_config(c, num_devices)
+        config_checks.check_read(c, [f for f, _ in vary])
+      except UserError as e:
+        raise UserError(f'population member {name}: {e} (Each member is checked as the run '
+                        'its config would train alone; change population.vary or seed.)'
+                        ) from None
+      out.append(Member(name, c))
   return out
 
 

@@ -111,6 +111,18 @@ def release(path):
       os.remove(path)
 
 
+def remove_if_held_by(workdir, pid):
+  """Removes WORKDIR/lock when process `pid` of this host holds it (a trial that was killed:
+  SIGKILL leaves its lock behind); returns whether it did."""
+  path = os.path.join(workdir, LOCK_FILE)
+  holder = _read(path)
+  if holder.get('pid') != pid or holder.get('host') != socket.gethostname():
+    return False
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
+  return True
+
+
 @contextlib.contextmanager
 def hold(workdir):
   """The lock for the duration of a run. In a multi-process run, process 0 holds it. A

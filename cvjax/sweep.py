@@ -126,40 +126,72 @@ def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):
         status[name] = 'skipped'
       else:
         print(f'[sweep] {name}: {shlex.join(cmd)}', flush=True)
-        code = run_trial(cmd, stop)
+        code = run_trial(cmd, stop, os.path.join(workdir, name))
         if code == errors.PREEMPTED_EXIT_CODE:  # The trial saved and stopped: so does the sweep.
           print(f'[sweep] {name}: stopped by a signal after saving its checkpoint; re-run the '
                 'sweep to resume.', flush=True)
           status[name] = 'stopped'
           break
         status[name] = 'ran' if code == 0 else 'failed'
+        if code:
+          print(f'[sweep] {name}: {how_it_ended(code)}.', flush=True)
   return status
 
 
-def run_trial(cmd, stop=None):
+def how_it_ended(code):
+  """A trial's end, from its exit status (a negative one: the signal that killed it)."""
+  if code == 2:  # cvjax.errors.UserError
+    return f'failed with exit status {code}: a configuration or input error (the paragraph above)'
+  if code > 0:
+    return f'failed with exit status {code} (its log above says why)'
+  try:
+    name = signal.Signals(-code).name
+  except ValueError:
+    name = f'signal {-code}'
+  if name == 'SIGKILL':
+    return ("killed by SIGKILL: the kernel's out-of-memory killer, most likely (`dmesg` or "
+            '`journalctl -k` on this machine says so); the trial resumes from its last '
+            'checkpoint when the sweep is re-run with fewer members, a smaller batch or more '
+            'memory')
+  return f'killed by {name}'
+
+
+def run_trial(cmd, stop=None, trial_dir=None):
   """The trial's exit status. The trial runs in its own session, and SIGTERM or SIGINT to the
   sweep (Ctrl-C, a scheduler, `kill PID`) is passed on to it once: the trial saves a
   checkpoint and stops, and the sweep waits for it (subprocess.run would kill it 0.25 s
-  after a KeyboardInterrupt). `stop` gets the signal's name."""
+  after a KeyboardInterrupt). `stop` gets the signal's name. A trial killed by a signal
+  (SIGKILL cannot be caught) leaves its lock in `trial_dir`: removed."""
   stop = [] if stop is None else stop
   with subprocess.Popen(cmd, start_new_session=True) as proc:
-    def forward(signum, frame):
-      del frame
-      stop.append(signal.Signals(signum).name)
-      print(f'[sweep] {signal.Signals(signum).name}: passed on to the trial; waiting for it to '
-            'save its checkpoint.', flush=True)
-      proc.send_signal(signum)
-    ours = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, forward) for s in ours}  # After the fork: not inherited.
     try:
-      while True:
-        try:
-          return proc.wait()
-        except InterruptedError:
-          continue
+      return _wait(proc, stop)
     finally:
-      for s, handler in previous.items():
-        signal.signal(s, handler)
+      if trial_dir and proc.returncode is not None and proc.returncode < 0:
+        from cvjax import run_lock  # pylint: disable=g-import-not-at-top
+        if run_lock.remove_if_held_by(trial_dir, proc.pid):
+          print(f'[sweep] removed the lock the killed trial left in {trial_dir}.', flush=True)
+
+
+def _wait(proc, stop):
+  """The trial's exit status, passing SIGTERM and SIGINT on to it."""
+  def forward(signum, frame):
+    del frame
+    stop.append(signal.Signals(signum).name)
+    print(f'[sweep] {signal.Signals(signum).name}: passed on to the trial; waiting for it to '
+          'save its checkpoint.', flush=True)
+    proc.send_signal(signum)
+  ours = (signal.SIGINT, signal.SIGTERM)
+  previous = {s: signal.signal(s, forward) for s in ours}  # After the fork: not inherited.
+  try:
+    while True:
+      try:
+        return proc.wait()
+      except InterruptedError:
+        continue
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 @contextlib.contextmanager

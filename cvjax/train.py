@@ -14,8 +14,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from cvjax import checkpointing
+from cvjax import config_history
 from cvjax import experiment
 from cvjax import jit_steps
+from cvjax import memory_estimate
 from cvjax import metric_writer
 from cvjax import preemption
 from cvjax import progress
@@ -42,6 +44,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
                     f'--workdir={workdir} --data=...`; to train, use a new --workdir.')
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
+    memory_estimate.check(exp)  # Logs the memory it needs; refuses what clearly cannot fit.
     stopped = stop_requested(0)
     if stopped:
       raise preemption.Preempted(0, stopped)
@@ -75,17 +78,20 @@ def open_writers(exp, workdir, start_step):
   """The metric writer of the run, or of each member of a population, resumed at
   `start_step`; the main process first writes each one's config.json."""
   dirs = exp.member_dirs(workdir)
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(exp.config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:  # config.json, and config_history.jsonl at a changed resume.
+    config_history.write_config(workdir, exp.config, start_step)
     for m in exp.members:
       dirs[m.name].mkdir(parents=True, exist_ok=True)
-      (dirs[m.name] / 'config.json').write_text(m.config.to_json_best_effort(indent=2))
+      config_history.write_config(dirs[m.name], m.config, start_step)
   return {name: metric_writer.create(d, resume_step=start_step) for name, d in dirs.items()}
 
 
 def restore_or_init(exp, workdir, sharding, init_rng):
   """(checkpoint manager, train state): the newest checkpoint that restores, or a new state
-  built in place."""
+  built in place. The logs a resume will extend are read first: a damaged one stops the run
+  before anything is written."""
+  for d in exp.member_dirs(workdir).values():
+    metric_writer.read_records(d)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   checkpointing.check_shared_workdir(workdir)
   mngr = checkpointing.manager(workdir, exp.config.train.keep_checkpoints)

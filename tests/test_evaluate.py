@@ -71,3 +71,33 @@ def test_binary_files_a_bad_predictions_path_and_a_garbage_config_are_refused(tm
     (tmp_path / 'config.json').write_text(text)
     with pytest.raises(UserError, match=f'config.json is not a config cvjax wrote .*{why}'):
       evaluate.read_run_config(str(tmp_path))
+
+
+@pytest.mark.parametrize('record', [
+    'metrics.jsonl', 'config.json', 'results.json', 'config_history.jsonl',
+    'events.out.tfevents.1.host.0', 'checkpoints/10/state', 'error_analysis/summary.json',
+    'members/lr0.1_seed0/metrics.jsonl', 'members/lr0.1_seed0/config.json',
+    'members/lr0.1_seed0/error_analysis/summary.json'])
+def test_predictions_never_replace_a_run_record(tmp_path, record):
+  run = tmp_path / 'run'
+  (run / record).parent.mkdir(parents=True, exist_ok=True)
+  (run / record).write_text('{"step": 1}\n')
+  (run / 'members' / 'lr0.1_seed0').mkdir(parents=True, exist_ok=True)
+  with pytest.raises(UserError, match=f'is {record} of the run in .*Nothing was written'):
+    evaluate.check_writable(str(run / record), str(run))
+  # A relative path and a link lead to the same file.
+  (tmp_path / 'link').symlink_to(run)
+  with pytest.raises(UserError, match='of the run in'):
+    evaluate.check_writable(str(tmp_path / 'link' / record), str(run))
+  evaluate.check_writable(str(run / 'predictions.txt'), str(run))  # Not a record: fine.
+  evaluate.check_writable(str(run / 'members' / 'lr0.1_seed0' / 'predictions.txt'), str(run))
+  evaluate.check_writable(str(tmp_path / 'metrics.jsonl'), str(run))  # Outside the run.
+
+
+def test_evaluate_refuses_predictions_over_a_run_record_before_anything(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 2.0}\n')
+  out = subprocess.run([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={tmp_path}',
+                        f'--predictions={tmp_path}/metrics.jsonl'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'is metrics.jsonl of the run' in out.stderr, out.stderr
+  assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "train/loss": 2.0}\n'

@@ -52,6 +52,60 @@ def test_bad_vary_is_a_clear_error(idx_dir, vary, message):
     population.members(population_config(idx_dir, vary=vary))
 
 
+@pytest.mark.parametrize('vary, seed, message', [
+    ('optimizer.learning_rate=0.1,-0.1', 0,
+     r'population member learning_rate-0.1_seed0: optimizer.learning_rate=-0.1; expected a '
+     'positive'),
+    ('optimizer.momentum=0.9,1.5', 0, r'member momentum1.5_seed0: optimizer.momentum=1.5'),
+    ('schedule.decay_factor=0.1,-0.5', 0, r'member decay_factor-0.5_seed0: schedule.decay_factor'),
+    ('optimizer.learning_rate=0.1,1e999', 0, r'member learning_rateinf_seed0: '
+     r'optimizer.learning_rate=inf'),
+    ('', 2 ** 31 - 1, r'member seed2147483648: seed=2147483648; expected an integer in \[0, '
+     r'2147483647\]'),
+    ('schedule.warmup_steps=0,1.5', 0, r'schedule.warmup_steps=.1.5. has type float; the field '
+     'holds a int'),
+])
+def test_each_member_gets_the_checks_of_its_run_alone(idx_dir, vary, seed, message):
+  c = population_config(idx_dir, seeds=2, vary=vary)
+  c.seed = seed
+  with pytest.raises(UserError, match=message):
+    population.members(c)
+
+
+@pytest.mark.parametrize('vary, overrides, message', [
+    ('schedule.decay_factor=0.1,0.5', {'schedule.name': 'cosine'},
+     "schedule.decay_factor is not read by schedule.name='cosine'"),
+    ('optimizer.b1=0.9,0.95', {}, "optimizer.b1 is not read by optimizer.name='sgd'"),
+    ('optimizer.trust_coefficient=0.001,0.01', {'optimizer.name': 'adamw'},
+     "optimizer.trust_coefficient is not read by optimizer.name='adamw'"),
+    ('optimizer.nesterov=False,True', {'optimizer.momentum': 0.0},
+     'optimizer.nesterov is not read with optimizer.momentum=0'),
+    ('optimizer.decay_bn_and_bias=False,True', {'optimizer.weight_decay': 0.0},
+     'optimizer.decay_bn_and_bias is not read with optimizer.weight_decay=0'),
+    ('optimizer.name=sgd,adamw optimizer.b1=0.9,0.95', {},
+     'member namesgd_b10.9_seed0: optimizer.b1 is not read'),
+])
+def test_a_varied_field_the_run_does_not_read_is_refused(idx_dir, vary, overrides, message):
+  c = population_config(idx_dir, seeds=1, vary=vary)
+  for field, value in overrides.items():
+    section, key = field.split('.')
+    c[section][key] = value
+  with pytest.raises(UserError, match=message):
+    population.members(c)
+  # What the run does read is accepted: b1 under adamw, decay_factor under piecewise.
+  population.members(population_config(idx_dir, seeds=1, vary='schedule.decay_factor=0.1,0.5'))
+  a = population_config(idx_dir, seeds=1, vary='optimizer.b1=0.9,0.95')
+  a.optimizer.name = 'adamw'
+  assert [m.config.optimizer.b1 for m in population.members(a)] == [0.9, 0.95]
+
+
+def test_a_bad_member_stops_the_run_before_anything_is_written(idx_dir, tmp_path):
+  c = population_config(idx_dir, seeds=1, vary='optimizer.learning_rate=0.1,-0.1')
+  with pytest.raises(UserError, match='member learning_rate-0.1_seed0'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_bad_seeds_is_a_clear_error(idx_dir):
   with pytest.raises(UserError, match='population.seeds'):
     population.members(population_config(idx_dir, seeds=0))

@@ -846,3 +846,128 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once_when_redon
   events.Reload()
   assert [e.step for e in events.Scalars('train/loss')] == [4, 8]
   assert [r['step'] for r in read_jsonl(tmp_path)] == [4, 8]
+
+
+def files_of(workdir):
+  """{path: bytes} of every file in a workdir but the lock: what a refused run must leave."""
+  out = {}
+  for folder, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(folder, name)
+      if name != 'lock':
+        with open(path, 'rb') as f:
+          out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_another_seed_and_records_changed_settings(idx_dir, tmp_path):
+  from cvjax import population  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 4}), run)
+  os.remove(os.path.join(run, 'results.json'))
+  before = files_of(run)
+  other_seed = tiny_config(idx_dir, **{'train.num_steps': 8})
+  other_seed.seed = 1
+  with pytest.raises(UserError, match=r'step 4 was trained with seed=0; this run asks for '
+                     r'seed=1\. .*resume with seed=0 .*fresh run in a new --workdir'):
+    train.train_and_evaluate(other_seed, run)
+  assert files_of(run) == before  # config.json still says seed 0.
+  # Changed settings: config.json holds them, config_history.jsonl says from which step.
+  changed = tiny_config(idx_dir, **{'train.num_steps': 8, 'optimizer.learning_rate': 0.05})
+  train.train_and_evaluate(changed, run)
+  with open(os.path.join(run, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert history == [{'step': 4, 'changed': {
+      'optimizer.learning_rate': {'was': 0.1, 'now': 0.05},
+      'train.num_steps': {'was': 4, 'now': 8}}}]
+  with open(os.path.join(run, 'config.json')) as f:
+    assert json.load(f)['optimizer']['learning_rate'] == 0.05
+  # A population refuses it the same way (its members' names hold their seeds).
+  pop = str(tmp_path / 'pop')
+  c = tiny_config(idx_dir, **{'train.num_steps': 4})
+  c.population.seeds = 2
+  train.train_and_evaluate(c, pop)
+  os.remove(os.path.join(pop, 'results.json'))
+  c = tiny_config(idx_dir, **{'train.num_steps': 8})
+  c.population.seeds, c.seed = 2, 5
+  assert population.is_population(c)
+  before = files_of(pop)
+  with pytest.raises(UserError, match=r'trained with seed=0; this run asks for seed=5'):
+    train.train_and_evaluate(c, pop)
+  assert files_of(pop) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage, message', [
+    ('not utf-8', r'metrics.jsonl is not the metrics cvjax writes: byte \d+ .* is not UTF-8'),
+    ('a wrong type', r'metrics.jsonl, line 2: .* is not a record cvjax writes'),
+    ('a list', r'metrics.jsonl, line 1: .* is not a record cvjax writes'),
+    ('a folder', r'metrics.jsonl is a folder'),
+])
+def test_a_resume_on_a_damaged_metrics_file_writes_nothing(idx_dir, tmp_path, damage, message):
+  run = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 4}), str(run))
+  os.remove(run / 'results.json')
+  jsonl = run / 'metrics.jsonl'
+  if damage == 'not utf-8':
+    jsonl.write_bytes(jsonl.read_bytes() + b'{"step": 5, "train/loss": "\xff\xfe"}\n')
+  elif damage == 'a wrong type':
+    jsonl.write_text('{"step": 4, "train/loss": 1.0}\n{"step": "4", "train/loss": 1.0}\n')
+  elif damage == 'a list':
+    jsonl.write_text('[4, 1.0]\n')
+  else:
+    os.remove(jsonl)
+    (jsonl / 'x').mkdir(parents=True)
+  before = files_of(run)
+  with pytest.raises(UserError, match=message + '.*nothing was written'):
+    train.train_and_evaluate(tiny_config(idx_dir, **{'train.num_steps': 8,
+                                                     'optimizer.learning_rate': 0.05}), str(run))
+  assert files_of(run) == before
+
+
+def test_a_sweep_says_how_a_trial_ended_and_leaves_no_lock_of_a_killed_one(tmp_path, monkeypatch,
+                                                                          capsys):
+  from cvjax import sweep  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'three.py').write_text(
+      'def get_trials(arg=None):\n  return [("oom", {}), ("segv", {}), ("bad", {})]\n')
+  ends = {'oom': 'os.kill(os.getpid(), signal.SIGKILL)',  # As the OOM killer would.
+          'segv': 'os.kill(os.getpid(), signal.SIGSEGV)', 'bad': 'sys.exit(2)'}
+
+  def trial(config, workdir, name, overrides, extra):  # Takes the lock as cvjax.main does.
+    return [sys.executable, '-c', 'import os, signal, sys; from cvjax import run_lock; '
+            f'run_lock.acquire({os.path.join(workdir, name)!r}); {ends[name]}']
+  monkeypatch.setattr(sweep, 'trial_command', trial)
+  monkeypatch.chdir(ROOT)
+  status = sweep.run_sweep('configs/resnet.py', str(tmp_path / 'three.py'), str(tmp_path / 'w'))
+  out = capsys.readouterr().out
+  assert status == {'oom': 'failed', 'segv': 'failed', 'bad': 'failed'}
+  assert ("oom: killed by SIGKILL: the kernel's out-of-memory killer, most likely" in out
+          and 'segv: killed by SIGSEGV.' in out
+          and 'bad: failed with exit status 2: a configuration or input error' in out), out
+  assert not os.path.exists(tmp_path / 'w' / 'oom' / 'lock')
+  assert not os.path.exists(tmp_path / 'w' / 'segv' / 'lock')
+  assert os.path.exists(tmp_path / 'w' / 'bad' / 'lock')  # Its own exit: never the sweep's to take.
+
+
+@pytest.mark.slow
+def test_memory_is_estimated_at_start_up_and_a_run_that_cannot_fit_is_refused(
+    idx_dir, tmp_path, monkeypatch, caplog):
+  from cvjax import memory_estimate, population  # pylint: disable=g-import-not-at-top
+  caplog.set_level('INFO', logger='absl')
+  c = tiny_config(idx_dir, **{'train.num_steps': 2})
+  train.train_and_evaluate(c, str(tmp_path / 'one'))
+  assert re.search(r'Memory: about \d+ MiB estimated by tracing the step \(train state .*\); '
+                   r'this machine has [\d.]+ GiB available', caplog.text), caplog.text
+  monkeypatch.setattr(memory_estimate, 'available_bytes', lambda: 4 * 2 ** 20)  # 4 MiB.
+  c.population.seeds = 4
+  assert population.is_population(c)
+  with pytest.raises(UserError, match=r'this run needs about \d+ MiB more host memory \(train '
+                     r'state .*for 4 members\) and this machine has 4 MiB available: .*Train fewer '
+                     r'members .*CVJAX_IGNORE_MEMORY_ESTIMATE=1'):
+    train.train_and_evaluate(c, str(tmp_path / 'pop'))
+  assert not (tmp_path / 'pop').exists()
+  assert "estimated by XLA's memory analysis" in caplog.text
+  monkeypatch.setenv('CVJAX_IGNORE_MEMORY_ESTIMATE', '1')  # The override: a warning instead.
+  assert memory_estimate.check(experiment.build(c)) > 4 * 2 ** 20
+  assert 'CVJAX_IGNORE_MEMORY_ESTIMATE=1: running anyway' in caplog.text
