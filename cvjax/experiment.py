@@ -118,7 +118,7 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.make_optimizer(config.optimizer, schedule, total_steps)
   init = steps.state_initializer(model, tx, input_shape, dtype,
                                  ema=config.train.get('ema_decay', 0.0) > 0)
   return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
