@@ -57,7 +57,7 @@ def whitening_kernel(images, eps=5e-4, size=WHITEN_SIZE):
   cov = p.T @ p / p.shape[0]
   values, vectors = jnp.linalg.eigh(cov)  # Ascending.
   values, vectors = values[::-1], vectors[:, ::-1]
-  scaled = vectors / jnp.sqrt(values + eps)  # Columns: filters in (h, w, c) order.
+  scaled = vectors / jnp.sqrt(values + eps)[None, :]  # Columns: filters in (h, w, c) order.
   kernel = scaled.reshape(size, size, images.shape[-1], -1)
   return jnp.concatenate([kernel, -kernel], axis=-1)
 
@@ -113,7 +113,7 @@ class Airbench(nn.Module):
       w = jax.lax.stop_gradient(kernel.value).astype(self.dtype)
       x = self.conv_general_dilated(x, w, (1, 1), 'VALID',
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      x = x + bias.astype(self.dtype)
+      x = x + bias.astype(self.dtype).reshape(1, 1, 1, -1)
     else:
       x = nn.Conv(width, (WHITEN_SIZE, WHITEN_SIZE), padding='VALID', kernel_init=torch_uniform,
                   dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
