@@ -37,8 +37,9 @@ the data is the JPEG (quality 75) copy if that is what you point it at; float32 
 (airbench: float16 convolutions on a GPU); evaluation (with TTA) at step 240 and at the end
 (airbench: every epoch without TTA, untimed, and with TTA at the end).
 
-Measured: not yet. Expected (an estimate from XLA's FLOP count, not a measurement): see
-docs/speedrun.md.
+Measured: not yet (only short checks on a loaded machine, docs/speedrun.md). Expected, an
+estimate from XLA's FLOP count (0.615 GFLOP per training image, ~0.33 PFLOP per run with two
+TTA evaluations) and not a measurement: 22-45 minutes on a quiet 2-core CPU.
 """
 
 from configs import common
