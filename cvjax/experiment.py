@@ -164,6 +164,11 @@ def _check_combinations(config, mesh):
                     'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
   if data_lib.pipeline_for(config.dataset) == 'memory':
     return
+  if config.input.alternate_flip or config.input.crop_pad_mode != 'constant':
+    raise UserError('input.alternate_flip and input.crop_pad_mode=reflect are augmentations of '
+                    'data held on the device (airbench94\'s, configs/speedrun.py); this dataset '
+                    'streams from disk (dataset.pipeline), where the host workers crop and flip: '
+                    'leave them off, or hold the data in memory (dataset.pipeline=memory).')
   if config.train.get('steps_per_call', 1) > 1:
     raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
                     'held on the device; this dataset streams from disk (dataset.pipeline), one '

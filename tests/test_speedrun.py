@@ -241,6 +241,14 @@ def test_configs_build_and_reject_bad_fields():
     check_config(c, 1)
 
 
+def test_streamed_data_refuses_the_in_memory_augmentations():
+  from cvjax import experiment  # pylint: disable=g-import-not-at-top
+  c = speedrun.get_config()
+  c.dataset.pipeline = 'streaming'
+  with pytest.raises(UserError, match='input.alternate_flip'):
+    experiment.build(c)
+
+
 @pytest.mark.slow
 def test_short_training_on_the_embedded_cifar_subset_learns(tmp_path):
   """The recipe end to end (narrow widths, 24 steps of batch 128 on cifar10_6k): the training
