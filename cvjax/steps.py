@@ -267,8 +267,9 @@ def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dty
   """Metric sums over one test batch (`make_eval_batch` builds its normalised images, labels
   and mask of padding). With `crops=10` the logits are averaged over `memory.ten_crop` views of
   size `crop_size`, cut from the images zero-padded (after normalisation) by `padding`; with
-  `flip`, over the image and its mirror image; with `translate` too, `tta_logits`' six views. Returns the metric sums, and the top-5 classes
-  of each example (best first) with the probability of the first."""
+  `flip`, over the image and its mirror image; with `translate` too, over `tta_logits`' six
+  views. Returns the metric sums, and the top-5 classes of each example (best first) with the
+  probability of the first."""
   x, labels, mask = make_eval_batch(test, batch, sharding=batch_sharding, dtype=dtype)
   apply = lambda x: model.apply({'params': state.params, **state.model_state}, x, train=False)
   if crops == 1 and flip and translate:

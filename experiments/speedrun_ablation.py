@@ -3,8 +3,8 @@ techniques turned off in turn, test error over seeds.
 
   python -m cvjax.sweep --config=configs/speedrun.py --sweep=experiments/speedrun_ablation.py \
       --workdir=runs/speedrun_ablation --config.dataset.path=/path/to/your/cifar10-jpeg.tar.gz
-  python -m cvjax.sweep --config=configs/speedrun.py --sweep=experiments/speedrun_ablation.py:quick \
-      --workdir=runs/speedrun_ablation_quick
+  python -m cvjax.sweep --config=configs/speedrun.py \
+      --sweep=experiments/speedrun_ablation.py:quick --workdir=runs/speedrun_ablation_quick
   python -m cvjax.tools.report runs/speedrun_ablation
 
 Trials: `full` (the recipe) and one per entry of configs/speedrun.py's ABLATIONS (no_whiten,
