@@ -30,6 +30,10 @@ def base_config():
   # crops from test images padded by it.
   c.input.crop_padding = 4
   c.input.flip = True  # Random horizontal flips.
+  # With flip: each image is flipped in every other epoch, starting from a random half in
+  # epoch 0, instead of at random each time (airbench94's derandomised flips).
+  c.input.alternate_flip = False
+  c.input.crop_pad_mode = 'constant'  # The crops' padding: constant (zeros) | reflect.
   # When the data stream (dataset.pipeline; `auto` streams large image folders of any
   # config): Inception-style random-resized crops to image_size, decoded by this many grain
   # worker processes (0: threads of the training process; -1: one per CPU core but one, at
@@ -50,6 +54,9 @@ def base_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.crops = 1  # 1: the centre crop; 10: corners, centre and their flips, logits averaged.
   c.eval.flip = False  # With crops=1: logits averaged over the image and its mirror image.
+  # With flip: also the views shifted by this many pixels up-left and down-right (reflect
+  # padding), weighted 1/4 each against 1/2 for the unshifted (airbench94's tta_level=2: 1).
+  c.eval.translate = 0
 
   c.model = ml_collections.ConfigDict()  # The family's config fills it.
 
@@ -80,9 +87,17 @@ def base_config():
   c.optimizer.b2 = 0.999  # adamw, lamb.
   c.optimizer.eps = 1e-8  # adamw, lamb.
   c.optimizer.trust_coefficient = 0.001  # lars.
+  # airbench94's pieces, sgd only (cvjax/optim.py; configs/speedrun.py): the BatchNorm biases'
+  # lr multiplied and their weight decay divided by this; the whitening conv's bias frozen
+  # from this fraction of the run on (1: never); Lookahead every N steps (0: off) with decay
+  # lookahead_decay * (step / total) ** 3, the weights set to the average at the end.
+  c.optimizer.bn_bias_lr_scale = 1.0
+  c.optimizer.whiten_bias_frozen_at = 1.0
+  c.optimizer.lookahead_every = 0
+  c.optimizer.lookahead_decay = 0.95 ** 5
 
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'piecewise'  # piecewise | cosine | polynomial | constant.
+  c.schedule.name = 'piecewise'  # piecewise | cosine | polynomial | constant | triangular.
   # Fractions of the run at which the lr is multiplied by decay_factor (He et al.'s 32k and
   # 48k of 64k steps).
   c.schedule.boundaries = (0.5, 0.75)
@@ -90,6 +105,11 @@ def base_config():
   c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   c.schedule.power = 2.0  # polynomial: (lr - end_value) * (1 - t/T) ** power + end_value.
   c.schedule.end_value = 0.0  # polynomial: the learning rate at the end.
+  # triangular: from triangle_start x lr up to lr at triangle_peak of the run, down to
+  # triangle_end x lr at its end (airbench94's).
+  c.schedule.triangle_start = 0.2
+  c.schedule.triangle_peak = 0.23
+  c.schedule.triangle_end = 0.07
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128

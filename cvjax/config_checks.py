@@ -42,6 +42,7 @@ def check_config(config, num_devices):
     raise UserError(f'train.num_epochs={t.num_epochs!r}; expected a positive number (or set '
                     'train.num_steps).')
   data_lib.eval_flip(config)
+  data_lib.eval_translate(config)
   check_values(config)
 
 
@@ -84,6 +85,12 @@ def check_values(config):
        'a probability in [0, 1]'),
       ('input.cutmix_prob', inp.get('cutmix_prob', 0.5), lambda v: 0 <= v <= 1,
        'a probability in [0, 1]'),
+      ('optimizer.bn_bias_lr_scale', o.get('bn_bias_lr_scale', 1), lambda v: v > 0,
+       'a positive factor (1: off; airbench94: 64)'),
+      ('optimizer.whiten_bias_frozen_at', o.get('whiten_bias_frozen_at', 1),
+       lambda v: 0 <= v <= 1, 'a fraction of the run in [0, 1] (1: never frozen)'),
+      ('optimizer.lookahead_decay', o.get('lookahead_decay', 0), lambda v: 0 <= v <= 1,
+       'a decay in [0, 1] (airbench94: 0.95 ** 5)'),
   ]
   for field, value, test, expected in numbers:
     if not _is_number(value) or not test(value):
@@ -97,6 +104,8 @@ def check_values(config):
       ('seed', config.get('seed', 0), 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
       ('train.accumulate_steps', t.get('accumulate_steps', 1), 1, None,
        'micro-batches per update; 1: off'),
+      ('optimizer.lookahead_every', o.get('lookahead_every', 0), 0, None,
+       'steps between Lookahead updates; 0: off'),
   ]
   for field, value, low, high, meaning in integers:
     if (not isinstance(value, int) or isinstance(value, bool) or value < low
@@ -107,6 +116,15 @@ def check_values(config):
   if auto not in ('', 'trivial_augment_wide'):
     raise UserError(f'input.auto_augment={auto!r}; expected \'\' (off) or trivial_augment_wide '
                     '(TrivialAugment, torchvision\'s TrivialAugmentWide; streamed input).')
+  if inp.get('crop_pad_mode', 'constant') not in ('constant', 'reflect'):
+    raise UserError(f'input.crop_pad_mode={inp.crop_pad_mode!r}; expected constant (zeros) or '
+                    'reflect (airbench94\'s translate).')
+  airbench = (o.get('bn_bias_lr_scale', 1) != 1 or o.get('whiten_bias_frozen_at', 1) < 1
+              or o.get('lookahead_every', 0))
+  if airbench and o.name != 'sgd':
+    raise UserError(f'optimizer.bn_bias_lr_scale, whiten_bias_frozen_at and lookahead_every are '
+                    f'parts of airbench94\'s SGD; optimizer.name={o.name!r} ignores them: set '
+                    'optimizer.name=sgd or leave them off.')
   boundaries = sch.get('boundaries', ())
   if sch.name == 'piecewise' and (not isinstance(boundaries, (tuple, list)) or not all(
       _is_number(b) and 0 <= b <= 1 for b in boundaries)):

@@ -121,7 +121,7 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   # Jitted: the loop logs schedule(step) from the host, and op-by-op it compiled each op (~1 s).
   schedule = jax.jit(optim.make_schedule(config.schedule, config.optimizer.learning_rate,
                                          total_steps))
-  tx = optim.make_optimizer(config.optimizer, schedule)
+  tx = optim.make_optimizer(config.optimizer, schedule, total_steps)
   init = steps.state_initializer(model, tx, input_shape, dtype,
                                  ema=config.train.get('ema_decay', 0.0) > 0)
   return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
@@ -202,6 +202,11 @@ def _check_combinations(config, mesh):
                     'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
   if data_lib.pipeline_for(config.dataset) == 'memory':
     return
+  if config.input.alternate_flip or config.input.crop_pad_mode != 'constant':
+    raise UserError('input.alternate_flip and input.crop_pad_mode=reflect are augmentations of '
+                    'data held on the device (airbench94\'s, configs/speedrun.py); this dataset '
+                    'streams from disk (dataset.pipeline), where the host workers crop and flip: '
+                    'leave them off, or hold the data in memory (dataset.pipeline=memory).')
   if config.train.get('steps_per_call', 1) > 1:
     raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
                     'held on the device; this dataset streams from disk (dataset.pipeline), one '

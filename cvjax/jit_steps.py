@@ -141,7 +141,8 @@ def jit_evaluation(exp):
             batch_sharding=NamedSharding(exp.mesh, P() if split else P('data')),
             dtype=jnp.dtype(exp.config.train.compute_dtype),
             crops=data_input.eval_crops(exp.config), crop_size=exp.input.image_shape[0],
-            padding=exp.input.eval_padding, flip=data_input.eval_flip(exp.config))
+            padding=exp.input.eval_padding, flip=data_input.eval_flip(exp.config),
+            translate=data_input.eval_translate(exp.config))
   if not exp.population:
     return jax.jit(functools.partial(steps.eval_step, model=exp.model, **kw),
                    out_shardings=replicated), test_data

@@ -53,7 +53,8 @@ def train_inputs(state, data, batch, rng, *, make_train_batch, input_cfg, batch_
   # fold_in the step: a resumed run draws the same numbers.
   step_rng = jax.random.fold_in(rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
-  x, labels = make_train_batch(data, batch, augment_rng, sharding=batch_sharding, dtype=dtype)
+  x, labels = make_train_batch(data, batch, augment_rng, sharding=batch_sharding, dtype=dtype,
+                               step=state.step)
   targets = {'labels': labels}
   # From their own rng, so the papers' crops and flips stay as they were.
   erase_rng, mix_rng = jax.random.split(jax.random.fold_in(step_rng, 1))
@@ -262,15 +263,18 @@ def with_ema_weights(state):
 
 
 def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dtype, crops=1,
-              crop_size=None, padding=0, flip=False):
+              crop_size=None, padding=0, flip=False, translate=0):
   """Metric sums over one test batch (`make_eval_batch` builds its normalised images, labels
   and mask of padding). With `crops=10` the logits are averaged over `memory.ten_crop` views of
   size `crop_size`, cut from the images zero-padded (after normalisation) by `padding`; with
-  `flip`, over the image and its mirror image. Returns the metric sums, and the top-5 classes
-  of each example (best first) with the probability of the first."""
+  `flip`, over the image and its mirror image; with `translate` too, over `tta_logits`' six
+  views. Returns the metric sums, and the top-5 classes of each example (best first) with the
+  probability of the first."""
   x, labels, mask = make_eval_batch(test, batch, sharding=batch_sharding, dtype=dtype)
   apply = lambda x: model.apply({'params': state.params, **state.model_state}, x, train=False)
-  if crops == 1 and flip:
+  if crops == 1 and flip and translate:
+    logits = tta_logits(apply, x, translate)
+  elif crops == 1 and flip:
     logits = jnp.mean(jax.lax.map(apply, jnp.stack([x, x[:, :, ::-1]])), axis=0)
   elif crops == 1:
     logits = apply(x)
@@ -281,6 +285,16 @@ def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dty
   probabilities, top5 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32)),
                                       min(5, logits.shape[-1]))
   return metrics, (top5, probabilities[:, 0])
+
+
+def tta_logits(apply, x, translate):
+  """airbench94's test-time augmentation (tta_level=2): the mean over the image and its mirror
+  image of 1/2 the unshifted view's logits plus 1/4 each of the views shifted by `translate`
+  pixels (`memory.translate_views`)."""
+  views = jnp.concatenate([x[None], memory.translate_views(x, translate)])
+  views = jnp.concatenate([views, views[:, :, :, ::-1]])  # [6, B, H, W, C]
+  weights = jnp.array([0.5, 0.25, 0.25] * 2, jnp.float32) / 2
+  return jnp.tensordot(weights, jax.lax.map(apply, views).astype(jnp.float32), axes=1)
 
 
 def grad_norms(state, data, batch, rng, **batch_kw):

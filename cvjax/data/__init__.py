@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from cvjax.data.input import Input, eval_crops, eval_flip  # pylint: disable=unused-import
+from cvjax.data.input import Input, eval_crops, eval_flip, eval_translate  # pylint: disable=unused-import
 from cvjax.errors import UserError
 
 # Image folders whose decoded images would take more than this stream from disk.

@@ -64,6 +64,19 @@ def eval_flip(config):
   return flip
 
 
+def eval_translate(config):
+  """Pixels of the shifted test views (`eval.translate`, with eval.flip; 0: none)."""
+  pixels = config.get('eval', {}).get('translate', 0)
+  if not isinstance(pixels, int) or isinstance(pixels, bool) or not 0 <= pixels <= 8:
+    raise UserError(f'eval.translate={pixels!r}; expected an integer in [0, 8] (pixels of the '
+                    'shifted test views; 0: none; airbench94: 1).')
+  if pixels and not eval_flip(config):
+    raise UserError(f'eval.translate={pixels} averages shifted views of the image and of its '
+                    'mirror image: set eval.flip=True too (airbench94\'s test-time '
+                    'augmentation), or eval.translate=0.')
+  return pixels
+
+
 def fingerprint(class_names, train_labels, test_labels):
   """What a checkpoint records of its data, so a run does not resume on other data: the
   classes, the split sizes and a hash of the labels (cheap, and different for different

@@ -104,7 +104,9 @@ def in_memory_input(config, mesh) -> Input:
                  'mask': np.pad(np.ones(len(test_images), np.bool_), (0, padded)),
                  'mean': mean, 'std': std},
       train_batches=train_batches, eval_batches=eval_batches, make_train_batch=functools.partial(
-          train_batch, crop_padding=config.input.crop_padding, flip=config.input.flip),
+          train_batch, crop_padding=config.input.crop_padding, flip=config.input.flip,
+          pad_mode=config.input.crop_pad_mode,
+          alternate_flip_epoch=per_epoch if config.input.alternate_flip else 0),
       make_eval_batch=functools.partial(eval_batch, batch_size=eval_size),
       test_labels=data.test_labels, train_indices=train_indices,
       test_images=test_images,
@@ -477,32 +479,49 @@ def normalize(images_u8, mean, std, dtype=jnp.float32):
   return ((images_u8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
-def augment(images, rng, *, crop_padding, flip):
-  """Random crop from a zero-padded image and random horizontal flip, per example.
+def augment(images, rng, *, crop_padding, flip, pad_mode='constant', flips=None):
+  """Random crop from a padded image and random horizontal flip, per example; `flips` (bool
+  [B]), when given, says which images to flip instead.
 
-  Runs on normalised images, so the zero padding is the mean colour as in the paper.
+  Runs on normalised images, so the zero padding is the mean colour as in the paper;
+  `pad_mode='reflect'` mirrors the border instead (airbench94's translate).
   """
   b, h, w, c = images.shape
   crop_rng, flip_rng = jax.random.split(rng)
   if crop_padding:
     p = crop_padding
-    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
     offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
     images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
         padded, offsets)
   if flip:
-    flips = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
-    images = jnp.where(flips, images[:, :, ::-1, :], images)
+    if flips is None:
+      flips = jax.random.bernoulli(flip_rng, 0.5, (b,))
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
   return images
 
 
-def train_batch(data, batch, rng, *, crop_padding, flip, sharding, dtype):
+def alternate_flips(indices, epoch):
+  """airbench94's derandomised flips: whether each image of `indices` is mirrored in `epoch`.
+  A fixed half of the images (by a hash of the index) in even epochs, the other half in odd
+  ones, so every image is mirrored in exactly every other epoch."""
+  h = indices.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)  # Knuth's multiplicative hash.
+  first = (h >> 16) & 1
+  return (first ^ (epoch % 2).astype(jnp.uint32)) == 1
+
+
+def train_batch(data, batch, rng, *, crop_padding, flip, sharding, dtype, pad_mode='constant',
+                alternate_flip_epoch=0, step=None):
   """The train step's images and labels on in-memory data: the batch's examples gathered from
-  the device-resident split (`batch['indices']`), normalised, randomly cropped and flipped."""
+  the device-resident split (`batch['indices']`), normalised, randomly cropped and flipped.
+  `alternate_flip_epoch` (steps per epoch; 0: off): `alternate_flips` at train `step`."""
   indices = batch['indices']
   images = jax.lax.with_sharding_constraint(data['train_images'][indices], sharding)
+  flips = None
+  if flip and alternate_flip_epoch:
+    flips = alternate_flips(indices, jnp.asarray(step) // alternate_flip_epoch)
   x = augment(normalize(images, data['mean'], data['std']), rng, crop_padding=crop_padding,
-              flip=flip)
+              flip=flip, pad_mode=pad_mode, flips=flips)
   return x.astype(dtype), data['train_labels'][indices]
 
 
@@ -513,6 +532,15 @@ def eval_batch(test, batch, *, batch_size, sharding, dtype):
   images = jax.lax.with_sharding_constraint(take(test['images']), sharding)
   x = normalize(images, test['mean'], test['std']).astype(dtype)
   return x, take(test['labels']), take(test['mask'])
+
+
+def translate_views(images, pixels):
+  """The images shifted by `pixels` towards the bottom-right and towards the top-left (the
+  views of airbench94's test-time augmentation), the border reflected: [2, B, H, W, C]."""
+  _, h, w, _ = images.shape
+  p = pixels
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode='reflect')
+  return jnp.stack([padded[:, :h, :w], padded[:, 2 * p:2 * p + h, 2 * p:2 * p + w]])
 
 
 def ten_crop(images, size):

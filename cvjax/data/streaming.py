@@ -359,11 +359,11 @@ def make_input(config, mesh):
       fingerprint=fingerprint)
 
 
-def train_batch(data, batch, rng, *, sharding, dtype):
+def train_batch(data, batch, rng, *, sharding, dtype, step=None):
   """The train step's images and labels on streamed data: cropped and flipped by the host
   workers, placed by `prefetch_to_device`, normalised here."""
   from cvjax.data import memory  # pylint: disable=g-import-not-at-top
-  del rng, sharding
+  del rng, sharding, step
   return memory.normalize(batch['images'], data['mean'], data['std'], dtype), batch['labels']
 
 

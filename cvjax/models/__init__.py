@@ -1,6 +1,7 @@
 """The model zoo: `create_model(config.model, ...)` builds a Flax module from a config."""
 
 from cvjax.errors import UserError
+from cvjax.models import airbench
 from cvjax.models import common
 from cvjax.models import resnet_cifar
 from cvjax.models.alexnet import AlexNet
@@ -67,8 +68,21 @@ def _vgg(cfg, **kw):
              dropout_rate=cfg.dropout_rate, bn_momentum=cfg.bn_momentum, **kw)
 
 
+def _airbench(cfg, **kw):
+  widths = tuple(cfg.widths)
+  if len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):
+    raise UserError(f'model.widths={cfg.widths!r}; expected three positive integers, the '
+                    'widths of the conv groups (airbench94: (64, 256, 256)).')
+  if not 0 <= cfg.bn_momentum < 1:
+    raise UserError(f'model.bn_momentum={cfg.bn_momentum!r}; expected the share of the running '
+                    'average kept per step in [0, 1) (Flax convention; airbench94: 0.6).')
+  return airbench.Airbench(widths=widths, activation=cfg.activation, bn_momentum=cfg.bn_momentum,
+                           logit_scale=cfg.logit_scale, whiten=cfg.whiten, dirac=cfg.dirac,
+                           **kw)
+
+
 MODELS = {'lenet5': _lenet5, 'resnet_cifar': _resnet_cifar, 'resnet': _resnet,
-          'alexnet': _alexnet, 'vgg': _vgg}
+          'alexnet': _alexnet, 'vgg': _vgg, 'airbench': _airbench}
 
 
 def create_model(cfg, *, num_classes, dtype, remat=False, conv_general_dilated=None):

@@ -10,8 +10,14 @@ def scaled_tanh(x):
   return 1.7159 * jnp.tanh(x * (2.0 / 3.0))
 
 
+def gelu(x):
+  """The exact (erf) GELU, PyTorch's nn.GELU() default; Flax's nn.gelu defaults to the tanh
+  approximation."""
+  return nn.gelu(x, approximate=False)
+
+
 ACTIVATIONS = {'relu': nn.relu, 'tanh': nn.tanh, 'sigmoid': nn.sigmoid,
-               'scaled_tanh': scaled_tanh}
+               'scaled_tanh': scaled_tanh, 'gelu': gelu}
 
 
 def activation_fn(name: str):

@@ -7,7 +7,7 @@
       [--steps_per_call=1,10]
 
 Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (224x224x3,
-1000 classes; no PyTorch twin) and lenet5 (32x32x1). For each model, dtype and
+1000 classes; no PyTorch twin), lenet5 (32x32x1) and airbench (configs/speedrun.py, 32x32x3). For each model, dtype and
 step variant it prints train images/s, step time (median, p90), compile time, first-step
 time, eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same
 run, and the process's peak host memory so far (a high-water mark: run one model per
@@ -83,13 +83,15 @@ _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
 
 
 def model_config(name):
-  from configs import lenet, resnet  # pylint: disable=g-import-not-at-top
+  from configs import lenet, resnet, speedrun  # pylint: disable=g-import-not-at-top
   if name == 'lenet5':
     return lenet.get_config()
+  if name == 'airbench':
+    return speedrun.get_config()
   if re.fullmatch(r'(imagenet_)?(resnet|plain)\d+', name):
     return resnet.get_config(name)
   raise app.UsageError(f'unknown --model={name}; expected resnetN, plainN (CIFAR), '
-                       'imagenet_resnetN, imagenet_plainN or lenet5.')
+                       'imagenet_resnetN, imagenet_plainN, lenet5 or airbench.')
 
 
 def input_shape_and_classes(name):
@@ -133,7 +135,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
                               conv_general_dilated=convolution.for_config(config))
   conv = 'native' if convolution.native_for(config) else 'xla'  # Label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
-      config.schedule, config.optimizer.learning_rate, 10_000))
+      config.schedule, config.optimizer.learning_rate, 10_000), 10_000)
   ema = config.train.get('ema_decay', 0) > 0
   state = jax.jit(steps.state_initializer(model, tx, shape, jnp.dtype(dtype), ema),
                   out_shardings=replicated)(jax.random.key(0))
