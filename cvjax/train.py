@@ -237,7 +237,8 @@ def log_test(exp, step, test_metrics, writers):
   logged = exp.by_member(test_metrics)
   for name, m in logged.items():
     writers[name].write_scalars(step, m)
-  logging.info('step %d/%d  test %s', step, exp.total_steps, progress.metrics_text(logged, 'test'))
+  logging.info('step %d/%d  test %s', step, exp.total_steps,
+               progress.metrics_text(logged, 'test', exp.nets()))
 
 
 def log_train(exp, step, sums, lap, schedules, writers, skip_nonfinite):
@@ -253,7 +254,7 @@ def log_train(exp, step, sums, lap, schedules, writers, skip_nonfinite):
       logged[name]['train/skipped_nonfinite'] = m['nonfinite']
     writers[name].write_scalars(step, logged[name])
   logging.info('step %d/%d  %s  lr %.4g  %.0f img/s  input wait %.0f%%  ETA %s', step,
-               exp.total_steps, progress.metrics_text(logged, 'train'),
+               exp.total_steps, progress.metrics_text(logged, 'train', exp.nets()),
                next(iter(logged.values()))['train/learning_rate'], rate, 100 * wait,
                progress.fmt_time(left))
 
