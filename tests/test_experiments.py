@@ -92,6 +92,31 @@ def test_sweep_dry_run_and_expansion():
   assert not os.path.exists('/nonexistent')
 
 
+def test_the_command_line_wins_over_the_sweep_file(capsys):
+  """`--config.population.seeds=2` on a sweep replaces each trial's own `population.seeds=3`;
+  an override of the field the trials differ by (the depth) is a clear error."""
+  spec = os.path.join(ROOT, 'experiments/depth_ablation.py:quick')
+  status = sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True,
+                           only=['depth20', 'depth56'],
+                           extra=['--config.population.seeds=2', '--config.train.num_epochs=1'])
+  assert status == {'depth20': 'dry-run', 'depth56': 'dry-run'}
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if 'cvjax.main' in l]
+  assert len(lines) == 2
+  for line in lines:
+    assert '--config.population.seeds=2' in line and 'population.seeds=3' not in line
+    assert '--config.train.num_epochs=1' in line and 'num_epochs=3.0' not in line
+  assert "replaces the trial's population.seeds=3" in out
+  with pytest.raises(sweep.errors.UserError, match='model.depth.*--only'):
+    sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True,
+                    extra=['--config.model.depth=32'])
+  # One trial chosen: the depth is the user's.
+  sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True, only=['depth20'],
+                  extra=['--config.model.depth=32'])
+  line = [l for l in capsys.readouterr().out.splitlines() if 'cvjax.main' in l][0]
+  assert '--config.model.depth=32' in line and 'depth=20' not in line
+
+
 @pytest.mark.slow
 def test_report_from_the_tiny_sweep(tiny_sweep):
   out = report.write_report(tiny_sweep['workdir'])
