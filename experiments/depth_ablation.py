@@ -21,11 +21,21 @@ populations of 3 (`--config.model.residual=False|True --config.population.seeds=
 """
 
 
+# `cpu`: the chapter a 2-core CPU finishes in about a quarter of an hour (see the docstring).
+CPU_STEPS = 300
+CPU = {'dataset.name': 'cifar10_6k', 'train.batch_size': 32, 'optimizer.learning_rate': 0.05,
+       'train.num_steps': CPU_STEPS, 'train.log_every_steps': 50,
+       'train.eval_every_steps': CPU_STEPS, 'train.checkpoint_every_steps': 100,
+       'population.seeds': 2, 'population.vary': 'model.residual=False,True'}
+
+
 def get_trials(arg=None):
   args = set(arg.split(',')) if arg else set()
+  if args == {'cpu'}:
+    return [(f'depth{depth}', {'model.depth': depth, **CPU}) for depth in (20, 56)]
   if args - {'quick', 'single'}:
-    raise ValueError(f'experiments/depth_ablation.py:{arg}: expected no arg, or quick, single '
-                     'or single,quick.')
+    raise ValueError(f'experiments/depth_ablation.py:{arg}: expected no arg, or cpu, quick, '
+                     'single or single,quick.')
   quick = 'quick' in args
   seeds = {} if 'single' in args else {'population.seeds': 3 if quick else 5}
   if 'single' in args:

@@ -220,7 +220,7 @@ model = {'name': 'resnet_cifar', 'depth': 8, 'residual': True, 'activation': 're
 run = {'name': 'r8', 'trial': 'r8', 'config': {'model': model}, 'results': None,
        'records': [{'step': 0, 'grad_norm/a': 1.0, 'train/error': 0.5, 'test/error': 0.6}]}
 nets = report.group_nets([run])
-assert report.figure6(nets, sys.argv[2]) and report.grad_norm_report(nets, sys.argv[3])
+assert report.figure6(nets, sys.argv[2]) is not None and report.grad_norm_report(nets, sys.argv[3])
 print(matplotlib.get_backend(), plt.get_fignums())
 """
 
