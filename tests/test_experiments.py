@@ -206,6 +206,19 @@ def test_mistakes_grid_takes_each_class_in_turn_most_confident_first():
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)
 
 
+def test_confusion_colours_show_the_mistakes():
+  """A net right 90-95% of the time: the colours are the mistakes as shares of each true
+  class (the diagonal left out, grey), a square-root scale up to the largest, so few mistakes
+  still show: 2 of class c's 20 images are the darkest cell, above 5 of class a's 100."""
+  cm = np.diag([95, 95, 18, 100])
+  cm[0, 1], cm[1, 0], cm[1, 3], cm[2, 3] = 5, 2, 3, 2  # a, b: 100 images each; c: 20.
+  image = error_analysis.confusion_figure(cm, ['a', 'b', 'c', 'd']).axes[0].images[0]
+  shown = image.norm(image.get_array())
+  assert np.ma.getmaskarray(shown)[np.eye(4, dtype=bool)].all()  # The diagonal: grey.
+  np.testing.assert_allclose([shown[2, 3], shown[0, 1], shown[1, 3], shown[1, 0], shown[3, 1]],
+                             np.sqrt([1.0, 0.5, 0.3, 0.2, 0.0]), atol=1e-6)  # sqrt scale.
+
+
 FIGURES = """
 import sys
 import matplotlib, numpy as np
