@@ -91,7 +91,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DRY_RUN.value:
     try:
-      print(f'{_CONFIG.value}\n{config_help.plan(_CONFIG.value, _WORKDIR.value)}')
+      spec = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
+      print(f'Fields of --config={spec} with the overrides:\n'
+            f'{config_help.describe(_CONFIG.value, spec)}\n'
+            f'{config_help.plan(_CONFIG.value, _WORKDIR.value)}')
     except UserError as e:
       print(f'cvjax: error: {e}', file=sys.stderr)
       sys.exit(2)
@@ -170,7 +173,7 @@ def print_help(spec):
           file=sys.stderr)
     sys.exit(2)
   print(f'\nFields of --config={spec} (override any with --config.FIELD=VALUE):')
-  print(config_help.describe(config, spec.partition(':')[0]))
+  print(config_help.describe(config, spec))
 
 
 def parse_flags(argv):
