@@ -3,7 +3,7 @@
   python -m cvjax.main --config=configs/lenet.py:quick --workdir=runs/quick
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet-fashion \
-      --config.dataset.name=fashion_mnist --config.dataset.path=../shared/data/fashion-mnist
+      --config.dataset.name=fashion_mnist --config.dataset.path=fashion-mnist
 
 28x28 digits are zero-padded to 32x32 as in the paper; tanh units; inputs standardised; no
 augmentation. SGD with momentum and a cosine schedule (not the paper's stochastic diagonal

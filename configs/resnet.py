@@ -3,7 +3,7 @@ ResNets of section 3.4 (`imagenet_*`, listed in IMAGENET).
 
   python -m cvjax.main --config=configs/resnet.py:quick --workdir=runs/quick_cifar
   python -m cvjax.main --config=configs/resnet.py --workdir=runs/resnet20 \
-      --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz --config.train.num_epochs=3
+      --config.dataset.path=cifar10.tar.gz --config.train.num_epochs=3
   python -m cvjax.main --config=configs/resnet.py:plain56 --workdir=runs/plain56
 
 The arg picks the net: resnetN or plainN for depth N = 6n+2 (default resnet20); `quick`:
@@ -131,7 +131,7 @@ def modern_cifar(c):
   hundreds of epochs (Zhang et al. 2018 trained 200), not in short CPU runs.
 
     python -m cvjax.main --config=configs/resnet.py:resnet20_modern --workdir=runs/r20m \
-        --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset.path=cifar10.tar.gz
 
   Measured: 10 epochs on cifar10_6k (schedule.warmup_steps=39), seeds 0 and 1: 40.0% and
   41.6% test error against 54.8% and 46.4% for resnet20, most of it the schedule's (AMD EPYC

@@ -4,7 +4,7 @@
       --workdir=runs/depth
   python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/depth_ablation.py:quick \
       --workdir=runs/depth_quick --only=depth20,depth56 \
-      --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
+      --config.dataset.path=cifar10.tar.gz
   python -m cvjax.tools.report runs/depth
 
 Trials: one population per depth 20, 32, 44, 56, its members the plain and the residual net
