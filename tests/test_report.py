@@ -306,7 +306,11 @@ def test_depth_ablation_trials_are_populations():
   assert not any('population.seeds' in o for o in single.values())
   acts = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/activations.py')))
   assert len(acts) == 9 and all(o['population.seeds'] == 3 for o in acts.values())
-  with pytest.raises(errors.UserError, match='expected no arg, or quick, single'):
+  cpu = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:cpu')))
+  assert list(cpu) == ['depth20', 'depth56']  # Plain and residual twins x 2 seeds at each.
+  assert all(o['population.seeds'] == 2 and o['population.vary'] == VARY
+             and o['dataset.name'] == 'cifar10_6k' for o in cpu.values())  # Offline.
+  with pytest.raises(errors.UserError, match='expected no arg, or cpu, quick, single'):
     sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:fast'))
 
 
