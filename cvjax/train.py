@@ -35,6 +35,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
   if run_dir.exists() and not run_dir.is_dir():
     raise UserError(f'--workdir={workdir} exists and is not a directory.')
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
+    logging.info('Reading the data and building %s (a first run decodes the images).',
+                 config.model.name)  # Else a CPU run says nothing for a minute or two.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
     stopped = stop_requested(0)
     if stopped:
@@ -85,6 +87,9 @@ def restore_or_init(exp, workdir, sharding, init_rng):
   mngr = checkpointing.manager(workdir, exp.config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
       mngr, checkpointing.abstract_with_sharding(exp.abstract_state, sharding), exp.fingerprint)
+  if state is None:
+    logging.info('Initialising the parameters (compiling the initialiser%s).',
+                 f' of {len(exp.members)} members' if exp.population else '')
   return mngr, steps.init_state(exp.init, init_rng, sharding) if state is None else state
 
 

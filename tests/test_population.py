@@ -266,6 +266,11 @@ def test_a_twin_population_reports_each_net_on_its_own(idx_dir, tmp_path, caplog
     g = summary['groups'][net]
     assert (f'{net}: {100 * g["mean"]["test/error"]:.2f} ± {100 * g["std"]["test/error"]:.2f}% '
             '(2 seeds)') in finished
+  # Before the first progress line, the log says what the run is doing.
+  said = [text.index(m) for m in ('Reading the data and building resnet_cifar',
+                                  'Initialising the parameters (compiling the initialiser of 4 '
+                                  'members)', 'Compiling the train step', 'step 4/4')]
+  assert said == sorted(said)
   progress = [l for l in text.splitlines() if 'step 4/4' in l]
   assert len(progress) == 2  # The train line and the test line.
   for line in progress:
