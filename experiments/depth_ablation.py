@@ -27,9 +27,9 @@ paper) needs the full schedule (the default, 164 epochs); at 300 steps ResNet-56
 behind ResNet-20. The same budget on the full CIFAR-10 gave plain-20 67.9%, plain-56 88.3%,
 ResNet-20 63.6%, ResNet-56 78.8% test error (2 seeds; every plain-56 seed worse than every
 plain-20 seed). Time: about 10-15 min on 2 otherwise idle cores, estimated from the CPU
-time of a 30-step piece (depth 56: ~2.0 CPU-seconds a step for its 4 members, depth 20 about
-a third of that, compilation ~30 CPU-seconds; AMD EPYC Zen 4, 2 cores, measured under a load
-of ~15), not yet timed end to end; on a loaded machine, longer. A shorter or longer look:
+time of 30-step pieces (depth 56: 2.1 CPU-seconds a step for its 4 members, depth 20: 0.75;
+compiling ~35 CPU-seconds, an evaluation ~10; ~16 CPU-minutes in all; AMD EPYC Zen 4, 2 cores,
+measured under a load of ~15), not yet timed end to end; on a loaded machine, longer. A shorter or longer look:
 add e.g. --config.train.num_steps=600 (the command line wins over the sweep file).
 Args (comma-separated): `quick`, a CPU-sized look: 3 seeds, 3 epochs (1,170 steps) with the
 same schedule shape (lr /10 at 50% and 75%); `single`: one run per net and seed 0 (trials
