@@ -29,8 +29,9 @@ ResNet-20 63.6%, ResNet-56 78.8% test error (2 seeds; every plain-56 seed worse 
 plain-20 seed). Time: about 10-15 min on 2 otherwise idle cores, estimated from the CPU
 time of 30-step pieces (depth 56: 2.1 CPU-seconds a step for its 4 members, depth 20: 0.75;
 compiling and the evaluations ~1-2 CPU-minutes; ~16 in all; AMD EPYC Zen 4, 2 cores,
-measured under a load of ~15), not yet timed end to end; on a loaded machine, longer. A shorter or longer look:
-add e.g. --config.train.num_steps=600 (the command line wins over the sweep file).
+measured under a load of ~15), not yet timed end to end; on a loaded machine, longer. A
+shorter or longer look: add e.g. --config.train.num_steps=600 (the command line wins over the
+sweep file).
 Args (comma-separated): `quick`, a CPU-sized look: 3 seeds, 3 epochs (1,170 steps) with the
 same schedule shape (lr /10 at 50% and 75%); `single`: one run per net and seed 0 (trials
 plain20 ... resnet56, resnet110), as before populations; `single,quick`: those for 3 epochs,
