@@ -83,8 +83,8 @@ def base_config():
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'piecewise'  # piecewise | cosine | polynomial | constant.
-  # piecewise: fractions of the run at which the lr is multiplied by decay_factor.
-  c.schedule.boundaries = (0.5, 0.75)  # He et al.'s CIFAR recipe: 32k and 48k of 64k steps.
+  # He et al.'s CIFAR recipe: 32k and 48k of 64k steps.
+  c.schedule.boundaries = (0.5, 0.75)  # piecewise: lr x decay_factor at these fractions of the run.
   c.schedule.decay_factor = 0.1  # piecewise: the lr's factor at each boundary.
   c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   c.schedule.power = 2.0  # polynomial: (lr - end_value) * (1 - t/T) ** power + end_value.
