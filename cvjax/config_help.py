@@ -77,16 +77,22 @@ def _fields(target):
 def field_sources(spec):
   """{'section.field': (path, line, value text, comment)}: where each field of the config
   `path[:arg]` got its value, found by running its get_config and noting every assignment
-  the config files (those in its folder) execute; the last one sets the value. The comment is
-  that line's, else the one where the field was first set (common.py: what the field is)."""
+  the config files (those in its folder and in configs/) execute; the last one sets the
+  value. The comment is that line's, else the one where the field was first set (common.py:
+  what the field is)."""
   import sys  # pylint: disable=g-import-not-at-top
   path = spec.partition(':')[0]
-  folder = os.path.dirname(os.path.realpath(path))
+  folders = {os.path.dirname(os.path.realpath(path))}
+  try:  # A config of one's own elsewhere that builds on configs/common.py: that one's too.
+    import configs  # pylint: disable=g-import-not-at-top
+    folders.update(os.path.realpath(p) for p in configs.__path__)
+  except ImportError:
+    pass
   sources, first, last = {}, {}, {}
 
   def source(filename):
     real = os.path.realpath(filename)
-    if os.path.dirname(real) != folder:
+    if os.path.dirname(real) not in folders:
       return None
     if real not in sources:
       sources[real] = _Source(real)
