@@ -20,11 +20,11 @@ def flatten(config, prefix=''):
   return out
 
 
-def _load(spec):
-  """get_config of `path[:arg]`, as cvjax.main loads it."""
+def load_config(spec):
+  """get_config(arg) of `spec` = 'FILE.py[:arg]', as ml_collections' config flag loads it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_cvjax_config_help', path)
+  module_spec = importlib.util.spec_from_file_location('_cvjax_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -117,7 +117,7 @@ def field_sources(spec):
   previous = sys.gettrace()
   sys.settrace(tracer)
   try:
-    _load(spec)
+    load_config(spec)
   finally:
     sys.settrace(previous)
   out = {}

@@ -149,12 +149,7 @@ USAGE = ('Usage: python -m cvjax.main --config=configs/FILE.py[:arg] --workdir=D
 
 def load_config(spec):
   """get_config(arg) of `spec` = 'FILE.py[:arg]', as ml_collections' config flag loads it."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_cvjax_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_help.load_config(spec)
 
 
 def print_help(spec):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, child_env, tiny_config
-from cvjax import config_help, experiment, main, models, steps, train
+from cvjax import config_help, experiment, models, steps, train
 from cvjax.data import memory
 
 
@@ -259,7 +259,7 @@ def test_help_gives_every_field_the_comment_of_the_line_that_set_it(spec):
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
-    config = main.load_config(spec)
+    config = config_help.load_config(spec)  # As cvjax.main loads it.
     text = config_help.describe(config, spec)
     sources = config_help.field_sources(spec)
   finally:
