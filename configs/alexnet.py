@@ -26,18 +26,18 @@ def get_config(arg=None):
                      'cifar10.')
   c = common.base_config()
   torchvision = arg == 'imagenet_torchvision'
-  c.model.name = 'alexnet'
+  c.model.name = 'alexnet'  # The builder in cvjax/models.
   c.model.variant = 'torchvision' if torchvision else 'paper'  # paper | torchvision.
   c.model.groups = 1 if torchvision else 2  # Towers: 2 in the paper.
-  c.model.activation = 'relu'
+  c.model.activation = 'relu'  # The paper's ReLU.
   c.model.dropout_rate = 0.5  # In the first two dense layers.
-  c.optimizer.learning_rate = 0.01
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.boundaries = (30 / 90, 60 / 90, 80 / 90)
+  c.optimizer.learning_rate = 0.01  # The paper's, divided by 10 at each boundary.
+  c.optimizer.weight_decay = 5e-4  # The paper's.
+  c.schedule.boundaries = (30 / 90, 60 / 90, 80 / 90)  # Epochs 30, 60 and 80 of 90.
   if arg.startswith('imagenet'):
     common.imagenet_input(c, image_size=224 if torchvision else 227)
-    c.train.num_epochs = 90.0
+    c.train.num_epochs = 90.0  # About the paper's 90 passes over ImageNet.
   else:
     c.input.normalization = 'per_channel'
-    c.train.num_epochs = 30.0
+    c.train.num_epochs = 30.0  # CIFAR-10: not in the paper.
   return c

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 def base_config():
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # Initialisation, data order, augmentation and dropout draws.
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'cifar10'  # A tfds name, or one shipped with cvjax (mnist10k, cifar10_6k).
@@ -40,7 +40,7 @@ def base_config():
   # most 16; docs/performance.md: images/s per core).
   c.input.random_crop_area = (0.08, 1.0)  # Fraction of the image's area.
   c.input.random_crop_aspect = (3 / 4, 4 / 3)  # Width / height, sampled log-uniformly.
-  c.input.workers = 0
+  c.input.workers = 0  # Streaming decoder processes (0: threads of the training process).
   c.input.threads = 2  # Reading threads per process.
   # On the device, after the crops and flips, for either pipeline (docs/recipes.md; all off):
   c.input.random_erasing = 0.0  # Probability of erasing a random box of each image.
@@ -65,8 +65,8 @@ def base_config():
   # vary='model.residual=False,True' (space-separated FIELD=V1,V2 items, FIELD in model.*,
   # optimizer.* or schedule.*). Each member is the run its own config would train alone.
   c.population = ml_collections.ConfigDict()
-  c.population.seeds = 1
-  c.population.vary = ''
+  c.population.seeds = 1  # Members per set of vary values, seeds seed, seed+1, ... (1: one run).
+  c.population.vary = ''  # Space-separated FIELD=V1,V2 items, e.g. 'model.residual=False,True'.
 
   # The devices form a (data, model) mesh (cvjax/sharding.py, docs/parallelism.md): the batch
   # is split over data; `model` devices split one copy of the parameters by the model's rules
@@ -77,10 +77,10 @@ def base_config():
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'  # sgd | adamw | lars | lamb (cvjax/optim.py).
-  c.optimizer.learning_rate = 0.1
+  c.optimizer.learning_rate = 0.1  # The peak step size (after any warm-up) the schedule decays.
   c.optimizer.momentum = 0.9  # sgd, lars.
   c.optimizer.nesterov = False  # sgd, lars.
-  c.optimizer.weight_decay = 1e-4
+  c.optimizer.weight_decay = 1e-4  # L2 penalty on the weights (adamw: decoupled).
   # False: no weight decay on BatchNorm scales and biases nor any bias (nor LARS's trust ratio).
   c.optimizer.decay_bn_and_bias = True
   c.optimizer.b1 = 0.9  # adamw, lamb.
@@ -98,10 +98,9 @@ def base_config():
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'piecewise'  # piecewise | cosine | polynomial | constant | triangular.
-  # Fractions of the run at which the lr is multiplied by decay_factor (He et al.'s 32k and
-  # 48k of 64k steps).
-  c.schedule.boundaries = (0.5, 0.75)
-  c.schedule.decay_factor = 0.1
+  # He et al.'s CIFAR recipe: 32k and 48k of 64k steps.
+  c.schedule.boundaries = (0.5, 0.75)  # piecewise: lr x decay_factor at these fractions of the run.
+  c.schedule.decay_factor = 0.1  # piecewise: the lr's factor at each boundary.
   c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   c.schedule.power = 2.0  # polynomial: (lr - end_value) * (1 - t/T) ** power + end_value.
   c.schedule.end_value = 0.0  # polynomial: the learning rate at the end.
@@ -112,14 +111,16 @@ def base_config():
   c.schedule.triangle_end = 0.07
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 128
-  c.train.num_epochs = 164.0
+  c.train.batch_size = 128  # Images per step (a population's: per member).
+  c.train.num_epochs = 164.0  # Passes over the training images (He et al.: 64k steps of 128).
   c.train.num_steps = config_dict.placeholder(int)  # Wins over num_epochs when set.
-  c.train.eval_batch_size = 1000  # Rounded up to a multiple of the devices (padding masked).
+  # Test images per evaluation batch (memory, not results): rounded up to a multiple of the
+  # devices, the padding masked.
+  c.train.eval_batch_size = 1000
   c.train.eval_every_steps = 0  # 0: once per epoch.
-  c.train.log_every_steps = 100
-  c.train.checkpoint_every_steps = 2000
-  c.train.keep_checkpoints = 3
+  c.train.log_every_steps = 100  # A progress line and train metrics every this many steps.
+  c.train.checkpoint_every_steps = 2000  # A checkpoint every this many steps (0: at the end only).
+  c.train.keep_checkpoints = 3  # The newest this many checkpoints are kept.
   # float32 | bfloat16 | auto: bfloat16 on GPUs and TPUs, float32 on CPUs. Parameters,
   # optimizer state, BatchNorm statistics, logits and loss stay float32.
   c.train.compute_dtype = 'float32'
@@ -158,5 +159,5 @@ def imagenet_input(c, image_size=224):
   c.input.workers = -1  # One grain worker per CPU core but one, at most 16.
   c.train.eval_batch_size = 250  # 50,000 validation images in 200 batches.
   c.train.compute_dtype = 'auto'  # bfloat16 on accelerators, as published ResNet-50 numbers.
-  c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 1000
+  c.train.log_every_steps = 50  # ImageNet's steps are long: a line every 50.
+  c.train.checkpoint_every_steps = 1000  # ImageNet: a checkpoint every 1,000 steps.

@@ -3,7 +3,7 @@
   python -m cvjax.main --config=configs/lenet.py:quick --workdir=runs/quick
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet
   python -m cvjax.main --config=configs/lenet.py --workdir=runs/lenet-fashion \
-      --config.dataset.name=fashion_mnist --config.dataset.path=../shared/data/fashion-mnist
+      --config.dataset.name=fashion_mnist --config.dataset.path=fashion-mnist
 
 28x28 digits are zero-padded to 32x32 as in the paper; tanh units; inputs standardised; no
 augmentation. SGD with momentum and a cosine schedule (not the paper's stochastic diagonal
@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.input.crop_padding = 0
   c.input.flip = False
 
-  c.model.name = 'lenet5'
+  c.model.name = 'lenet5'  # The builder in cvjax/models.
   c.model.variant = arg or 'modern'  # modern | paper.
   # tanh, or the paper's scaled_tanh 1.7159 tanh(2x/3) (also relu, sigmoid).
   c.model.activation = 'scaled_tanh' if arg == 'paper' else 'tanh'
@@ -50,13 +50,13 @@ def get_config(arg=None):
   # seed 0 (AMD EPYC Zen 5, 2 cores): 0.05 / 0.01 / 0.002 / 0.0005 gave 90.20 / 51.60 / 9.85 /
   # 10.50% test error.
   c.optimizer.learning_rate = 0.002 if arg == 'paper' else 0.05
-  c.optimizer.weight_decay = 5e-4
+  c.optimizer.weight_decay = 5e-4  # LeNet's: not from the paper.
   c.schedule.name = 'cosine'
-  c.train.num_epochs = 10.0
+  c.train.num_epochs = 10.0  # Passes over the training digits.
   # One XLA program, also on CPU: at LeNet's size a second dispatch costs more than the
   # split saves (docs/performance.md).
   c.train.split_backward = False
-  c.train.checkpoint_every_steps = 1000
+  c.train.checkpoint_every_steps = 1000  # A checkpoint every 1,000 steps.
   if quick:
     c.dataset.name = 'mnist10k'  # 8,000 train / 2,000 test, in cvjax/data/embedded.
     c.train.log_every_steps = 62  # Once per epoch of 62 steps.

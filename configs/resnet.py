@@ -3,7 +3,7 @@ ResNets of section 3.4 (`imagenet_*`, listed in IMAGENET).
 
   python -m cvjax.main --config=configs/resnet.py:quick --workdir=runs/quick_cifar
   python -m cvjax.main --config=configs/resnet.py --workdir=runs/resnet20 \
-      --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz --config.train.num_epochs=3
+      --config.dataset.path=cifar10.tar.gz --config.train.num_epochs=3
   python -m cvjax.main --config=configs/resnet.py:plain56 --workdir=runs/plain56
 
 The arg picks the net: resnetN or plainN for depth N = 6n+2 (default resnet20); `quick`:
@@ -67,11 +67,11 @@ def get_config(arg=None):
                      'resnetN_modern, quick, imagenet_resnet50_tv2, imagenet_resnet50_mlperf, '
                      f'or one of {", ".join(IMAGENET)}.')
   c = common.base_config()  # Its dataset, input, optimizer and schedule are this recipe's.
-  c.model.name = 'resnet_cifar'
+  c.model.name = 'resnet_cifar'  # The CIFAR builder in cvjax/models (3 stages of 2n blocks).
   c.model.depth = int(match.group(2))  # 6n+2: 20, 32, 44, 56, 110, 1202.
   c.model.residual = match.group(1) == 'resnet'  # False: the plain twin.
   c.model.activation = 'relu'  # relu | tanh | sigmoid.
-  c.model.batch_norm = True
+  c.model.batch_norm = True  # After each conv, as in the paper (False: for the activations sweep).
   c.model.bn_momentum = 0.9  # Flax convention (keeps 90% of the old average): PyTorch's 0.1.
   c.model.zero_init_residual = False  # Not in the paper; off keeps plain vs residual fair.
   # nn.scan compiles each stage's repeated blocks once. Unset: on above depth 110, decided
@@ -105,16 +105,16 @@ def imagenet_config(kind, depth, stride_in_bottleneck):
   """
   c = common.base_config()
   common.imagenet_input(c)
-  c.model.name = 'resnet'
+  c.model.name = 'resnet'  # The ImageNet builder in cvjax/models.
   c.model.depth = depth  # 18, 34, 50, 101, 152.
   c.model.residual = kind == 'resnet'  # False: the plain twin.
-  c.model.activation = 'relu'
+  c.model.activation = 'relu'  # The paper's ReLU.
   c.model.bn_momentum = 0.9  # Flax convention: PyTorch's 0.1.
-  c.model.zero_init_residual = False
+  c.model.zero_init_residual = False  # True: each block's last BatchNorm scale starts at 0.
   # Where bottlenecks (50/101/152) downsample: '1x1' the paper (v1), '3x3' torchvision (v1.5).
   c.model.stride_in_bottleneck = stride_in_bottleneck
-  c.train.batch_size = 256
-  c.train.num_epochs = 90.0
+  c.train.batch_size = 256  # The paper's.
+  c.train.num_epochs = 90.0  # The paper's ~60e4 iterations of 256.
   c.schedule.boundaries = (30 / 90, 60 / 90)
   return c
 
@@ -131,7 +131,7 @@ def modern_cifar(c):
   hundreds of epochs (Zhang et al. 2018 trained 200), not in short CPU runs.
 
     python -m cvjax.main --config=configs/resnet.py:resnet20_modern --workdir=runs/r20m \
-        --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
+        --config.dataset.path=cifar10.tar.gz
 
   Measured: 10 epochs on cifar10_6k (schedule.warmup_steps=39), seeds 0 and 1: 40.0% and
   41.6% test error against 54.8% and 46.4% for resnet20, most of it the schedule's (AMD EPYC
@@ -177,12 +177,12 @@ def imagenet_tv2():
   c.input.cutmix_alpha = 1.0
   c.input.mix_prob = 1.0
   c.input.cutmix_prob = 0.5
-  c.train.batch_size = 1024
-  c.train.num_epochs = 600.0
+  c.train.batch_size = 1024  # torchvision's 8 GPUs x 128.
+  c.train.num_epochs = 600.0  # torchvision's.
   c.train.label_smoothing = 0.1
   c.train.ema_decay = 0.999966
-  c.optimizer.learning_rate = 0.5
-  c.optimizer.weight_decay = 2e-5
+  c.optimizer.learning_rate = 0.5  # torchvision's.
+  c.optimizer.weight_decay = 2e-5  # torchvision's, none on BatchNorm (below).
   c.optimizer.decay_bn_and_bias = False
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 5 * (1281167 // 1024)  # 5 epochs of ImageNet's 1,281,167 images.
@@ -205,14 +205,14 @@ def imagenet_mlperf():
   Measured: not yet measured.
   """
   c = imagenet_config('resnet', 50, '3x3')
-  c.train.batch_size = 2048
-  c.train.num_epochs = 41.0
+  c.train.batch_size = 2048  # MLPerf's reference: 1024 x 2 accumulated.
+  c.train.num_epochs = 41.0  # MLPerf's reference.
   c.train.label_smoothing = 0.1
   c.optimizer.name = 'lars'
-  c.optimizer.learning_rate = 8.5
+  c.optimizer.learning_rate = 8.5  # MLPerf's base lr for batch 2048.
   c.optimizer.momentum = 0.9
   c.optimizer.trust_coefficient = 0.001
-  c.optimizer.weight_decay = 2e-4
+  c.optimizer.weight_decay = 2e-4  # The README's flag; not on BatchNorm or biases.
   c.optimizer.decay_bn_and_bias = False
   c.schedule.name = 'polynomial'
   c.schedule.power = 2.0

@@ -30,21 +30,21 @@ def get_config(arg=None):
     raise ValueError(f'configs/vgg.py:{arg}: expected one of {", ".join(ARGS)}.')
   imagenet, depth, batch_norm = ARGS[arg or 'imagenet']
   c = common.base_config()
-  c.model.name = 'vgg'
+  c.model.name = 'vgg'  # The builder in cvjax/models.
   c.model.depth = depth  # 11, 13, 16, 19: configurations A, B, D, E.
-  c.model.batch_norm = batch_norm
-  c.model.activation = 'relu'
+  c.model.batch_norm = batch_norm  # The paper has none; _bn args and CIFAR add it.
+  c.model.activation = 'relu'  # The paper's ReLU.
   c.model.dropout_rate = 0.5  # In the first two dense layers.
   c.model.bn_momentum = 0.9  # Flax convention: PyTorch's 0.1.
-  c.optimizer.weight_decay = 5e-4
+  c.optimizer.weight_decay = 5e-4  # The paper's.
   c.schedule.boundaries = (0.4, 0.7, 0.9)
   if imagenet:
     common.imagenet_input(c)
-    c.optimizer.learning_rate = 0.01
-    c.train.batch_size = 256
-    c.train.num_epochs = 74.0
+    c.optimizer.learning_rate = 0.01  # The paper's.
+    c.train.batch_size = 256  # The paper's.
+    c.train.num_epochs = 74.0  # The paper's 74 epochs.
   else:
     c.input.normalization = 'per_channel'
-    c.optimizer.learning_rate = 0.05
-    c.train.num_epochs = 60.0
+    c.optimizer.learning_rate = 0.05  # CIFAR-10 with BatchNorm: not from the paper.
+    c.train.num_epochs = 60.0  # CIFAR-10: not from the paper.
   return c

@@ -4,7 +4,6 @@ a run (steps, epochs, images, what it writes) without training."""
 
 import ast
 import difflib
-import glob
 import json
 import os
 import re
@@ -21,26 +20,114 @@ def flatten(config, prefix=''):
   return out
 
 
-def field_comments(config_path):
-  """{'section.field': [(assigned text, comment), ...]} from the config file and the config
-  files next to it (a config reuses the others' get_config, so their comments apply), the
-  config's own file first: the comment on the assignment's line, or the lines right above."""
-  comments = {}
-  folder = os.path.dirname(os.path.abspath(config_path))
-  others = [p for p in sorted(glob.glob(os.path.join(folder, '*.py')))
-            if not os.path.samefile(p, config_path)]
-  for path in [config_path] + others:
-    above = []
-    for line in open(path).read().splitlines():
-      stripped = line.strip()
-      if stripped.startswith('#'):
-        above.append(stripped.lstrip('# ').strip())
-        continue
-      m = re.match(r'c\.([\w.]+)\s*=\s*([^#]*?)\s*(?:#\s*(.*))?$', stripped)
-      if m and (m.group(3) or above):
-        comments.setdefault(m.group(1), []).append((m.group(2), m.group(3) or ' '.join(above)))
-      above = []
-  return comments
+def load_config(spec):
+  """get_config(arg) of `spec` = 'FILE.py[:arg]', as ml_collections' config flag loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_cvjax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+class _Source:
+  """A config file's assignments by line, and the comment each one carries."""
+
+  def __init__(self, path):
+    import tokenize  # pylint: disable=g-import-not-at-top
+    text = open(path).read()
+    self.lines = text.splitlines()
+    self.assigned = {}  # line -> (statement's first line, [dotted fields], value text)
+    for node in ast.walk(ast.parse(text)):
+      if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        fields = [f for t in targets for f in _fields(t)]
+        value = ast.get_source_segment(text, node.value) if node.value is not None else ''
+        for line in range(node.lineno, node.end_lineno + 1):
+          self.assigned[line] = (node.lineno, node.end_lineno, fields, value)
+    self.comments = {}  # line -> its comment (the text after '#')
+    with open(path) as f:
+      for tok in tokenize.generate_tokens(f.readline):
+        if tok.type == tokenize.COMMENT:
+          self.comments[tok.start[0]] = tok.string.lstrip('#').strip()
+
+  def comment(self, first, last):
+    """The comment on the statement's lines, else the comment lines right above it."""
+    inline = [self.comments[n] for n in range(first, last + 1) if n in self.comments]
+    if inline:
+      return ' '.join(inline)
+    above, n = [], first - 1
+    while n >= 1 and self.lines[n - 1].strip().startswith('#'):
+      above.insert(0, self.comments.get(n, ''))
+      n -= 1
+    return ' '.join(a for a in above if a) or None
+
+
+def _fields(target):
+  """The dotted fields an assignment target sets: `c.train.batch_size` -> train.batch_size."""
+  if isinstance(target, (ast.Tuple, ast.List)):
+    return [f for t in target.elts for f in _fields(t)]
+  parts = []
+  while isinstance(target, ast.Attribute):
+    parts.insert(0, target.attr)
+    target = target.value
+  return ['.'.join(parts)] if parts and isinstance(target, ast.Name) else []
+
+
+def field_sources(spec):
+  """{'section.field': (path, line, value text, comment)}: where each field of the config
+  `path[:arg]` got its value, found by running its get_config and noting every assignment
+  the config files (those in its folder and in configs/) execute; the last one sets the
+  value. The comment is that line's, else the one where the field was first set (common.py:
+  what the field is)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  path = spec.partition(':')[0]
+  folders = {os.path.dirname(os.path.realpath(path))}
+  try:  # A config of one's own elsewhere that builds on configs/common.py: that one's too.
+    import configs  # pylint: disable=g-import-not-at-top
+    folders.update(os.path.realpath(p) for p in configs.__path__)
+  except ImportError:
+    pass
+  sources, first, last = {}, {}, {}
+
+  def source(filename):
+    real = os.path.realpath(filename)
+    if os.path.dirname(real) not in folders:
+      return None
+    if real not in sources:
+      sources[real] = _Source(real)
+    return sources[real]
+
+  def local(frame, event, arg):
+    del arg
+    if event == 'line':
+      src = source(frame.f_code.co_filename)
+      hit = src.assigned.get(frame.f_lineno)
+      if hit:
+        for field in hit[2]:
+          where = (os.path.realpath(frame.f_code.co_filename), *hit)
+          first.setdefault(field, where)
+          last[field] = where
+    return local
+
+  def tracer(frame, event, arg):
+    del event, arg
+    return local if source(frame.f_code.co_filename) else None
+
+  previous = sys.gettrace()
+  sys.settrace(tracer)
+  try:
+    load_config(spec)
+  finally:
+    sys.settrace(previous)
+  out = {}
+  for field, (file, start, end, _, value) in last.items():
+    comment = sources[file].comment(start, end)
+    if not comment:
+      f0, s0, e0, _, _ = first[field]
+      comment = sources[f0].comment(s0, e0)
+    out[field] = (file, start, value, comment)
+  return out
 
 
 def _same(text, value):
@@ -52,20 +139,35 @@ def _same(text, value):
     return False
 
 
-def describe(config, config_path):
-  """The config's fields, one a line: `--config.field=value  # comment`. A comment with
-  numbers in it, written beside another value than this config's, says which."""
-  comments = field_comments(config_path) if os.path.isfile(config_path) else {}
+def _value(value):
+  if isinstance(value, str):
+    return json.dumps(value)
+  if isinstance(value, tuple):  # As the override parser reads it: (0.5, 0.75), not YAML's.
+    return '(' + ', '.join(_value(v) for v in value) + (',)' if len(value) == 1 else ')')
+  return str(value)
+
+
+def describe(config, spec):
+  """The config's fields, one a line: `--config.field=value  # comment`, the comment from the
+  config file's line that set the field's value for this config (`spec`: path[:arg]). A field
+  given another value since (an override) says what the file set."""
+  sources = field_sources(spec) if os.path.isfile(spec.partition(':')[0]) else {}
   lines = []
   for name, value in flatten(config).items():
-    text = f'  --config.{name}={json.dumps(value) if isinstance(value, str) else value}'
-    candidates = comments.get(name, [])
-    assigned, comment = next(((a, c) for a, c in candidates if _same(a, value)),
-                             candidates[0] if candidates else (None, None))
-    if comment and not _same(assigned, value) and re.search(r'\d\d', comment):
-      comment = f'(said of {assigned}) {comment}'  # Numbers that may not hold for this value.
+    text = f'  --config.{name}={_value(value)}'
+    _, _, assigned, comment = sources.get(name, (None, None, None, None))
+    if comment and assigned is not None and not _same(assigned, value) and _literal(assigned):
+      comment = f'(the config file sets {assigned}) {comment}'
     lines.append(f'{text:<52}  # {comment}' if comment else text)
   return '\n'.join(lines)
+
+
+def _literal(text):
+  try:
+    ast.literal_eval(text)
+    return True
+  except (ValueError, SyntaxError):
+    return False
 
 
 def nearest_field(config, name):

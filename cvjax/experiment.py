@@ -98,6 +98,12 @@ class Experiment:
     return {m.name: jax.tree.map(lambda x, i=i: x[i], trees[k])
             for k, g in zip(self.state_keys, self.groups) for i, m in enumerate(g.members)}
 
+  def nets(self):
+    """{label: [member names]}: a population's groups (each net over its seeds), labelled as
+    population.group_label; {} for one run."""
+    return {population.group_label(g.members[0].name, self.config.model.name):
+            [m.name for m in g.members] for g in self.groups}
+
   def member_configs(self):
     """{member: (its config, its group)}; one run's: {None: (config, the experiment)}, which
     has the group's `model` and `abstract_state`."""

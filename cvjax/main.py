@@ -91,7 +91,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DRY_RUN.value:
     try:
-      print(f'{_CONFIG.value}\n{config_help.plan(_CONFIG.value, _WORKDIR.value)}')
+      spec = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
+      print(f'Fields of --config={spec} with the overrides:\n'
+            f'{config_help.describe(_CONFIG.value, spec)}\n'
+            f'{config_help.plan(_CONFIG.value, _WORKDIR.value)}')
     except UserError as e:
       print(f'cvjax: error: {e}', file=sys.stderr)
       sys.exit(2)
@@ -146,12 +149,7 @@ USAGE = ('Usage: python -m cvjax.main --config=configs/FILE.py[:arg] --workdir=D
 
 def load_config(spec):
   """get_config(arg) of `spec` = 'FILE.py[:arg]', as ml_collections' config flag loads it."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_cvjax_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_help.load_config(spec)
 
 
 def print_help(spec):
@@ -170,7 +168,7 @@ def print_help(spec):
           file=sys.stderr)
     sys.exit(2)
   print(f'\nFields of --config={spec} (override any with --config.FIELD=VALUE):')
-  print(config_help.describe(config, spec.partition(':')[0]))
+  print(config_help.describe(config, spec))
 
 
 def parse_flags(argv):

@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import itertools
 import json
+import re
 
 import jax
 import numpy as np
@@ -148,7 +149,21 @@ def stack(trees):
   return jax.tree.map(lambda *x: np.stack(x), *trees)
 
 
-def summary(values):
-  """'mean (min-max)' of the members' values, for the progress line."""
+def group_label(member_name, model_name=''):
+  """A member's group, named as its members without the seed: 'residualFalse_seed3' ->
+  'residualFalse'; a population that varies only the seed has one group, `model_name`."""
+  return re.sub(r'_?seed-?\d+$', '', member_name or '') or model_name
+
+
+def by_group(names, model_name=''):
+  """{group label: [member names]} in order: the nets of a population, each over its seeds."""
+  out = {}
+  for name in names:
+    out.setdefault(group_label(name, model_name), []).append(name)
+  return out
+
+
+def mean_std(values):
+  """(mean, standard deviation over the seeds (ddof 1; 0 for one value)) of a group's values."""
   values = np.asarray(values, np.float64)
-  return values.mean(), values.min(), values.max()
+  return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)

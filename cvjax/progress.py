@@ -57,20 +57,24 @@ def fmt_time(seconds):
       f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def metrics_text(logged, split):
-  """'loss 0.4321  error 12.34%' of one run; of a population, each as 'mean (min-max)' over
-  its members, so the line stays one line."""
-  parts = []
-  for key, fmt, scale in (('loss', '%.4f', 1), ('error', '%.2f%%', 100),
-                          ('top5_error', '%.2f%%', 100), ('ema_error', '%.2f%%', 100)):
-    values = [m[f'{split}/{key}'] * scale for m in logged.values() if f'{split}/{key}' in m]
-    if not values:
-      continue
-    name = {'top5_error': 'top-5 error', 'ema_error': 'EMA error'}.get(key, key)
-    if len(values) == 1:
-      parts.append(f'{name} {fmt % values[0]}')
-    else:
-      mean, low, high = population.summary(values)
-      parts.append(f'{name} {fmt % mean} ({fmt % low}-{fmt % high})'.replace('%%', '%'))
-  text = '  '.join(parts)
-  return text if len(logged) == 1 else f'{text}  over {len(logged)} members'
+def metrics_text(logged, split, groups=None):
+  """'loss 0.4321  error 12.34%' of one run; of a population, each net (`groups`: {label:
+  [member names]}, population.by_group) on its own as 'mean ± std' over its seeds, e.g.
+  'residualFalse: loss 0.43 ± 0.01  error 12.3 ± 0.5% (2 seeds) | residualTrue: ...'."""
+  groups = groups if groups and len(logged) > 1 else {'': list(logged)}
+  texts = []
+  for label, names in groups.items():
+    parts = []
+    for key, fmt, scale, unit in (('loss', '.4f', 1, ''), ('error', '.2f', 100, '%'),
+                                  ('top5_error', '.2f', 100, '%'),
+                                  ('ema_error', '.2f', 100, '%')):
+      values = [logged[n][f'{split}/{key}'] * scale for n in names if f'{split}/{key}' in logged[n]]
+      if not values:
+        continue
+      name = {'top5_error': 'top-5 error', 'ema_error': 'EMA error'}.get(key, key)
+      mean, std = population.mean_std(values)
+      parts.append(f'{name} {mean:{fmt}}{unit}' if len(values) == 1 else
+                   f'{name} {mean:{fmt}} ± {std:{fmt}}{unit}')
+    text = '  '.join(parts) + (f' ({len(names)} seeds)' if len(names) > 1 else '')
+    texts.append(f'{label}: {text}' if len(groups) > 1 else text)
+  return ' | '.join(texts)

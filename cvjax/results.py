@@ -46,6 +46,7 @@ def write(workdir, exp, step, test_metrics, predictions, confidence, writers):
   tests = exp.by_member({k: np.asarray(v) for k, v in test_metrics.items()})
   preds, conf = exp.by_member(predictions), exp.by_member(confidence)
   results = {}
+  net_of = {n: label for label, names in exp.nets().items() for n in names}
   for name, (config, g) in exp.member_configs().items():
     writer = writers[name]
     analysis = error_analysis.write(dirs[name], exp.input.test_images, exp.input.test_labels,
@@ -56,7 +57,9 @@ def write(workdir, exp, step, test_metrics, predictions, confidence, writers):
     if train_records:
       final['train/error'] = train_records[-1]['train/error']
       final['train/loss'] = train_records[-1]['train/loss']
-    writer.write_hparams(hparams(config), final)
+    # A member's net (its group) as a column, so the HParams dashboard groups its seeds.
+    writer.write_hparams({**hparams(config), **({'population.group': net_of[name]}
+                                                if name in net_of else {})}, final)
     example = jax.ShapeDtypeStruct((1, *exp.input.image_shape),
                                    jnp.dtype(config.train.compute_dtype))
     variables = {'params': g.abstract_state.params, **g.abstract_state.model_state}
@@ -67,11 +70,20 @@ def write(workdir, exp, step, test_metrics, predictions, confidence, writers):
     (dirs[name] / 'results.json').write_text(json.dumps(results[name], indent=1))
   if not exp.population:
     return results[None]
-  keys = [k for k in results[exp.members[0].name] if k.startswith(('test/', 'train/'))]
-  table = {k: np.array([r[k] for r in results.values()]) for k in keys}
-  out = {'step': step, 'members': results, 'mean': {k: float(v.mean()) for k, v in table.items()},
-         'std': {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in table.items()}}
+  out = {'step': step, 'members': results, 'groups': group_results(results, exp.nets())}
   (epath.Path(workdir) / 'results.json').write_text(json.dumps(out, indent=1))
+  return out
+
+
+def group_results(results, nets):
+  """{net: {members, mean, std}}: each group of a population (its config without the seed)
+  over its seeds; a mean over different nets would mean nothing."""
+  out = {}
+  for label, names in nets.items():
+    keys = [k for k in results[names[0]] if k.startswith(('test/', 'train/'))]
+    stats = {k: population.mean_std([results[n][k] for n in names]) for k in keys}
+    out[label] = {'members': names, 'mean': {k: float(m) for k, (m, _) in stats.items()},
+                  'std': {k: float(s) for k, (_, s) in stats.items()}}
   return out
 
 
@@ -102,13 +114,15 @@ def read_finished(workdir, exp, step):
 def summary_line(results, workdir, head):
   """One readable line for the end of a run: `head`, how well it did, what it wrote."""
   if 'members' in results:
-    errors = [100 * r['test/error'] for r in results['members'].values()]
-    mean, low, high = population.summary(errors)
-    std = np.std(errors, ddof=1) if len(errors) > 1 else 0.0
-    return (f'{head}: test error {mean:.2f} ± {std:.2f}% over {len(errors)} members (best '
-            f'{low:.2f}%, worst {high:.2f}%). Wrote {workdir}/results.json and each member\'s '
-            f'results, error analysis and curves in {workdir}/members/; `tensorboard --logdir '
-            f'{workdir}` overlays them.')
+    groups = results.get('groups') or group_results(
+        results['members'], population.by_group(results['members']))  # Older results.json.
+    nets = '; '.join(
+        (f'{label}: ' if len(groups) > 1 else '') + f'{100 * g["mean"]["test/error"]:.2f} ± '
+        f'{100 * g["std"]["test/error"]:.2f}% ({len(g["members"])} seed'
+        f'{"s" if len(g["members"]) > 1 else ""})' for label, g in groups.items())
+    return (f'{head}: test error {nets}. Wrote {workdir}/results.json (each net\'s mean and '
+            f'std over its seeds) and each member\'s results, error analysis and curves in '
+            f'{workdir}/members/; `tensorboard --logdir {workdir}` overlays them.')
   top5 = (f', top-5 {100 * results["test/top5_error"]:.2f}%'
           if 'test/top5_error' in results else '')
   train = (f'; train error {100 * results["train/error"]:.2f}% over the last log interval'

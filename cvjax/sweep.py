@@ -4,8 +4,11 @@
       --workdir=runs/depth [--only=plain20,resnet20] [--dry_run] [--config.x.y=value ...]
 
 A sweep file defines `get_trials(arg) -> [(name, {field: value})]`. Trial `name` trains in
-WORKDIR/name with the base config, the `--config.*` overrides given here, then the trial's
-own. A trial whose workdir holds results.json is finished and skipped; an interrupted one
+WORKDIR/name with the base config, the trial's own fields, then the `--config.*` overrides
+given here: the command line wins over the sweep file (`--config.population.seeds=2` over a
+trial's `population.seeds=3`). An override of a field the trials differ by (the depth of a
+depth sweep) would make them one run under several names: that is an error; pick trials with
+--only. A trial whose workdir holds results.json is finished and skipped; an interrupted one
 resumes from its checkpoint. `--dry_run` prints the commands instead.
 """
 
@@ -92,9 +95,39 @@ def format_value(value):
 
 
 def trial_command(config, workdir, name, overrides, extra=(), python=sys.executable):
+  """The trial's cvjax.main command: the trial's fields, then `extra` (the command line's
+  overrides, which win: later flags replace earlier ones)."""
   return [python, '-m', 'cvjax.main', f'--config={config}',
-          f'--workdir={os.path.join(workdir, name)}', *extra,
-          *(f'--config.{k}={format_value(v)}' for k, v in overrides.items())]
+          f'--workdir={os.path.join(workdir, name)}',
+          *(f'--config.{k}={format_value(v)}' for k, v in overrides.items()), *extra]
+
+
+def user_fields(extra):
+  """{field: the command line's text} of the `--config.FIELD=VALUE` overrides in `extra`."""
+  out = {}
+  for arg in extra:
+    if arg.startswith('--config.'):
+      field, _, value = arg[len('--config.'):].partition('=')
+      out[field] = value
+  return out
+
+
+def with_user_overrides(trials, extra):
+  """The trials without the fields the command line sets (the user's value wins), each
+  replaced field noted; a UserError when the trials differ by such a field."""
+  given = user_fields(extra)
+  for field, value in given.items():
+    theirs = {name: o[field] for name, o in trials if field in o}
+    if len({repr(v) for v in theirs.values()}) > 1:
+      raise errors.UserError(
+          f'--config.{field}={value} would replace the field these trials differ by ('
+          + ', '.join(f'{n}: {format_value(v)}' for n, v in theirs.items())
+          + '), making them one run under several names. Leave it to the sweep file, or pick '
+          'the trial(s) with --only=NAME,... .')
+    for name, v in theirs.items():
+      print(f'[sweep] {name}: --config.{field}={value} (command line) replaces the trial\'s '
+            f'{field}={format_value(v)}.', flush=True)
+  return [(name, {k: v for k, v in o.items() if k not in given}) for name, o in trials]
 
 
 def is_finished(trial_dir):
@@ -108,6 +141,7 @@ def run_sweep(config, sweep, workdir, *, only=(), dry_run=False, extra=()):
   if unknown:
     raise errors.UserError(f'--only names unknown trials {sorted(unknown)}; the sweep has '
                            f'{[n for n, _ in trials]}.')
+  trials = with_user_overrides([(n, o) for n, o in trials if not only or n in only], extra)
   status, stop = {}, []
   with stopping_between_trials(stop):
     for name, overrides in trials:

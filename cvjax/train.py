@@ -43,6 +43,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
                     'its optimizer state: evaluate them with `python -m cvjax.evaluate '
                     f'--workdir={workdir} --data=...`; to train, use a new --workdir.')
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
+    logging.info('Reading the data and building %s (a first run decodes the images).',
+                 config.model.name)  # Else a CPU run says nothing for a minute or two.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
     memory_estimate.check(exp)  # Logs the memory it needs; refuses what clearly cannot fit.
     stopped = stop_requested(0)
@@ -97,6 +99,9 @@ def restore_or_init(exp, workdir, sharding, init_rng):
   mngr = checkpointing.manager(workdir, exp.config.train.keep_checkpoints)
   state = checkpointing.restore_latest(
       mngr, checkpointing.abstract_with_sharding(exp.abstract_state, sharding), exp.fingerprint)
+  if state is None:
+    logging.info('Initialising the parameters (compiling the initialiser%s).',
+                 f' of {len(exp.members)} members' if exp.population else '')
   return mngr, steps.init_state(exp.init, init_rng, sharding) if state is None else state
 
 
@@ -249,7 +254,8 @@ def log_test(exp, step, test_metrics, writers):
   logged = exp.by_member(test_metrics)
   for name, m in logged.items():
     writers[name].write_scalars(step, m)
-  logging.info('step %d/%d  test %s', step, exp.total_steps, progress.metrics_text(logged, 'test'))
+  logging.info('step %d/%d  test %s', step, exp.total_steps,
+               progress.metrics_text(logged, 'test', exp.nets()))
 
 
 def log_train(exp, step, sums, lap, schedules, writers, skip_nonfinite):
@@ -265,7 +271,7 @@ def log_train(exp, step, sums, lap, schedules, writers, skip_nonfinite):
       logged[name]['train/skipped_nonfinite'] = m['nonfinite']
     writers[name].write_scalars(step, logged[name])
   logging.info('step %d/%d  %s  lr %.4g  %.0f img/s  input wait %.0f%%  ETA %s', step,
-               exp.total_steps, progress.metrics_text(logged, 'train'),
+               exp.total_steps, progress.metrics_text(logged, 'train', exp.nets()),
                next(iter(logged.values()))['train/learning_rate'], rate, 100 * wait,
                progress.fmt_time(left))
 

@@ -1,7 +1,7 @@
 """Vanishing gradients: plain nets without BatchNorm, sigmoid vs tanh vs ReLU, by depth.
 
   python -m cvjax.sweep --config=configs/resnet.py --sweep=experiments/activations.py \
-      --workdir=runs/activations --config.dataset.path=../shared/data/cifar10-jpeg.tar.gz
+      --workdir=runs/activations --config.dataset.path=cifar10.tar.gz
   python -m cvjax.tools.report runs/activations
 
 Plain CIFAR nets (no shortcuts, no BatchNorm, He-normal init) of depth 8, 20 and 44 with each

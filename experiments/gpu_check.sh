@@ -8,14 +8,14 @@
 #   experiments/gpu_check.sh                                   # one GPU, from the repo root
 #   BENCH=0 RESUME=<folder with runs.tar.gz, resume.tar.gz.*> experiments/gpu_check.sh  # resume
 #   STEPS=20 BENCH_STEPS=2 QUICK=1 SEEDS=2 DEPTHS=20 PER_CALL=5 TRAIN_SECONDS=120 \
-#     STOP_SECONDS=150 CIFAR=../shared/data/cifar10-jpeg.tar.gz OUT=runs/smoke \
+#     STOP_SECONDS=150 CIFAR=cifar10.tar.gz OUT=runs/smoke \
 #     RUNS=runs/smoke/runs RESULTS=runs/smoke/gpu.json experiments/gpu_check.sh  # on a CPU
 #
 # Needs: the packages of requirements.txt, checked first (or wheels of the missing ones in .whl/, installed
 # into /tmp/site; on the H200 image of 2026-11 those are ml-collections and tensorboardX), the
-# CIFAR-10 archive at $CIFAR (default data/cifar10-jpeg.tar.gz, a copy of
-# ../shared/data/cifar10-jpeg.tar.gz). What comes back is in $OUT (default runs/gpu_check), at
-# most 8 files: gpu_check.log (everything printed, the benchmark tables included),
+# CIFAR-10 archive at $CIFAR (default data/cifar10-jpeg.tar.gz: your copy as an image-folder
+# .tar.gz, e.g. from `python -m cvjax.data.convert_cifar10`). What comes back is in $OUT
+# (default runs/gpu_check), at most 8 files: gpu_check.log (everything printed, the benchmark tables included),
 # benchmark.jsonl, gpu.json, runs.tar.gz (the run folders without checkpoints: each member's
 # metrics, results, error analysis, and the training logs as <run>/train.log), and
 # resume.tar.gz.00, .01, ... (the checkpoints of the runs left unfinished, in parts of 15 MiB).

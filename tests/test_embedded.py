@@ -81,3 +81,54 @@ def test_build_rewrites_the_shipped_cifar10_6k_bytes(tmp_path):
   build.write_cifar_subset(build.jpegs_from_tree(shipped), str(tmp_path / 'out.tar.gz'))
   with open(shipped, 'rb') as a, open(tmp_path / 'out.tar.gz', 'rb') as b:
     assert a.read() == b.read()
+
+
+def fake_cifar_release(path, per_batch=10, drop=()):
+  """A tiny cifar-10-python.tar.gz: the release's members, pickled as the release pickles
+  them, with random pixels; returns {split: (images NHWC, labels)}."""
+  import io, pickle, tarfile  # pylint: disable=g-import-not-at-top,multiple-imports
+  rng = np.random.default_rng(0)
+  names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+           'truck']
+  expected = {'train': ([], []), 'test': ([], [])}
+  with tarfile.open(path, 'w:gz') as tar:
+    def add(name, obj):
+      if name in drop:
+        return
+      data = pickle.dumps(obj)
+      info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+    add('batches.meta', {b'label_names': [n.encode() for n in names]})
+    for name, split in [(f'data_batch_{i}', 'train') for i in range(1, 6)] + [
+        ('test_batch', 'test')]:
+      images = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
+      labels = [int(x) for x in rng.permutation(10)[:per_batch]]  # Every class.
+      add(name, {b'data': images.reshape(per_batch, -1), b'labels': labels})
+      expected[split][0].append(images.transpose(0, 2, 3, 1))
+      expected[split][1].extend(labels)
+  return {s: (np.concatenate(i), np.array(l)) for s, (i, l) in expected.items()}
+
+
+def test_convert_cifar10_release_to_the_image_folder_cvjax_reads(tmp_path, capsys):
+  """The python-pickle release becomes an image-folder .tar.gz that dataset.path reads, with
+  the release's pixels exactly (PNG) and its labels; a wrong archive is a clear error."""
+  from cvjax.data import convert_cifar10  # pylint: disable=g-import-not-at-top
+  expected = fake_cifar_release(tmp_path / 'cifar-10-python.tar.gz')
+  out = str(tmp_path / 'cifar10.tar.gz')
+  assert convert_cifar10.main(['x', str(tmp_path / 'cifar-10-python.tar.gz'), out]) == 0
+  assert 'wrote' in capsys.readouterr().out
+  data = ip.load(ConfigDict(dict(name='cifar10', path=out, data_dir='', download=False)))
+  got = {'train': (data.train_images, data.train_labels),
+         'test': (data.test_images, data.test_labels)}
+  for split, (images, labels) in expected.items():
+    class_of = [data.class_names.index(n) for n in (
+        'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+        'truck')]
+    key = lambda imgs, labs: sorted((int(l), imgs[i].tobytes()) for i, l in enumerate(labs))
+    assert key(*got[split]) == key(images, [class_of[l] for l in labels]), split
+  assert len(data.train_labels) == 50 and len(data.test_labels) == 10
+  fake_cifar_release(tmp_path / 'binary.tar.gz', drop=('test_batch',))
+  assert convert_cifar10.main(['x', str(tmp_path / 'binary.tar.gz'), out + '2.tar.gz']) == 2
+  assert 'lacks test_batch' in capsys.readouterr().err
+  assert not os.path.exists(out + '2.tar.gz')

@@ -92,6 +92,31 @@ def test_sweep_dry_run_and_expansion():
   assert not os.path.exists('/nonexistent')
 
 
+def test_the_command_line_wins_over_the_sweep_file(capsys):
+  """`--config.population.seeds=2` on a sweep replaces each trial's own `population.seeds=3`;
+  an override of the field the trials differ by (the depth) is a clear error."""
+  spec = os.path.join(ROOT, 'experiments/depth_ablation.py:quick')
+  status = sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True,
+                           only=['depth20', 'depth56'],
+                           extra=['--config.population.seeds=2', '--config.train.num_epochs=1'])
+  assert status == {'depth20': 'dry-run', 'depth56': 'dry-run'}
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if 'cvjax.main' in l]
+  assert len(lines) == 2
+  for line in lines:
+    assert '--config.population.seeds=2' in line and 'population.seeds=3' not in line
+    assert '--config.train.num_epochs=1' in line and 'num_epochs=3.0' not in line
+  assert "replaces the trial's population.seeds=3" in out
+  with pytest.raises(sweep.errors.UserError, match='model.depth.*--only'):
+    sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True,
+                    extra=['--config.model.depth=32'])
+  # One trial chosen: the depth is the user's.
+  sweep.run_sweep('configs/resnet.py', spec, 'runs/d', dry_run=True, only=['depth20'],
+                  extra=['--config.model.depth=32'])
+  line = [l for l in capsys.readouterr().out.splitlines() if 'cvjax.main' in l][0]
+  assert '--config.model.depth=32' in line and 'depth=20' not in line
+
+
 @pytest.mark.slow
 def test_report_from_the_tiny_sweep(tiny_sweep):
   out = report.write_report(tiny_sweep['workdir'])
@@ -181,6 +206,19 @@ def test_mistakes_grid_takes_each_class_in_turn_most_confident_first():
   np.testing.assert_allclose(error_analysis.per_class_error(cm), expected)
 
 
+def test_confusion_colours_show_the_mistakes():
+  """A net right 90-95% of the time: the colours are the mistakes as shares of each true
+  class (the diagonal left out, grey), a square-root scale up to the largest, so few mistakes
+  still show: 2 of class c's 20 images are the darkest cell, above 5 of class a's 100."""
+  cm = np.diag([95, 95, 18, 100])
+  cm[0, 1], cm[1, 0], cm[1, 3], cm[2, 3] = 5, 2, 3, 2  # a, b: 100 images each; c: 20.
+  image = error_analysis.confusion_figure(cm, ['a', 'b', 'c', 'd']).axes[0].images[0]
+  shown = image.norm(image.get_array())
+  assert np.ma.getmaskarray(shown)[np.eye(4, dtype=bool)].all()  # The diagonal: grey.
+  np.testing.assert_allclose([shown[2, 3], shown[0, 1], shown[1, 3], shown[1, 0], shown[3, 1]],
+                             np.sqrt([1.0, 0.5, 0.3, 0.2, 0.0]), atol=1e-6)  # sqrt scale.
+
+
 FIGURES = """
 import sys
 import matplotlib, numpy as np
@@ -195,7 +233,7 @@ model = {'name': 'resnet_cifar', 'depth': 8, 'residual': True, 'activation': 're
 run = {'name': 'r8', 'trial': 'r8', 'config': {'model': model}, 'results': None,
        'records': [{'step': 0, 'grad_norm/a': 1.0, 'train/error': 0.5, 'test/error': 0.6}]}
 nets = report.group_nets([run])
-assert report.figure6(nets, sys.argv[2]) and report.grad_norm_report(nets, sys.argv[3])
+assert report.figure6(nets, sys.argv[2]) is not None and report.grad_norm_report(nets, sys.argv[3])
 print(matplotlib.get_backend(), plt.get_fignums())
 """
 

@@ -156,11 +156,13 @@ def test_tpu_parallel_sweep_gives_each_trial_its_slice(dry):
   checks = [c[-1] for c in gcloud if c[1] == 'storage']
   assert checks[0] == 'gs://bucket/depth/depth20/results.json' and len(checks) == 5
   runs = [c[-1] for c in gcloud if c[3:5] == ['tpu-vm', 'ssh'] and 'cvjax.main' in c[-1]]
+  # The trial's fields, then the command line's (later flags win: the user's over the file's).
   assert runs[-1] == ('--command=cd ~/cvjax && .venv/bin/python -m cvjax.main '
                       '--config=configs/resnet.py '
-                      '--workdir=gs://bucket/depth/resnet110 --distributed=on --config.seed=1 '
+                      '--workdir=gs://bucket/depth/resnet110 '
                       '--config.model.depth=110 --config.model.residual=True '
-                      '--config.schedule.warmup_steps=400 --config.population.seeds=5')
+                      '--config.schedule.warmup_steps=400 --config.population.seeds=5 '
+                      '--distributed=on --config.seed=1')
 
 
 def test_slurm_dry_run_prints_the_script_and_the_submission(dry):
@@ -266,8 +268,8 @@ def test_sweep_passes_the_coordinator_flags_to_every_trial():
   assert out.returncode == 0, out.stderr
   trials = [shlex.split(l) for l in out.stdout.splitlines() if 'cvjax.main' in l]
   assert len(trials) == 2
-  for argv in trials:
-    assert argv[5:9] == ['--coordinator_address=host0:1234', '--num_processes=2',
+  for argv in trials:  # After the trial's own fields: the command line wins.
+    assert argv[-4:] == ['--coordinator_address=host0:1234', '--num_processes=2',
                          '--process_id=1', '--config.seed=3'], argv
 
 

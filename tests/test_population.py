@@ -146,9 +146,10 @@ def test_each_member_equals_its_run_alone(idx_dir, tmp_path, split):
   assert not np.allclose(kernel('residualFalse_seed0'), kernel('residualFalse_seed1'))
   assert not np.allclose(kernel('residualFalse_seed0'), kernel('residualTrue_seed0'))
   summary = json.load(open(tmp_path / 'pop' / 'results.json'))
-  errors = [pop_metrics[m.name]['test/error'] for m in s.members]
-  np.testing.assert_allclose(summary['mean']['test/error'], np.mean(errors), rtol=1e-6)
-  np.testing.assert_allclose(summary['std']['test/error'], np.std(errors, ddof=1), rtol=1e-6)
+  for net, names in s.nets().items():
+    errors = [pop_metrics[n]['test/error'] for n in names]
+    np.testing.assert_allclose(summary['groups'][net]['mean']['test/error'], np.mean(errors),
+                               rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -291,3 +292,46 @@ def test_sigterm_stops_a_population_with_a_checkpoint_and_resume_is_uninterrupte
     rows = [json.loads(l) for l in open(run / 'members' / member / 'metrics.jsonl')]
     assert [r['step'] for r in rows if 'train/loss' in r] == [4, 8, 12, 16, 20, 24]
     assert [r['step'] for r in rows if 'test/loss' in r] == [6, 12, 18, 24]
+
+
+@pytest.mark.slow
+def test_a_twin_population_reports_each_net_on_its_own(idx_dir, tmp_path, caplog):
+  """Plain and residual twins x 2 seeds: the progress lines, the `Finished` line,
+  results.json and the HParams give each net (its config without the seed) as mean ± std over
+  its own seeds, never one mean over both nets."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  c = population_config(idx_dir, seeds=2, vary='model.residual=False,True',
+                        **{'train.num_steps': 4, 'train.eval_every_steps': 4})
+  caplog.set_level('INFO')
+  _, metrics = train.train_and_evaluate(c, str(tmp_path))
+  summary = json.load(open(tmp_path / 'results.json'))
+  nets = {'residualFalse': ['residualFalse_seed0', 'residualFalse_seed1'],
+          'residualTrue': ['residualTrue_seed0', 'residualTrue_seed1']}
+  assert 'mean' not in summary and set(summary['groups']) == set(nets)
+  for net, names in nets.items():
+    errors = [metrics[n]['test/error'] for n in names]
+    group = summary['groups'][net]
+    assert group['members'] == names
+    np.testing.assert_allclose(group['mean']['test/error'], np.mean(errors), rtol=1e-6)
+    np.testing.assert_allclose(group['std']['test/error'], np.std(errors, ddof=1), rtol=1e-6)
+  text = caplog.text
+  finished = next(l for l in text.splitlines() if 'Finished resnet_cifar' in l)
+  for net in nets:
+    g = summary['groups'][net]
+    assert (f'{net}: {100 * g["mean"]["test/error"]:.2f} ± {100 * g["std"]["test/error"]:.2f}% '
+            '(2 seeds)') in finished
+  # Before the first progress line, the log says what the run is doing.
+  said = [text.index(m) for m in ('Reading the data and building resnet_cifar',
+                                  'Initialising the parameters (compiling the initialiser of 4 '
+                                  'members)', 'Compiling the train step', 'step 4/4')]
+  assert said == sorted(said)
+  progress = [l for l in text.splitlines() if 'step 4/4' in l]
+  assert len(progress) == 2  # The train line and the test line.
+  for line in progress:
+    assert 'residualFalse: loss' in line and '| residualTrue: loss' in line
+    assert line.count('(2 seeds)') == 2 and ' ± ' in line
+  events = event_accumulator.EventAccumulator(
+      str(tmp_path / 'members' / 'residualTrue_seed1' / 'hparams'))
+  events.Reload()
+  content = b''.join(events.PluginTagToContent('hparams').values())
+  assert b'population.group' in content and b'residualTrue' in content

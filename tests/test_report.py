@@ -37,8 +37,9 @@ def made_up_error(depth, residual, seed, epoch):
   return round(floor + 0.5 / epoch + 0.1 * noise / epoch ** 0.5, 6)
 
 
-def write_run(folder, config, finished=True, epochs=EPOCHS, grad_norms=None):
-  """An ordinary run folder as cvjax.main leaves it; returns its final test error."""
+def write_run(folder, config, finished=True, epochs=EPOCHS, grad_norms=None, eval_once=False):
+  """An ordinary run folder as cvjax.main leaves it (`eval_once`: tested at the end only);
+  returns its final test error."""
   os.makedirs(folder, exist_ok=True)
   depth, residual = config['model'].get('depth', 5), config['model'].get('residual', True)
   with open(os.path.join(folder, 'config.json'), 'w') as f:
@@ -49,7 +50,7 @@ def write_run(folder, config, finished=True, epochs=EPOCHS, grad_norms=None):
   for step in range(130, epochs * PER_EPOCH + 1, 130):
     rows.append({'step': step, 'train/loss': 1.0, 'train/error': made_up_error(
         depth, residual, config['seed'], step / PER_EPOCH) - 0.07})
-    if step % PER_EPOCH == 0:
+    if step % PER_EPOCH == 0 and (not eval_once or step == epochs * PER_EPOCH):
       rows.append({'step': step, 'test/loss': 1.0, 'test/error': made_up_error(
           depth, residual, config['seed'], step // PER_EPOCH)})
   with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
@@ -234,6 +235,27 @@ def test_figure6_draws_the_mean_and_a_band_per_net(mixed):
   np.testing.assert_allclose(high, errors.max(1))
 
 
+def test_figure6_says_when_a_run_was_evaluated_once(tmp_path):
+  """A net tested once (at its end) has no test curve to draw: its test error is a dot at that
+  step, the legend says 'dot: the one test evaluation' (not only 'solid: test'), and the report
+  says which nets."""
+  for residual in (False, True):
+    for seed in (0, 1):
+      write_run(str(tmp_path / f'{"resnet" if residual else "plain"}20_{seed}'),
+                base_config(20, residual, seed), eval_once=True)
+  write_run(str(tmp_path / 'resnet56'), base_config(56, True, 0))  # Tested every epoch.
+  nets = report.group_nets(report.load_runs(str(tmp_path)))
+  notes = report.figure6(nets, str(tmp_path / 'f.png'))
+  assert len(notes) == 1 and 'Evaluated once' in notes[0]
+  assert 'plain-20 (step 1,560)' in notes[0] and 'ResNet-20 (step 1,560)' in notes[0]
+  assert 'ResNet-56' not in notes[0]
+  page = open(os.path.join(report.write_report(str(tmp_path)), 'README.md')).read()
+  assert 'Note: Evaluated once, so no test curve' in page
+  # Every net tested per epoch: no such note.
+  assert report.figure6(report.group_nets(report.load_runs(str(tmp_path / 'resnet56'))),
+                        str(tmp_path / 'g.png')) == []
+
+
 def test_one_seed_twice_is_noted(tmp_path):
   write_population(str(tmp_path / 'depth20'), 20, seeds=2)
   write_run(str(tmp_path / 'resnet20'), base_config(20, True, 1))
@@ -284,7 +306,11 @@ def test_depth_ablation_trials_are_populations():
   assert not any('population.seeds' in o for o in single.values())
   acts = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/activations.py')))
   assert len(acts) == 9 and all(o['population.seeds'] == 3 for o in acts.values())
-  with pytest.raises(errors.UserError, match='expected no arg, or quick, single'):
+  cpu = dict(sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:cpu')))
+  assert list(cpu) == ['depth20', 'depth56']  # Plain and residual twins x 2 seeds at each.
+  assert all(o['population.seeds'] == 2 and o['population.vary'] == VARY
+             and o['dataset.name'] == 'cifar10_6k' for o in cpu.values())  # Offline.
+  with pytest.raises(errors.UserError, match='expected no arg, or cpu, quick, single'):
     sweep.load_trials(os.path.join(ROOT, 'experiments/depth_ablation.py:fast'))
 
 

@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, child_env, tiny_config
-from cvjax import experiment, models, steps, train
+from cvjax import config_help, experiment, models, steps, train
 from cvjax.data import memory
 
 
@@ -231,10 +232,57 @@ def test_help_lists_the_fields_and_dry_run_prints_the_plan(tmp_path):
                         f'--workdir={workdir}', '--dry_run', '--config.train.num_epochs=2'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert 'num_epochs: 2.0' in out.stdout  # The resolved config.
+  assert '--config.train.num_epochs=2.0' in out.stdout  # The resolved config, with overrides.
+  assert '(the config file sets 10.0)' in out.stdout  # Said beside the overridden field.
+  assert '--config.schedule.boundaries=(0.5, 0.75)' in out.stdout and '!!python' not in out.stdout
   assert '8,000 training and 2,000 test images' in out.stdout
   assert '124 steps of 128 images = 2 epochs (62 steps an epoch' in out.stdout
   assert not workdir.exists()  # Nothing trained, nothing written.
+
+
+CONFIGS = ['configs/lenet.py', 'configs/lenet.py:paper', 'configs/lenet.py:quick',
+           'configs/alexnet.py', 'configs/alexnet.py:imagenet_torchvision',
+           'configs/alexnet.py:cifar10', 'configs/vgg.py', 'configs/vgg.py:cifar10',
+           'configs/vgg.py:imagenet_vgg11_bn', 'configs/vgg.py:cifar10_vgg19',
+           'configs/resnet.py', 'configs/resnet.py:plain56', 'configs/resnet.py:quick',
+           'configs/resnet.py:resnet110', 'configs/resnet.py:resnet20_modern',
+           'configs/resnet.py:imagenet', 'configs/resnet.py:imagenet_plain50_v1.5',
+           'configs/resnet.py:imagenet_resnet50_tv2', 'configs/resnet.py:imagenet_resnet50_mlperf']
+
+
+@pytest.mark.parametrize('spec', CONFIGS)
+def test_help_gives_every_field_the_comment_of_the_line_that_set_it(spec):
+  """--help of every config: each field has a comment, and it is the one of the line that set
+  the field's value for this config (that line, when a literal, holds this config's value),
+  not another config's (LeNet's learning-rate note on a ResNet, 'Once per epoch' of the quick
+  config's 39 steps on a 100), nor a fragment like '(said of int(match.group(2)))'."""
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    config = config_help.load_config(spec)  # As cvjax.main loads it.
+    text = config_help.describe(config, spec)
+    sources = config_help.field_sources(spec)
+  finally:
+    os.chdir(cwd)
+  fields = config_help.flatten(config)
+  lines = text.splitlines()
+  assert len(lines) == len(fields)
+  uncommented = [l.split('=')[0].strip() for l in lines if '  # ' not in l]
+  assert not uncommented, f'{spec}: fields without a comment: {uncommented}'
+  assert 'said of' not in text and '!!python' not in text
+  for name, value in fields.items():
+    _, _, assigned, _ = sources[name]
+    try:
+      literal = ast.literal_eval(assigned)
+    except (ValueError, SyntaxError):
+      continue  # Computed (e.g. from the arg): the line ran for this config, which is enough.
+    assert literal == value or (assigned.startswith('config_dict.placeholder') and value is None),\
+        (spec, name, assigned, value)
+  if spec == 'configs/resnet.py':
+    comment = lambda f: next(l for l in lines if l.startswith(f'  --config.{f}=')).split('# ', 1)[1]
+    assert 'RBF' not in comment('optimizer.learning_rate')  # LeNet's note.
+    assert 'epoch' not in comment('train.log_every_steps').lower()
+    assert comment('model.depth').startswith('6n+2')
 
 
 def test_bfloat16_on_a_cpu_is_named_slow(idx_dir, caplog):

@@ -43,6 +43,10 @@ def test_tutorial_runs_in_its_small_setting(tmp_path, monkeypatch):
   scored = [l for l in text.splitlines() if l.startswith(('checkpoint: top-1', 'from the files'))]
   # The checkpoint's top-1 and top-5 error, and the same from its predictions file.
   assert len(scored) == 2 and re.findall(r'[\d.]+%', scored[0]) == re.findall(r'[\d.]+%', scored[1])
+  # Where the small setting's numbers appear, it says what they are (near chance, a check).
+  noted = [l for l in text.splitlines() if 'small setting: a few steps' in l]
+  assert len(noted) >= 4 and any('plain8: test error' in l for l in noted), text[-2000:]
+  assert 'step 8/8' in text  # The progress lines reach the cell while it trains.
   runs = tmp_path / 'tutorial_runs'
   for run in ('lenet', 'depth/plain8', 'depth/resnet8', 'activations/sigmoid8',
               'activations/tanh8', 'activations/relu8'):

@@ -1,7 +1,7 @@
 """Throughput of the streaming input pipeline (host only: decode, crop, resize, batch).
 
   python -m cvjax.tools.input_benchmark --make_imagenet_like=/tmp/imagenet_like \
-      --source=../shared/data/cifar10-jpeg.tar.gz
+      --source=cifar10.tar.gz
   python -m cvjax.tools.input_benchmark --data=/tmp/imagenet_like --workers=0,1,2
 
 The first command writes an ImageNet-like folder (ILSVRC layout, real JPEGs): CIFAR-10's
@@ -30,7 +30,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per batch.')
 _BATCHES = flags.DEFINE_integer('batches', 16, 'Batches timed after the first.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Crop size.')
 _MAKE = flags.DEFINE_string('make_imagenet_like', None, 'Write an ImageNet-like folder here.')
-_SOURCE = flags.DEFINE_string('source', '../shared/data/cifar10-jpeg.tar.gz',
+_SOURCE = flags.DEFINE_string('source', 'cifar10.tar.gz',
                               'Image-folder .tar.gz to upsample (with --make_imagenet_like).')
 _TRAIN_PER_CLASS = flags.DEFINE_integer('train_per_class', 300, 'With --make_imagenet_like.')
 _VAL_PER_CLASS = flags.DEFINE_integer('val_per_class', 50, 'With --make_imagenet_like.')

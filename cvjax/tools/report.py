@@ -237,16 +237,19 @@ def curve(runs, tag):
 
 def figure6(nets, path):
   """Plain nets left, ResNets right; dashed: training error, solid: test error; the mean over
-  seeds, with the band from the lowest to the highest seed's test error."""
+  seeds, with the band from the lowest to the highest seed's test error. A net evaluated once
+  (train.eval_every_steps = the run's length) has no test curve: its test error is a dot at
+  that step (a bar from the lowest to the highest seed), and the legend and the returned notes
+  say so. Returns None when no net is a CIFAR ResNet or plain net, else the notes."""
   nets = [n for n in nets if _is_cifar_resnet(n['config'])]
   if not nets:
-    return False
+    return None
   import matplotlib  # pylint: disable=g-import-not-at-top
   depths = sorted({n['config']['model']['depth'] for n in nets})
   colours = dict(zip(depths, matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(depths)))))
   seeded = any(len(n['runs']) > 1 for n in nets)
   fig, axes = _figure(nrows=1, ncols=2, figsize=(11, 4.2), sharey=True)
-  top = 0
+  top, once, untested, curves = 0, [], [], False
   for ax, residual in zip(axes, (False, True)):
     for net in nets:
       m = net['config']['model']
@@ -257,30 +260,49 @@ def figure6(nets, path):
       for tag, style in (('train/error', '--'), ('test/error', '-')):
         x, mean, low, high = curve(net['runs'], tag)
         if not len(x):
+          if tag == 'test/error':
+            untested.append(net['label'])
           continue
-        ax.plot(x, 100 * mean, style, color=colours[m['depth']],
-                label=label if tag == 'test/error' else None, linewidth=1.4)
-        if tag == 'test/error' and n > 1:
-          ax.fill_between(x, 100 * low, 100 * high, color=colours[m['depth']], alpha=0.2,
-                          linewidth=0)
+        if tag == 'test/error' and len(x) == 1:  # One point: a line would draw nothing.
+          once.append(f'{net["label"]} (step {int(x[0]):,})')
+          ax.errorbar(x, 100 * mean, yerr=[100 * (mean - low), 100 * (high - mean)], fmt='o',
+                      color=colours[m['depth']], capsize=3, markersize=5,
+                      label=f'{label}: test once')
+        else:
+          ax.plot(x, 100 * mean, style, color=colours[m['depth']],
+                  label=label if tag == 'test/error' else None, linewidth=1.4)
+          curves |= tag == 'test/error'
+          if tag == 'test/error' and n > 1:
+            ax.fill_between(x, 100 * low, 100 * high, color=colours[m['depth']], alpha=0.2,
+                            linewidth=0)
         later = x >= 0.1 * x.max()  # The first tenth of a run would squash the rest.
         top = max(top, 100 * high[later].max())
     ax.set_title('ResNets' if residual else 'plain networks')
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(title='solid: test, dashed: train', fontsize=8, title_fontsize=8)
+      ax.legend(title=', '.join(['solid: test'] * curves + ['dashed: train']
+                                + ['dot: the one test evaluation'] * bool(once)),
+                fontsize=8, title_fontsize=8)
     else:  # E.g. the report of a single run.
       ax.text(0.5, 0.5, f'no {"ResNets" if residual else "plain nets"} among these runs',
               ha='center', va='center', transform=ax.transAxes, color='grey')
   axes[0].set_ylabel('error (%)')
   axes[0].set_ylim(0, min(100, top * 1.05) or 100)
-  fig.suptitle('CIFAR-10: training (dashed) and test (solid) error' +
-               ('; mean over seeds, band: min to max test error of the seeds' if seeded else ''))
+  notes = []
+  if once:
+    notes.append(f'Evaluated once, so no test curve (a dot at that step): {", ".join(once)}; '
+                 'set train.eval_every_steps to see the test error as it trains.')
+  if untested:
+    notes.append(f'No test error logged (not drawn): {", ".join(untested)}.')
+  fig.suptitle('CIFAR-10: training (dashed) and test (' + ('solid' if curves else '')
+               + (', ' if curves and once else '') + ('dot: evaluated once' if once else '')
+               + ') error' + ('; mean over seeds, band: min to max test error of the seeds'
+                              if seeded else ''), fontsize=10)
   fig.tight_layout()
   with epath.Path(path).open('wb') as f:
     fig.savefig(f, format='png', dpi=120)
-  return True
+  return notes
 
 
 def table6(nets):
@@ -489,10 +511,12 @@ def write_report(sweep_dir):
   notes = duplicate_seeds(nets)
   if notes:
     page += ['Note: ' + ' '.join(notes), '']
-  if figure6(nets, out / 'figure6.png'):
+  figure_notes = figure6(nets, out / 'figure6.png')
+  if figure_notes is not None:
     table = table6(nets)
     (out / 'table6.md').write_text(table + '\n')
-    page += ['![Figure 6](figure6.png)', '', '## Table 6', '', table, '',
+    page += ['![Figure 6](figure6.png)', '', *[f'Note: {n}' for n in figure_notes],
+             *[''] * bool(figure_notes), '## Table 6', '', table, '',
              'Test error: mean ± sample standard deviation over the seeds (one seed: its '
              'value); best: the lowest seed. Paper: He et al. 2015, Table 6 (ResNets only; '
              'ResNet-110 as the best of 5 runs, and their mean ± std). 5-seed reproduction: '
