@@ -87,13 +87,11 @@ def base_config():
   c.optimizer.b2 = 0.999  # adamw, lamb.
   c.optimizer.eps = 1e-8  # adamw, lamb.
   c.optimizer.trust_coefficient = 0.001  # lars.
-  # airbench94's pieces, sgd only (cvjax/optim.py; configs/speedrun.py): the BatchNorm biases'
-  # lr multiplied and their weight decay divided by this; the whitening conv's bias frozen
-  # from this fraction of the run on (1: never); Lookahead every N steps (0: off) with decay
-  # lookahead_decay * (step / total) ** 3, the weights set to the average at the end.
-  c.optimizer.bn_bias_lr_scale = 1.0
-  c.optimizer.whiten_bias_frozen_at = 1.0
-  c.optimizer.lookahead_every = 0
+  # airbench94's pieces, sgd only (cvjax/optim.py; configs/speedrun.py):
+  c.optimizer.bn_bias_lr_scale = 1.0  # BatchNorm biases: lr times this, weight decay over it.
+  c.optimizer.whiten_bias_frozen_at = 1.0  # Whitening bias frozen from this fraction (1: never).
+  c.optimizer.lookahead_every = 0  # Lookahead every this many steps (0: off).
+  # Lookahead's decay: this * (step / total) ** 3; the weights set to the average at the end.
   c.optimizer.lookahead_decay = 0.95 ** 5
 
   c.schedule = ml_collections.ConfigDict()
@@ -104,11 +102,11 @@ def base_config():
   c.schedule.warmup_steps = 0  # Linear warm-up from 0 over this many steps.
   c.schedule.power = 2.0  # polynomial: (lr - end_value) * (1 - t/T) ** power + end_value.
   c.schedule.end_value = 0.0  # polynomial: the learning rate at the end.
-  # triangular: from triangle_start x lr up to lr at triangle_peak of the run, down to
-  # triangle_end x lr at its end (airbench94's).
-  c.schedule.triangle_start = 0.2
-  c.schedule.triangle_peak = 0.23
-  c.schedule.triangle_end = 0.07
+  # triangular (airbench94's): from triangle_start x lr up to lr at triangle_peak of the run,
+  # down to triangle_end x lr at its end.
+  c.schedule.triangle_start = 0.2  # triangular: the lr's factor at the start.
+  c.schedule.triangle_peak = 0.23  # triangular: the fraction of the run where the lr peaks.
+  c.schedule.triangle_end = 0.07  # triangular: the lr's factor at the end.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # Images per step (a population's: per member).
