@@ -45,6 +45,31 @@ def test_cifar10_6k_by_name_offline():
   assert np.bincount(data.test_labels).tolist() == [100] * 10
 
 
+def test_a_changed_shipped_file_is_refused(tmp_path, monkeypatch):
+  """A label file changed after shipping (still a valid IDX .gz) is refused by its README
+  sum, also after the untouched copy was verified once in this process."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'embedded'
+  os.makedirs(copy / 'mnist10k')
+  for name in ['README.md'] + [f'mnist10k/{f}' for f in os.listdir(ip.embedded_path('mnist10k'))]:
+    with open(os.path.join(EMBEDDED, name), 'rb') as src:
+      (copy / name).write_bytes(src.read())
+  monkeypatch.setattr(ip, 'EMBEDDED_DIR', str(copy), raising=False)
+  cfg = ConfigDict(dict(name='mnist10k', path='', data_dir='', download=False))
+  assert len(ip.load(cfg).train_labels) == 8000
+  labels = copy / 'mnist10k' / 'train-labels-idx1-ubyte.gz'
+  raw = bytearray(gzip.decompress(labels.read_bytes()))
+  raw[8] = (raw[8] + 1) % 10  # One label changed.
+  labels.write_bytes(gzip.compress(bytes(raw)))
+  os.utime(labels, ns=(1, 1))
+  with pytest.raises(ip.UserError, match=r'train-labels-idx1-ubyte.gz has sha256 [0-9a-f]{64}, '
+                     r'but its README lists 16eb92c5'):
+    ip.load(cfg)
+  labels.unlink()
+  with pytest.raises(ip.UserError, match=r"dataset 'mnist10k' lacks .*train-labels"):
+    ip.load(cfg)
+
+
 @pytest.mark.slow
 def test_build_writes_the_shipped_mnist10k_bytes(tmp_path):
   """Recovers each digit's images in package order from the shipped files (the documented
