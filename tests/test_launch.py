@@ -241,7 +241,7 @@ def stand_ins(tmp_path):
   log.mkdir()
   bodies = {'sbatch': 'bash "$1"', 'srun': 'true', 'python3': 'true',
             'gcloud': 'for a in "$@"; do case $a in describe) echo ACTIVE;; '
-                      'scp) cp cvjax-code.tar.gz "$HOME/";; '
+                      'scp) scp=1;; *cvjax-code.tar.gz) [ "$scp" ] && cp "$a" "$HOME/";; '
                       '--command=*) (cd "$HOME" && bash -c "${a#--command=}");; esac; done'}
   for tool, body in bodies.items():
     (bin_dir / tool).write_text(STAND_IN.format(tool=tool, body=body))
@@ -282,3 +282,25 @@ def test_injected_values_reach_the_tools_as_data_not_commands(tmp_path):
                    '--distributed=on', evil]]
   for place in (ROOT, tmp_path, tmp_path / 'home', tmp_path / 'home' / 'cvjax'):
     assert not [f for f in os.listdir(place) if f.startswith('PWNED')], place
+
+
+def test_tpu_launch_leaves_no_code_archive_where_it_ran(tmp_path):
+  """Launched from the repository root, the code archive reaches the VM and is then gone:
+  nothing new is left in the repository."""
+  env, log = stand_ins(tmp_path)
+  before = set(os.listdir(ROOT))
+  try:
+    out = subprocess.run([os.path.join(ROOT, 'launch.sh'), *TPU, 'configs/resnet.py',
+                          'gs://b/w'], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    left = set(os.listdir(ROOT)) - before
+  finally:
+    leftover = os.path.join(ROOT, launch.CODE_ARCHIVE)
+    if launch.CODE_ARCHIVE not in before and os.path.exists(leftover):
+      os.remove(leftover)
+  assert out.returncode == 0, out.stderr
+  assert not left, left
+  assert (tmp_path / 'home' / 'cvjax-code.tar.gz').exists()  # The copy on the VM.
+  assert (tmp_path / 'home' / 'cvjax' / 'cvjax' / 'main.py').exists()  # Unpacked there.
+  scp, = [a for a in recorded(log, 'gcloud') if 'scp' in a]
+  assert not os.path.exists(scp[scp.index('scp') + 1])  # The local archive is removed too.

@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -172,12 +173,13 @@ def runtime_version(accelerator_type):
   return DEFAULT_RUNTIME_VERSION
 
 
-def tpu_steps(args, name, command, results=None):
+def tpu_steps(args, name, command, results=None, archive=CODE_ARCHIVE):
   """[(kind, argv or text)] for one slice: create-or-reuse, wait, copy, install, run, delete.
 
   kind 'run' is a command to run; 'if_absent' one run only when the describe before it
   failed; 'wait' a describe polled until ACTIVE; 'finished' a listing that, when it finds
-  `results` (a trial's results.json), skips the slice; 'note' a comment.
+  `results` (a trial's results.json), skips the slice; 'note' a comment. `archive` is the
+  local code archive, copied to each worker's home as CODE_ARCHIVE.
   """
   where = [f'--zone={args.zone}', *([f'--project={args.project}'] if args.project else [])]
   qr = ['gcloud', 'compute', 'tpus', 'queued-resources']
@@ -196,7 +198,7 @@ def tpu_steps(args, name, command, results=None):
                      *(['--spot'] if args.spot else [])]),
       ('note', f'wait until {name} is ACTIVE (polled every {POLL_SECONDS} s)'),
       ('wait', describe),
-      ('run', [*vm, 'scp', CODE_ARCHIVE, f'{name}:', *where, '--worker=all']),
+      ('run', [*vm, 'scp', archive, f'{name}:', *where, '--worker=all']),
       ('run', [*vm, 'ssh', name, *where, '--worker=all', f'--command={install}']),
       ('run', [*vm, 'ssh', name, *where, '--worker=all',
                f'--command=cd {REMOTE_DIR} && {shlex.join(command)}']),
@@ -277,7 +279,12 @@ def launch_tpu(args):
                       '--parallel its checkpoints and results would be lost with the slice. '
                       'Use a bucket the slice can write, e.g. gs://my-bucket/runs/depth.')
   distributed = ['--distributed=on']
-  if args.parallel:
+
+  def plan(archive):
+    if not args.parallel:
+      trials(args)  # Checks the sweep file and --only before anything starts.
+      return [(args.name, tpu_steps(args, args.name, train_command(args, 'python3', distributed),
+                                    archive=archive))]
     plans = []
     for trial, overrides in trials(args):
       name = f'{args.name}-{trial}'.lower().replace('_', '-')
@@ -286,15 +293,16 @@ def launch_tpu(args):
                           f'{NAMES["name"][1]}; rename the trial or shorten --name.')
       command = sweep_lib.trial_command(args.config, args.workdir, trial, overrides,
                                         [*distributed, *args.overrides], python='python3')
-      plans.append((name, tpu_steps(args, name, command,
+      plans.append((name, tpu_steps(args, name, command, archive=archive,
                                     results=f'{args.workdir.rstrip("/")}/{trial}/results.json')))
-  else:
-    trials(args)  # Checks the sweep file and --only before anything starts.
-    plans = [(args.name, tpu_steps(args, args.name, train_command(args, 'python3', distributed)))]
-  pack = ['tar', '-czf', CODE_ARCHIVE, '--exclude=__pycache__', '-C', os.path.relpath(ROOT),
-          *CODE]
+    return plans
+
+  def pack(archive):
+    return ['tar', '-czf', archive, '--exclude=__pycache__', '-C', os.path.relpath(ROOT), *CODE]
+  plans = plan(CODE_ARCHIVE)
   if args.dry_run:
-    print(f'# package the code ({", ".join(CODE)})\n{shlex.join(pack)}')
+    print(f'# package the code ({", ".join(CODE)}; a real launch writes the archive to a '
+          f'temporary folder and removes it at the end)\n{shlex.join(pack(CODE_ARCHIVE))}')
     for _, steps in plans:
       print_steps(steps)
     return 0
@@ -303,9 +311,18 @@ def launch_tpu(args):
   if not remote:
     print(f'note: WORKDIR {args.workdir} is local to each TPU VM; a multi-host slice needs a '
           'shared gs:// WORKDIR.', file=sys.stderr)
-  if _run(pack, ''):
-    raise RuntimeError('packaging the code failed.')
-  if not args.parallel:
+  # The archive lives in a temporary folder, never in the directory launched from (a
+  # repository root would keep it, outside .gitignore).
+  with tempfile.TemporaryDirectory(prefix='cvjax-launch-') as folder:
+    archive = os.path.join(folder, CODE_ARCHIVE)
+    if _run(pack(archive), ''):
+      raise RuntimeError('packaging the code failed.')
+    return run_plans(plan(archive), args.parallel)
+
+
+def run_plans(plans, parallel):
+  """Runs each slice's steps: one slice here, or several `parallel` at a time."""
+  if not parallel:
     execute_steps(plans[0][1])
     return 0
   failed = []
@@ -318,7 +335,7 @@ def launch_tpu(args):
       with _print_lock:
         print(f'[{name}] failed: {e}', flush=True)
       failed.append(name)
-  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
     list(pool.map(one, plans))
   print(f'{len(plans) - len(failed)} of {len(plans)} slices finished'
         + (f'; failed: {", ".join(failed)}' if failed else '.'))
