@@ -127,6 +127,33 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(idx_dir,
   assert os.listdir(workdir / 'checkpoints') == ['2']
 
 
+def test_an_unreadable_lock_is_waited_for_while_fresh_then_taken_over(tmp_path):
+  """A lock that cannot be parsed yet is a run writing it right now: wait, and read it again.
+  Still unreadable at FRESH_SECONDS old, it is torn (its writer died) and is taken over."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  lock = tmp_path / run_lock.LOCK_FILE
+  live = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': run_lock._start_time(os.getpid()), 'since': 'now'}
+  # Being written: the whole JSON arrives half a second later.
+  lock.write_text('{"host": "')
+  writer = threading.Timer(0.5, lambda: lock.write_text(json.dumps(live)))
+  writer.start()
+  with pytest.raises(UserError, match=f'in use by another run \\(pid {os.getpid()}'):
+    run_lock.acquire(str(tmp_path))
+  writer.join()
+  # Torn, and a JSON value that is no lock: taken over once FRESH_SECONDS old, not refused.
+  for text in ('{"host": "', '5', '[]', ''):
+    lock.write_text(text)
+    made = time.time() - run_lock.FRESH_SECONDS + 1.5
+    os.utime(lock, (made, made))
+    assert run_lock.acquire(str(tmp_path)) == str(lock)
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    assert time.time() - made >= run_lock.FRESH_SECONDS  # It waited until the lock was old.
+    run_lock.release(str(lock))
+    assert not lock.exists()
+
+
 def dead_pid():
   p = subprocess.Popen(['true'])
   p.wait()
