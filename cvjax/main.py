@@ -56,6 +56,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, where no cluster says it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', distributed.JOIN_TIMEOUT,
+    'Seconds a multi-process run waits for its coordinator and the other processes to join.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and the plan of the run '
                              '(steps, epochs, images, what it writes), then exit without training.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -98,7 +101,7 @@ def main(argv):
     return
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+                           _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     pylogging.shutdown()  # Flush the log first, so the error is the last thing printed.
@@ -158,7 +161,7 @@ def print_help(spec):
   """--help: how to run, the flags, and with --config the config's fields (exit status 0)."""
   print(__doc__.strip(), '\n', USAGE, '\n\nFlags:', sep='\n')
   for flag in (_CONFIG, _WORKDIR, _DRY_RUN, _DISTRIBUTED, _COORDINATOR, _NUM_PROCESSES,
-               _PROCESS_ID):
+               _PROCESS_ID, _DISTRIBUTED_TIMEOUT):
     print(f'  --{flag.name}: {flags.FLAGS[flag.name].help}')
   if not spec:
     print('\nWith --config=FILE.py[:arg], --help also lists that config\'s fields.')

@@ -5,9 +5,13 @@ run starts no process at all.
 """
 
 import os
+import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -147,7 +151,8 @@ def test_launch_sh_dispatches_targets_and_reports_errors(tmp_path):
 @pytest.fixture
 def no_join(monkeypatch):
   calls = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a: calls.append(a))
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
+                      lambda *a, **kw: calls.append(a))
   for var in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS',
               'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(var, raising=False)
@@ -186,6 +191,53 @@ def test_half_given_coordinates_are_refused(no_join):
   with pytest.raises(distributed.UserError, match='go together'):
     distributed.initialize('auto', 'localhost:1234', None, None)
   assert no_join == []
+
+
+def unreachable_coordinator(tmp_path, *flags):
+  """`cvjax.main` as process 1 of 2 whose coordinator port nothing listens on."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  argv = [sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py:resnet8',
+          f'--workdir={tmp_path / "run"}', f'--coordinator_address=127.0.0.1:{port}',
+          '--num_processes=2', '--process_id=1', *flags]
+  return port, subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_is_waited_for_aloud_then_a_clear_error(tmp_path):
+  port, proc = unreachable_coordinator(tmp_path, '--distributed_timeout=3')
+  err = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 2, err[-3000:]
+  assert 'Traceback' not in err and 'Check failure' not in err, err[-3000:]
+  assert (f'Joining the multi-process run as process 1 of 2: waiting for the coordinator at '
+          f'127.0.0.1:{port}') in err
+  assert re.search(r'cvjax: error: could not join the multi-process run as process 1 of 2 '
+                   rf'within 3 s: nothing answers at the coordinator address 127.0.0.1:{port} '
+                   r'\(Connection refused\)', err), err[-3000:]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_wait_for_the_coordinator_stops_on_a_signal(tmp_path, sig):
+  _, proc = unreachable_coordinator(tmp_path)  # Would wait JAX's 300 s.
+  lines = []
+  try:
+    for line in proc.stderr:  # Until JAX says it connects (and blocks).
+      lines.append(line)
+      if 'Connecting to JAX distributed service' in line:
+        break
+    time.sleep(2)  # Inside JAX's wait by now.
+    proc.send_signal(sig)
+    err = ''.join(lines) + proc.communicate(timeout=30)[1]
+  finally:
+    proc.kill()
+    proc.wait()
+  assert 'waiting for the coordinator' in err
+  assert proc.returncode == 75, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert f'cvjax: stopped by {sig.name} while no training step was running' in err
 
 
 def test_sweep_passes_the_coordinator_flags_to_every_trial():
