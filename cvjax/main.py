@@ -187,8 +187,7 @@ def parse_flags(argv):
   try:
     args = flags.FLAGS(argv)
     if not hasattr(_CONFIG.value, 'to_dict'):  # Config files load lazily: load (and fail) here.
-      raise TypeError(f'config file {path}: get_config() returned '
-                      f'{type(_CONFIG.value).__name__}, expected an ml_collections.ConfigDict.')
+      raise TypeError(not_a_config(path, _CONFIG.value))
     return args
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     if isinstance(e, SystemExit) and not (os.path.isfile(path) and config_file_error(e, path)):
@@ -197,23 +196,31 @@ def parse_flags(argv):
     loaded = config_file_error(e, path) if os.path.isfile(path) else None
     if isinstance(e, SystemExit):
       text = f'config file {path} called sys.exit({e.code}) while it was loaded.'
-    elif os.path.isfile(path) and 'must have a value other than None' in text:
-      text = (f'config file {path}: get_config() returned None, expected an '
-              'ml_collections.ConfigDict (is a `return c` missing?).')
+    elif isinstance(e, flags.IllegalFlagValueError) and '--workdir' in text:
+      text = 'pass --workdir=DIR, the folder the run writes to (and resumes from).'
+    elif isinstance(e, flags.IllegalFlagValueError) and not spec and '--config' in text:
+      text = 'pass --config=FILE.py[:arg], the config file of the run (e.g. configs/resnet.py).'
+    elif (os.path.isfile(path) and '--config' in text
+          and 'must have a value other than None' in text):
+      text = not_a_config(path, None)
     elif loaded:
       text = loaded
     elif path and not os.path.exists(path):
       text = f'config file {path}: No such file or directory.'
     elif isinstance(e, (AttributeError, KeyError)):  # A misspelt override.
       text = unknown_field_message(spec, argv) or f'unknown config field: {text}'
-    elif isinstance(e, flags.IllegalFlagValueError) and 'workdir' in text:
-      text = 'pass --workdir=DIR, the folder the run writes to (and resumes from).'
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     # A config file's own exception arrives wrapped with its traceback: keep its message.
     message = lines[-1] if any(l.startswith('Traceback') for l in lines) else ' '.join(lines)
     print(f'cvjax: error: {message}\n{USAGE}\n(--help with --config lists its fields.)',
           file=sys.stderr)
     sys.exit(2)
+
+
+def not_a_config(path, value):
+  got = 'None' if value is None else type(value).__name__
+  return (f'config file {path}: get_config() returned {got}, expected an '
+          'ml_collections.ConfigDict' + (' (is a `return c` missing?).' if value is None else '.'))
 
 
 def unknown_field_message(spec, argv):
@@ -223,6 +230,8 @@ def unknown_field_message(spec, argv):
     config = load_config(spec)
   except Exception:  # pylint: disable=broad-except
     return None
+  if not hasattr(config, 'to_dict'):  # The override met no config at all.
+    return not_a_config(spec.partition(':')[0], config)
   parts = []
   for name in config_help.unknown_fields(config, argv):
     near = config_help.nearest_field(config, name)

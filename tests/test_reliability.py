@@ -72,6 +72,30 @@ def test_config_file_that_fails_to_load_names_file_and_line(tmp_path, name):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('argv,message', [
+    (['--config={none}', '--workdir={run}', '--config.seed=3'],
+     r'none.py: get_config\(\) returned None, expected an ml_collections.ConfigDict'),
+    (['--config={dict}', '--workdir={run}', '--config.seed=3'],
+     r'dict.py: get_config\(\) returned dict, expected'),
+    (['--config=configs/resnet.py:resnet8'], r'pass --workdir=DIR, the folder the run writes'),
+    (['--config=configs/resnet.py:resnet8', '--config.seed=2'], r'pass --workdir=DIR'),
+    (['--config={none}'], r'pass --workdir=DIR'),
+    (['--workdir={run}'], r'pass --config=FILE.py\[:arg\], the config file of the run'),
+])
+def test_a_missing_flag_or_a_config_that_is_none_with_overrides_is_named(tmp_path, argv,
+                                                                         message):
+  (tmp_path / 'none.py').write_text(CONFIG_FILES['none.py'][0])
+  (tmp_path / 'dict.py').write_text(CONFIG_FILES['dict.py'][0])
+  argv = [a.format(none=tmp_path / 'none.py', dict=tmp_path / 'dict.py', run=tmp_path / 'run')
+          for a in argv]
+  out = subprocess.run([sys.executable, '-m', 'cvjax.main', *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert re.search('cvjax: error: (config file .*)?' + message, out.stderr), out.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('field,value,message', [
     ('optimizer.learning_rate', -0.1, 'expected a positive number'),
     ('optimizer.learning_rate', float('nan'), 'expected a positive number'),
