@@ -4,6 +4,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -68,6 +70,26 @@ def test_a_changed_shipped_file_is_refused(tmp_path, monkeypatch):
   labels.unlink()
   with pytest.raises(ip.UserError, match=r"dataset 'mnist10k' lacks .*train-labels"):
     ip.load(cfg)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['mnist10k', '--npm={missing}', '{out}'], r'build.py: error: .*nowhere does not exist'),
+    (['cifar10_6k', '--jpeg={missing}', '{out}.tar.gz'], r'nowhere does not exist'),
+    (['cifar10_6k', '--jpeg={empty}', '{out}.tar.gz'],
+     r'cannot build cifar10_6k from .*empty: ValueError: test/airplane has 0 images, need 100'),
+    (['mnist10k', '--official={empty}', '{out}'], r'empty lacks train-images-idx3-ubyte.gz'),
+    (['cifar10_6k', '--official={file}', '{out}.tar.gz'], r'from .*not_a_tar: ReadError'),
+])
+def test_build_from_a_missing_or_wrong_source_is_one_paragraph(tmp_path, argv, message):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'not_a_tar').write_text('x')
+  argv = [a.format(missing=tmp_path / 'nowhere', empty=tmp_path / 'empty', out=tmp_path / 'out',
+                   file=tmp_path / 'not_a_tar') for a in argv]
+  out = subprocess.run([sys.executable, os.path.join(EMBEDDED, 'build.py'), *argv],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert re.search(message, out.stderr), out.stderr
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('out')]
 
 
 @pytest.mark.slow
