@@ -96,6 +96,36 @@ def test_a_missing_flag_or_a_config_that_is_none_with_overrides_is_named(tmp_pat
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('command', [['cvjax.main'],
+                                     ['cvjax.import_weights', '--model=resnet18',
+                                      '--weights=w.pth']])
+def test_ctrl_c_while_the_config_file_loads_is_one_line_and_exit_75(tmp_path, command):
+  loading = tmp_path / 'loading'
+  (tmp_path / 'slow.py').write_text(
+      f'import time\ndef get_config(arg=None):\n  open({str(loading)!r}, "w").close()\n'
+      '  time.sleep(120)\n')
+  proc = subprocess.Popen([sys.executable, '-m', *command, f'--config={tmp_path / "slow.py"}',
+                           f'--workdir={tmp_path / "run"}'], cwd=ROOT, text=True,
+                          stderr=subprocess.PIPE, start_new_session=True)
+  import time  # pylint: disable=g-import-not-at-top
+  try:
+    for _ in range(600):  # Until the config file is loading.
+      if loading.exists() or proc.poll() is not None:
+        break
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the process group.
+    err = proc.communicate(timeout=60)[1]
+  finally:
+    proc.kill()
+    proc.wait()
+  assert loading.exists(), err[-2000:]
+  assert proc.returncode == 75 and 'Traceback' not in err, err[-2000:]
+  assert re.search(r'cvjax: stopped by SIGINT while (no training step was running; nothing was '
+                   r'lost|starting; nothing was written yet)', err), err[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.parametrize('field,value,message', [
     ('optimizer.learning_rate', -0.1, 'expected a positive number'),
     ('optimizer.learning_rate', float('nan'), 'expected a positive number'),
