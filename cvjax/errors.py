@@ -4,10 +4,30 @@ message, not a traceback, and the exit statuses `cvjax.main` gives."""
 import errno
 import os
 import re
+import signal
+import sys
 
 # EX_TEMPFAIL of sysexits.h ("try again later"): stopped by SIGTERM/SIGINT after saving a
 # checkpoint; re-running the same command resumes.
 PREEMPTED_EXIT_CODE = 75
+
+
+def exit_on_signals_until_work_starts(what='nothing was written yet'):
+  """SIGTERM/SIGINT while a command starts (its imports, its flags, its config file) end it at
+  once with one line and exit 75, not a KeyboardInterrupt traceback; the returned function
+  gives the signals back to Python's defaults where the command's own work begins."""
+  def stopped(signum, frame):
+    del frame
+    print(f'\ncvjax: stopped by {signal.Signals(signum).name} while starting; {what}. Re-run '
+          'the same command to continue.', file=sys.stderr, flush=True)
+    os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, stopped)
+
+  def restore():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  return restore
 
 
 class UserError(Exception):

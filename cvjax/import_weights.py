@@ -282,6 +282,7 @@ def main(argv):
       raise UserError(f'unexpected argument(s) {" ".join(argv[1:])}: every option is a flag '
                       'written --name=value.')
     config = _CONFIG.value
+    _work_starts()  # From here a checkpoint is written: Ctrl-C is an ordinary interrupt.
     fingerprint, path = import_weights(_MODEL.value, _WEIGHTS.value, _WORKDIR.value, config,
                                     _NUM_CLASSES.value)
   except UserError as e:
@@ -293,6 +294,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from cvjax import errors  # pylint: disable=g-import-not-at-top
+  _work_starts = errors.exit_on_signals_until_work_starts()  # The config file loads first.
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top

@@ -56,6 +56,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, where no cluster says it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', distributed.JOIN_TIMEOUT,
+    'Seconds a multi-process run waits for its coordinator and the other processes to join.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved config and the plan of the run '
                              '(steps, epochs, images, what it writes), then exit without training.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -101,7 +104,7 @@ def main(argv):
     return
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+                           _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     pylogging.shutdown()  # Flush the log first, so the error is the last thing printed.
@@ -156,7 +159,7 @@ def print_help(spec):
   """--help: how to run, the flags, and with --config the config's fields (exit status 0)."""
   print(__doc__.strip(), '\n', USAGE, '\n\nFlags:', sep='\n')
   for flag in (_CONFIG, _WORKDIR, _DRY_RUN, _DISTRIBUTED, _COORDINATOR, _NUM_PROCESSES,
-               _PROCESS_ID):
+               _PROCESS_ID, _DISTRIBUTED_TIMEOUT):
     print(f'  --{flag.name}: {flags.FLAGS[flag.name].help}')
   if not spec:
     print('\nWith --config=FILE.py[:arg], --help also lists that config\'s fields.')
@@ -182,8 +185,7 @@ def parse_flags(argv):
   try:
     args = flags.FLAGS(argv)
     if not hasattr(_CONFIG.value, 'to_dict'):  # Config files load lazily: load (and fail) here.
-      raise TypeError(f'config file {path}: get_config() returned '
-                      f'{type(_CONFIG.value).__name__}, expected an ml_collections.ConfigDict.')
+      raise TypeError(not_a_config(path, _CONFIG.value))
     return args
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     if isinstance(e, SystemExit) and not (os.path.isfile(path) and config_file_error(e, path)):
@@ -192,23 +194,31 @@ def parse_flags(argv):
     loaded = config_file_error(e, path) if os.path.isfile(path) else None
     if isinstance(e, SystemExit):
       text = f'config file {path} called sys.exit({e.code}) while it was loaded.'
-    elif os.path.isfile(path) and 'must have a value other than None' in text:
-      text = (f'config file {path}: get_config() returned None, expected an '
-              'ml_collections.ConfigDict (is a `return c` missing?).')
+    elif isinstance(e, flags.IllegalFlagValueError) and '--workdir' in text:
+      text = 'pass --workdir=DIR, the folder the run writes to (and resumes from).'
+    elif isinstance(e, flags.IllegalFlagValueError) and not spec and '--config' in text:
+      text = 'pass --config=FILE.py[:arg], the config file of the run (e.g. configs/resnet.py).'
+    elif (os.path.isfile(path) and '--config' in text
+          and 'must have a value other than None' in text):
+      text = not_a_config(path, None)
     elif loaded:
       text = loaded
     elif path and not os.path.exists(path):
       text = f'config file {path}: No such file or directory.'
     elif isinstance(e, (AttributeError, KeyError)):  # A misspelt override.
       text = unknown_field_message(spec, argv) or f'unknown config field: {text}'
-    elif isinstance(e, flags.IllegalFlagValueError) and 'workdir' in text:
-      text = 'pass --workdir=DIR, the folder the run writes to (and resumes from).'
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     # A config file's own exception arrives wrapped with its traceback: keep its message.
     message = lines[-1] if any(l.startswith('Traceback') for l in lines) else ' '.join(lines)
     print(f'cvjax: error: {message}\n{USAGE}\n(--help with --config lists its fields.)',
           file=sys.stderr)
     sys.exit(2)
+
+
+def not_a_config(path, value):
+  got = 'None' if value is None else type(value).__name__
+  return (f'config file {path}: get_config() returned {got}, expected an '
+          'ml_collections.ConfigDict' + (' (is a `return c` missing?).' if value is None else '.'))
 
 
 def unknown_field_message(spec, argv):
@@ -218,6 +228,8 @@ def unknown_field_message(spec, argv):
     config = load_config(spec)
   except Exception:  # pylint: disable=broad-except
     return None
+  if not hasattr(config, 'to_dict'):  # The override met no config at all.
+    return not_a_config(spec.partition(':')[0], config)
   parts = []
   for name in config_help.unknown_fields(config, argv):
     near = config_help.nearest_field(config, name)

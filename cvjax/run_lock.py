@@ -21,6 +21,9 @@ from cvjax import workdir as workdir_lib
 from cvjax.errors import UserError
 
 LOCK_FILE = 'lock'
+# An unreadable lock younger than this is taken to be a run writing it right now (it writes
+# within microseconds of creating it); older, it is torn: its writer died in between.
+FRESH_SECONDS = 10
 
 
 def _start_time(pid):
@@ -50,9 +53,26 @@ def _alive(holder):
 def _read(path):
   try:
     with open(path) as f:
-      return json.load(f)
+      holder = json.load(f)
   except (OSError, ValueError):
     return {}  # Torn (the writer was killed between create and write) or gone.
+  return holder if isinstance(holder, dict) else {}
+
+
+def _read_settled(path):
+  """The holder a lock names, waiting while it is unreadable and fresh (a run creating it
+  now); {} for a lock still unreadable at FRESH_SECONDS old, None when it is gone."""
+  while True:
+    holder = _read(path)
+    if holder:
+      return holder
+    try:
+      age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+      return None
+    if age >= FRESH_SECONDS:
+      return {}
+    time.sleep(min(0.2, FRESH_SECONDS - age))
 
 
 def acquire(workdir):
@@ -68,11 +88,13 @@ def acquire(workdir):
                     'there. Remove or rename it and re-run.')
   me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': _start_time(os.getpid()),
         'since': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-  for _ in range(3):
+  for _ in range(3):  # Tries to create it: a lock removed as stale may be re-created at once.
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-      holder = _read(path)
+      holder = _read_settled(path)
+      if holder is None:  # Released meanwhile.
+        continue
       if holder and _alive(holder):
         where = ('this host' if holder.get('host') == socket.gethostname()
                  else f'host {holder.get("host")!r}')
@@ -81,9 +103,6 @@ def acquire(workdir):
             f'since {holder.get("since")}). Two runs on one workdir would mix their logs and '
             'checkpoints: wait for it to end, or use another --workdir. If that run is dead '
             f'(e.g. its machine is gone), delete {path}.') from None
-      if not holder and time.time() - os.path.getmtime(path) < 10:
-        time.sleep(1)  # Perhaps being written by a run starting right now: look again.
-        continue
       logging.warning('Removing the stale lock of a run that no longer runs (%s): %s.',
                       holder or 'unreadable', path)
       with contextlib.suppress(FileNotFoundError):

@@ -30,6 +30,7 @@ def configure():
   set_xla_flags()
   enable_compilation_cache()
   quiet_jax_logs()
+  quiet_late_io_completions()
 
 
 def cache_dir():
@@ -106,6 +107,37 @@ class _NoMissingTpu(logging.Filter):
   def filter(self, record):
     return not (record.levelno < logging.WARNING
                 and record.getMessage().startswith("Unable to initialize backend 'tpu'"))
+
+
+def _is_late_io_completion(exc_type, exc, tb):
+  """RuntimeError('Event loop is closed') raised by asyncio's call_soon_threadsafe."""
+  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
+    return False
+  import traceback  # pylint: disable=g-import-not-at-top
+  names = [f.name for f in traceback.extract_tb(tb)]
+  return names[-2:] == ['call_soon_threadsafe', '_check_closed']
+
+
+def quiet_late_io_completions():
+  """Drops one harmless report: when an orbax save or restore fails (a full disk, a damaged
+  checkpoint), orbax raises the first error and closes its asyncio event loop while
+  TensorStore still has reads or writes of that checkpoint in flight. As each finishes,
+  a TensorStore thread tells the closed loop (`call_soon_threadsafe`), gets
+  RuntimeError('Event loop is closed') and prints it with PyErr_Print, a traceback after
+  cvjax's own message. Only that exception, on a thread other than the main one, is
+  dropped; every other one reaches the previous hook."""
+  previous = sys.excepthook
+  if getattr(previous, 'cvjax_quiet', False):
+    return
+
+  def hook(exc_type, exc, tb):
+    import threading  # pylint: disable=g-import-not-at-top
+    if (threading.current_thread() is not threading.main_thread()
+        and _is_late_io_completion(exc_type, exc, tb)):
+      return
+    previous(exc_type, exc, tb)
+  hook.cvjax_quiet = True
+  sys.excepthook = hook
 
 
 def quiet_jax_logs():

@@ -4,6 +4,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -43,6 +45,51 @@ def test_cifar10_6k_by_name_offline():
   assert data.class_names[0] == 'airplane' and data.class_names[9] == 'truck'
   assert np.bincount(data.train_labels).tolist() == [500] * 10
   assert np.bincount(data.test_labels).tolist() == [100] * 10
+
+
+def test_a_changed_shipped_file_is_refused(tmp_path, monkeypatch):
+  """A label file changed after shipping (still a valid IDX .gz) is refused by its README
+  sum, also after the untouched copy was verified once in this process."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'embedded'
+  os.makedirs(copy / 'mnist10k')
+  for name in ['README.md'] + [f'mnist10k/{f}' for f in os.listdir(ip.embedded_path('mnist10k'))]:
+    with open(os.path.join(EMBEDDED, name), 'rb') as src:
+      (copy / name).write_bytes(src.read())
+  monkeypatch.setattr(ip, 'EMBEDDED_DIR', str(copy), raising=False)
+  cfg = ConfigDict(dict(name='mnist10k', path='', data_dir='', download=False))
+  assert len(ip.load(cfg).train_labels) == 8000
+  labels = copy / 'mnist10k' / 'train-labels-idx1-ubyte.gz'
+  raw = bytearray(gzip.decompress(labels.read_bytes()))
+  raw[8] = (raw[8] + 1) % 10  # One label changed.
+  labels.write_bytes(gzip.compress(bytes(raw)))
+  os.utime(labels, ns=(1, 1))
+  with pytest.raises(ip.UserError, match=r'train-labels-idx1-ubyte.gz has sha256 [0-9a-f]{64}, '
+                     r'but its README lists 16eb92c5'):
+    ip.load(cfg)
+  labels.unlink()
+  with pytest.raises(ip.UserError, match=r"dataset 'mnist10k' lacks .*train-labels"):
+    ip.load(cfg)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['mnist10k', '--npm={missing}', '{out}'], r'build.py: error: .*nowhere does not exist'),
+    (['cifar10_6k', '--jpeg={missing}', '{out}.tar.gz'], r'nowhere does not exist'),
+    (['cifar10_6k', '--jpeg={empty}', '{out}.tar.gz'],
+     r'cannot build cifar10_6k from .*empty: ValueError: test/airplane has 0 images, need 100'),
+    (['mnist10k', '--official={empty}', '{out}'], r'empty lacks train-images-idx3-ubyte.gz'),
+    (['cifar10_6k', '--official={file}', '{out}.tar.gz'], r'from .*not_a_tar: ReadError'),
+])
+def test_build_from_a_missing_or_wrong_source_is_one_paragraph(tmp_path, argv, message):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'not_a_tar').write_text('x')
+  argv = [a.format(missing=tmp_path / 'nowhere', empty=tmp_path / 'empty', out=tmp_path / 'out',
+                   file=tmp_path / 'not_a_tar') for a in argv]
+  out = subprocess.run([sys.executable, os.path.join(EMBEDDED, 'build.py'), *argv],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert re.search(message, out.stderr), out.stderr
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('out')]
 
 
 @pytest.mark.slow

@@ -8,8 +8,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -218,7 +221,8 @@ def test_launch_sh_dispatches_targets_and_reports_errors(tmp_path):
 @pytest.fixture
 def no_join(monkeypatch):
   calls = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda *a: calls.append(a))
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
+                      lambda *a, **kw: calls.append(a))
   for var in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS',
               'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(var, raising=False)
@@ -257,6 +261,53 @@ def test_half_given_coordinates_are_refused(no_join):
   with pytest.raises(distributed.UserError, match='go together'):
     distributed.initialize('auto', 'localhost:1234', None, None)
   assert no_join == []
+
+
+def unreachable_coordinator(tmp_path, *flags):
+  """`cvjax.main` as process 1 of 2 whose coordinator port nothing listens on."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  argv = [sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py:resnet8',
+          f'--workdir={tmp_path / "run"}', f'--coordinator_address=127.0.0.1:{port}',
+          '--num_processes=2', '--process_id=1', *flags]
+  return port, subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_is_waited_for_aloud_then_a_clear_error(tmp_path):
+  port, proc = unreachable_coordinator(tmp_path, '--distributed_timeout=3')
+  err = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 2, err[-3000:]
+  assert 'Traceback' not in err and 'Check failure' not in err, err[-3000:]
+  assert (f'Joining the multi-process run as process 1 of 2: waiting for the coordinator at '
+          f'127.0.0.1:{port}') in err
+  assert re.search(r'cvjax: error: could not join the multi-process run as process 1 of 2 '
+                   rf'within 3 s: nothing answers at the coordinator address 127.0.0.1:{port} '
+                   r'\(Connection refused\)', err), err[-3000:]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_a_wait_for_the_coordinator_stops_on_a_signal(tmp_path, sig):
+  _, proc = unreachable_coordinator(tmp_path)  # Would wait JAX's 300 s.
+  lines = []
+  try:
+    for line in proc.stderr:  # Until JAX says it connects (and blocks).
+      lines.append(line)
+      if 'Connecting to JAX distributed service' in line:
+        break
+    time.sleep(2)  # Inside JAX's wait by now.
+    proc.send_signal(sig)
+    err = ''.join(lines) + proc.communicate(timeout=30)[1]
+  finally:
+    proc.kill()
+    proc.wait()
+  assert 'waiting for the coordinator' in err
+  assert proc.returncode == 75, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert f'cvjax: stopped by {sig.name} while no training step was running' in err
 
 
 def test_sweep_passes_the_coordinator_flags_to_every_trial():
@@ -394,3 +445,25 @@ def test_cluster_doc_dry_runs_run_and_print_what_the_doc_shows(dry):
   assert f'jax[cuda12]=={launch.JAX_VERSION}' in text and f'jax[tpu]=={launch.JAX_VERSION}' in text
   assert f'jax=={launch.JAX_VERSION}' in open(os.path.join(ROOT, 'requirements.txt')).read()
   assert 'Python 3.11 or newer' in text and launch.MIN_PYTHON == (3, 11)
+
+
+def test_tpu_launch_leaves_no_code_archive_where_it_ran(tmp_path):
+  """Launched from the repository root, the code archive reaches the VM and is then gone:
+  nothing new is left in the repository."""
+  env, log = stand_ins(tmp_path)
+  before = set(os.listdir(ROOT))
+  try:
+    out = subprocess.run([os.path.join(ROOT, 'launch.sh'), *TPU, 'configs/resnet.py',
+                          'gs://b/w'], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    left = set(os.listdir(ROOT)) - before
+  finally:
+    leftover = os.path.join(ROOT, launch.CODE_ARCHIVE)
+    if launch.CODE_ARCHIVE not in before and os.path.exists(leftover):
+      os.remove(leftover)
+  assert out.returncode == 0, out.stderr
+  assert not left, left
+  assert (tmp_path / 'home' / 'cvjax-code.tar.gz').exists()  # The copy on the VM.
+  assert (tmp_path / 'home' / 'cvjax' / 'cvjax' / 'main.py').exists()  # Unpacked there.
+  scp, = [a for a in recorded(log, 'gcloud') if 'scp' in a]
+  assert not os.path.exists(scp[scp.index('scp') + 1])  # The local archive is removed too.

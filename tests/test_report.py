@@ -3,6 +3,7 @@ made-up curves (no training), the numbers recomputed here; and the population sw
 
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -351,3 +352,49 @@ def test_population_values_pass_through_the_sweep_and_the_override_parser(
   config = holder.value
   assert config.population.vary == vary and config.population.seeds == 3
   assert config.model.depth == 56 and config.train.num_epochs == 3.0
+
+
+def damaged(tmp_path, name):
+  """A folder for each way the report's input can be wrong."""
+  if name == 'missing':
+    return tmp_path / 'nowhere'
+  if name == 'file':
+    (tmp_path / 'a_file').write_text('x')
+    return tmp_path / 'a_file'
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'metrics.jsonl').write_text('{"step": 1}\n')
+  (run / 'config.json').write_text('{}')
+  if name == 'binary':
+    (run / 'metrics.jsonl').write_bytes(bytes(range(256)) * 4)
+  elif name == 'garbage':
+    (run / 'config.json').write_text('garbage{')
+  elif name == 'array':
+    (run / 'metrics.jsonl').write_text('{"step": 1}\n[1, 2]\n')
+  return run
+
+
+@pytest.mark.parametrize('name,message', [
+    ('missing', r'nowhere does not exist\. Expected a run'),
+    ('file', r'a_file is a file, not a folder\. Expected a run'),
+    ('binary', r'cannot read .*metrics\.jsonl: not UTF-8 text'),
+    ('garbage', r'config\.json is not valid JSON \(Expecting value'),
+    ('array', r'metrics\.jsonl, line 2 holds a JSON list, expected an object'),
+])
+def test_bad_report_input_is_one_paragraph_and_exit_2(tmp_path, name, message):
+  out = subprocess.run([sys.executable, '-m', 'cvjax.tools.report', str(damaged(tmp_path, name))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert re.match('cvjax.tools.report: error: .*' + message, out.stderr), out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_report_help_and_usage():
+  out = subprocess.run([sys.executable, '-m', 'cvjax.tools.report', '--help'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert 'usage: python -m cvjax.tools.report SWEEP_DIR|RUN_DIR' in out.stdout
+  assert 'figure6.png' in out.stdout  # What it writes.
+  out = subprocess.run([sys.executable, '-m', 'cvjax.tools.report'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'expected one folder' in out.stderr, out.stderr[-2000:]

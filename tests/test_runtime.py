@@ -83,3 +83,32 @@ def test_compilation_cache_works_with_and_without_filelock(tmp_path, hide):
   assert int(max_size) == (-1 if hide else 2 << 30)
   assert [f for f in os.listdir(tmp_path / 'jax') if f.endswith('-cache')], os.listdir(
       tmp_path / 'jax')
+
+
+def test_a_late_io_completion_on_a_closed_event_loop_prints_nothing():
+  """What TensorStore does when a read or write of a failed orbax save or restore finishes
+  after orbax closed its event loop: call_soon_threadsafe on its thread, then PyErr_Print
+  (sys.excepthook). That one report is dropped; any other still prints."""
+  code = CONFIGURE + '''
+import asyncio, sys, threading
+loop = asyncio.new_event_loop()
+loop.close()
+def report(action):
+  try:
+    action()
+  except RuntimeError:
+    sys.excepthook(*sys.exc_info())  # As PyErr_Print does.
+def other():
+  raise RuntimeError('something else')
+for action in (lambda: loop.call_soon_threadsafe(print), other):
+  t = threading.Thread(target=report, args=(action,))
+  t.start()
+  t.join()
+report(lambda: loop.call_soon_threadsafe(print))  # On the main thread: printed.
+'''
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stderr.count('Traceback') == 2, out.stderr
+  assert 'RuntimeError: something else' in out.stderr
+  assert out.stderr.count('RuntimeError: Event loop is closed') == 1, out.stderr

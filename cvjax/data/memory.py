@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import struct
 import tarfile
 
@@ -127,10 +128,48 @@ class Dataset:
     return len(self.class_names)
 
 
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded')
+
+
 def embedded_path(name):
   """Where the embedded dataset `name` lies inside the installed package."""
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded',
-                      EMBEDDED_DATASETS[name])
+  return os.path.join(EMBEDDED_DIR, EMBEDDED_DATASETS[name])
+
+
+_VERIFIED = {}  # (path, size, mtime_ns) -> sha256: each shipped file is hashed once a process.
+
+
+def check_embedded(name):
+  """Refuses a shipped dataset whose files differ from the sha256 sums its README lists (a
+  changed label file would otherwise train silently). Hashing 2 MB takes milliseconds, and
+  a file is hashed again only when its size or modification time changes."""
+  readme = os.path.join(EMBEDDED_DIR, 'README.md')
+  try:
+    with open(readme, encoding='utf-8') as f:
+      listed = dict(re.findall(r'\| `([\w/.-]+)` \| `([0-9a-f]{64})` \|', f.read()))
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'cannot read {readme}, which lists the sha256 sums of the datasets that '
+                    f'ship with cvjax ({e}); reinstall cvjax.') from e
+  root = EMBEDDED_DATASETS[name]
+  files = {k: v for k, v in listed.items() if k == root or k.startswith(root + '/')}
+  if not files:
+    raise UserError(f'{readme} lists no sha256 sum for the shipped dataset {name!r} '
+                    f'({root}); reinstall cvjax.')
+  for rel, expected in sorted(files.items()):
+    path = os.path.join(EMBEDDED_DIR, rel)
+    try:
+      st = os.stat(path)
+      key = (path, st.st_size, st.st_mtime_ns)
+      got = _VERIFIED.get(key) or _file_digest(path)
+    except OSError as e:
+      raise UserError(f'the shipped dataset {name!r} lacks {path} ({e.strerror}); reinstall '
+                      'cvjax, or rebuild the file with cvjax/data/embedded/build.py.') from e
+    if got != expected:
+      raise UserError(f'the shipped dataset file {path} has sha256 {got}, but its README lists '
+                      f'{expected}: the file was changed or damaged, and training on it would '
+                      'not be the documented dataset. Reinstall cvjax (or git checkout the '
+                      'file), or rebuild it with cvjax/data/embedded/build.py.')
+    _VERIFIED[key] = got
 
 
 def load(cfg) -> Dataset:
@@ -139,6 +178,7 @@ def load(cfg) -> Dataset:
     data = load_local(cfg.path, cfg.name)
     check_name_matches_path(cfg.name, cfg.path, data)
   elif cfg.name in EMBEDDED_DATASETS:
+    check_embedded(cfg.name)
     data = load_local(embedded_path(cfg.name), cfg.name)
   else:
     data = load_tfds(cfg.name, cfg.data_dir or None, cfg.get('download', True))

@@ -30,6 +30,7 @@ from etils import epath
 import numpy as np
 
 from cvjax import workdir
+from cvjax.errors import UserError
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the ResNets; 110 is the best of 5 runs
 # (their mean ± std: 6.61 ± 0.16). The paper gives no numbers for the plain nets (Figure 6 only).
@@ -41,15 +42,42 @@ REPRODUCTION = {(True, 20): (8.51, 0.22), (True, 56): (7.40, 0.27), (True, 110):
                 (False, 20): (9.78, 0.13), (False, 56): (12.95, 0.22)}
 
 
+def _read_text(path):
+  """The text of a run's file; a file that cannot be read as text is a UserError naming it."""
+  try:
+    return path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    why = (f'not UTF-8 text ({e.reason} at byte {e.start})' if isinstance(e, UnicodeDecodeError)
+           else e.strerror or str(e))
+    raise UserError(f'cannot read {path}: {why}. A run writes it as JSON text; restore the file '
+                    'or move the run out of the folder, and re-run the report.') from None
+
+
+def _parse(text, path, line=None, kind=dict):
+  """One JSON value of a run's file, which must be a `kind`."""
+  where = f'{path}, line {line}' if line else str(path)
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise UserError(f'{where} is not valid JSON ({e}). A run writes it as JSON; restore the '
+                    'file or move the run out of the folder, and re-run the report.') from None
+  if not isinstance(value, kind):
+    raise UserError(f'{where} holds a JSON {type(value).__name__}, expected an object; restore '
+                    'the file or move the run out of the folder, and re-run the report.')
+  return value
+
+
 def _read_json(path):
-  return json.loads(path.read_text()) if path.exists() else None
+  return _parse(_read_text(path), path) if path.exists() else None
 
 
 def _run(path, name, trial, results):
-  records = [json.loads(line) for line in (path / 'metrics.jsonl').read_text().splitlines()
-             if line.strip()]
+  metrics = path / 'metrics.jsonl'
+  records = [_parse(line, metrics, i) for i, line in
+             enumerate(_read_text(metrics).splitlines(), 1) if line.strip()]
   return {'name': name, 'trial': trial, 'records': records,
-          'config': json.loads((path / 'config.json').read_text()), 'results': results}
+          'config': _parse(_read_text(path / 'config.json'), path / 'config.json'),
+          'results': results}
 
 
 def _population(path, trial):
@@ -67,10 +95,18 @@ def _population(path, trial):
   return runs
 
 
+EXPECTED = ('Expected a run (a workdir with metrics.jsonl), a population (a workdir with '
+            'members/) or a sweep (subfolders with one of these each).')
+
+
 def load_runs(sweep_dir):
   """The runs of a local or remote (gs://...) sweep directory (its trials, and the members of
   its population trials), or of the one run or population that `sweep_dir` is."""
   root = epath.Path(sweep_dir)
+  if not root.exists():
+    raise UserError(f'{sweep_dir} does not exist. {EXPECTED}')
+  if not root.is_dir():
+    raise UserError(f'{sweep_dir} is a file, not a folder. {EXPECTED}')
   if (root / 'members').exists():
     return _population(root, root.name)
   if (root / 'metrics.jsonl').exists():
@@ -501,9 +537,7 @@ def grad_norm_report(nets, path):
 def write_report(sweep_dir):
   runs = load_runs(sweep_dir)
   if not runs:
-    raise SystemExit(f'cvjax.tools.report: no runs in {sweep_dir}: expected a run (a workdir '
-                     'with metrics.jsonl), a population (a workdir with members/) or a sweep '
-                     '(subfolders with one of these each).')
+    raise UserError(f'no runs in {sweep_dir}. {EXPECTED}')
   nets = group_nets(runs)
   out = epath.Path(sweep_dir) / 'report'
   out.mkdir(parents=True, exist_ok=True)
@@ -543,7 +577,24 @@ def write_report(sweep_dir):
   return out
 
 
+USAGE = 'usage: python -m cvjax.tools.report SWEEP_DIR|RUN_DIR'
+
+
+def main(argv):
+  if any(a in ('-h', '--help', '-?', '--helpfull') for a in argv[1:]):
+    print(f'{__doc__.strip()}\n\n{USAGE}')
+    return 0
+  if len(argv) != 2 or argv[1].startswith('-'):
+    print(f'cvjax.tools.report: error: expected one folder, got {argv[1:]}.\n{USAGE}',
+          file=sys.stderr)
+    return 2
+  try:
+    print(f'wrote {write_report(argv[1])}')
+  except UserError as e:
+    print(f'cvjax.tools.report: error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    raise SystemExit('usage: python -m cvjax.tools.report SWEEP_DIR|RUN_DIR')
-  print(f'wrote {write_report(sys.argv[1])}')
+  sys.exit(main(sys.argv))

@@ -154,7 +154,7 @@ def write_cifar_subset(jpegs, out_file, top='cifar10_6k'):
   for split in ('test', 'train'):
     entries.append((f'{top}/{split}', None))
     for cls in CIFAR_CLASSES:
-      files = jpegs[(split, cls)][:CIFAR_COUNTS[split]]
+      files = jpegs.get((split, cls), [])[:CIFAR_COUNTS[split]]
       if len(files) < CIFAR_COUNTS[split]:
         raise ValueError(f'{split}/{cls} has {len(files)} images, need {CIFAR_COUNTS[split]}')
       entries.append((f'{top}/{split}/{cls}', None))
@@ -189,12 +189,23 @@ def main(argv):
   src.add_argument('--official', help='cifar-10-python.tar.gz')
   cifar.add_argument('out_file')
   args = parser.parse_args(argv)
-  if args.dataset == 'mnist10k':
-    digits = digits_from_npm(args.npm) if args.npm else digits_from_official(args.official)
-    write_mnist10k(digits, args.out_dir)
-  else:
-    jpegs = jpegs_from_tree(args.jpeg) if args.jpeg else jpegs_from_official(args.official)
-    write_cifar_subset(jpegs, args.out_file)
+  source = next(getattr(args, k) for k in ('npm', 'official', 'jpeg') if getattr(args, k, None))
+  if not os.path.exists(source):
+    parser.error(f'{source} does not exist: expected the download that the commands at the '
+                 'top of build.py name.')
+  try:
+    if args.dataset == 'mnist10k':
+      digits = digits_from_npm(args.npm) if args.npm else digits_from_official(args.official)
+      write_mnist10k(digits, args.out_dir)
+    else:
+      jpegs = jpegs_from_tree(args.jpeg) if args.jpeg else jpegs_from_official(args.official)
+      write_cifar_subset(jpegs, args.out_file)
+  except (OSError, ValueError, KeyError, EOFError, tarfile.TarError,
+          pickle.UnpicklingError) as e:  # A source that is not the download it should be.
+    print(f'build.py: error: cannot build {args.dataset} from {source}: {type(e).__name__}: '
+          f'{" ".join(str(e).split())}. Expected the download that the commands at the top of build.py name.',
+          file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
