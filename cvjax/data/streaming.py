@@ -152,7 +152,7 @@ def tfds_imagenet(name, data_dir, download=True) -> Splits:
                 list(builder.info.features['label'].names))
 
 
-# --- transforms: run in the worker processes, numpy and PIL only ------------------------
+# --- transforms: run in the worker processes, numpy, PIL and simplejpeg only -----------
 
 THEN = 'a re-run resumes from the last checkpoint.'
 
