@@ -8,8 +8,9 @@ convolution-heavy steps when they also take dots and convolutions. Keeping only 
 reduce and eltwise kinds made the ResNet-20 train step 1.28x faster than with ynn off
 (358 vs 279 img/s, cvjax.benchmark, README). With the convolutions on oneDNN
 (cvjax.ops.onednn) XLA runs none of them and its default ynn fusions are faster, so the
-flags are set only where that backend will not run. Set CVJAX_XLA_DEFAULTS=0 to leave
-XLA_FLAGS untouched.
+flags are set only where that backend will not run. On jaxlib 0.11 and later the reduce and
+eltwise ynn fusions compute garbage in bfloat16 (`cpu_flags`), so they are turned off there.
+Set CVJAX_XLA_DEFAULTS=0 to leave XLA_FLAGS untouched.
 
 Compiled programs are kept in JAX's persistent compilation cache under the cvjax cache
 folder, so a second run of the same model skips most of its compilation (README, "Speed").
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 
-CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce,eltwise',)
+YNN_FUSIONS = '--xla_cpu_experimental_ynn_fusion_type'
 
 
 def configure():
@@ -40,19 +41,41 @@ def cache_dir():
 
 
 def set_xla_flags():
-  if os.environ.get('CVJAX_XLA_DEFAULTS', '1') == '0' or native_conv_expected():
+  if os.environ.get('CVJAX_XLA_DEFAULTS', '1') == '0':
     return
   flags = os.environ.get('XLA_FLAGS', '')
-  for flag in CPU_FLAGS:
+  for flag in cpu_flags(native_conv_expected()):
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
   os.environ['XLA_FLAGS'] = flags
 
 
+def cpu_flags(native):
+  """XLA:CPU's flags for this jaxlib, with convolutions on oneDNN (`native`) or on XLA.
+
+  jaxlib 0.11 and 0.12 (0.10.2 is right): a ynn reduce or eltwise fusion that takes a
+  bfloat16 convolution's converts returns NaN or values near 1e31 instead of its sum (ResNet's
+  global average pool of its last block: every test loss of a bf16 run was NaN). Float32 and
+  the other fusion types gave the right sums in the same check, which tests/test_runtime.py
+  runs on every JAX."""
+  if jaxlib_version() >= (0, 11):
+    return (f'{YNN_FUSIONS}=-reduce,-eltwise' if native else f'{YNN_FUSIONS}=',)
+  return () if native else (f'{YNN_FUSIONS}=reduce,eltwise',)
+
+
+def jaxlib_version():
+  """(major, minor) of the installed jaxlib, read without importing it; (0, 0) if absent."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return tuple(int(p) for p in importlib.metadata.version('jaxlib').split('.')[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return (0, 0)
+
+
 def native_conv_expected():
   """Whether convolutions will run on oneDNN (cvjax.ops.onednn), decided without importing
   JAX: then XLA's default ynn fusions are the faster ones (BatchNorm forward and backward
-  8.9 ms vs 25 ms with reduce,eltwise only, README) and CPU_FLAGS are left out."""
+  8.9 ms vs 25 ms with reduce,eltwise only, README) and are kept (`cpu_flags`)."""
   return os.environ.get('CVJAX_NATIVE', '1') != '0' and native_conv_buildable()
 
 

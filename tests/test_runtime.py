@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cvjax import runtime
@@ -46,9 +50,9 @@ def test_importing_cvjax_sets_nothing_process_wide():
           # A user's own flags stay, ahead of cvjax's.
           'os.environ["XLA_FLAGS"] = "--xla_cpu_enable_fast_math=false"; runtime.configure(); show()')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=dict(env, CVJAX_NATIVE='0'))  # Then CPU_FLAGS are set.
+                       timeout=120, env=dict(env, CVJAX_NATIVE='0'))  # Then flags are set.
   assert out.returncode == 0, out.stderr
-  cpu_flags = ' '.join(runtime.CPU_FLAGS)
+  cpu_flags = ' '.join(runtime.cpu_flags(native=False))
   assert out.stdout.splitlines() == [
       'None False', f'{cpu_flags!r} True', f"'--xla_cpu_enable_fast_math=false {cpu_flags}' True"]
 
@@ -112,3 +116,30 @@ report(lambda: loop.call_soon_threadsafe(print))  # On the main thread: printed.
   assert out.stderr.count('Traceback') == 2, out.stderr
   assert 'RuntimeError: something else' in out.stderr
   assert out.stderr.count('RuntimeError: Event loop is closed') == 1, out.stderr
+
+
+def test_bfloat16_block_sums_right_under_the_flags_cvjax_sets():
+  """The end of an option-A ResNet block in bfloat16 (stride-2 convolution, BatchNorm, ReLU,
+  convolution, BatchNorm, padded shortcut, ReLU, global average pool), jitted under the XLA
+  flags conftest set with runtime.configure(), equals it op by op. With jaxlib 0.11 and 0.12's
+  default ynn fusions the jitted sums were NaN or ~1e31 (a bf16 run's test loss was NaN)."""
+  rng = np.random.default_rng(0)
+  bf16, dims = jnp.bfloat16, ('NHWC', 'HWIO', 'NHWC')
+  x = jnp.asarray(np.maximum(rng.standard_normal((16, 6, 6, 32)), 0), bf16)
+  w1, w2 = (jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+            for s in ((3, 3, 32, 64), (3, 3, 64, 64)))
+  mean, scale, bias = (jnp.asarray(rng.standard_normal((2, 1, 1, 1, 64)) * s, jnp.float32)
+                       for s in (0.1, 1, 0.1))
+
+  def block(x, w1, w2, mean, scale, bias):
+    def conv_bn(h, w, stride, i):
+      h = lax.conv_general_dilated(h, w.astype(bf16), (stride, stride), ((1, 1), (1, 1)),
+                                   dimension_numbers=dims)
+      return ((h.astype(jnp.float32) - mean[i]) * scale[i] + bias[i]).astype(bf16)
+    h = conv_bn(jax.nn.relu(conv_bn(x, w1, 2, 0)), w2, 1, 1)
+    h = jax.nn.relu(h + jnp.pad(x[:, ::2, ::2], ((0, 0), (0, 0), (0, 0), (16, 16))))
+    return jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+
+  args = (x, w1, w2, mean, scale, bias)
+  # bfloat16 keeps 8 bits: fused, the roundings fall elsewhere (up to 0.02 apart on O(1)).
+  np.testing.assert_allclose(jax.jit(block)(*args), block(*args), rtol=0.05, atol=0.05)

@@ -280,3 +280,75 @@ def test_ten_crop_equals_averaging_the_ten_views_by_hand(streamed):
   loss = -np.sum(jax.nn.log_softmax(logits)[np.arange(4), labels])
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-4)
   assert not np.isclose(one['loss'], loss, rtol=1e-3)  # 10 crops differ from the centre crop.
+
+
+def jpeg_bytes(array, mode=None, **save):
+  buf = io.BytesIO()
+  Image.fromarray(array).convert(mode or ('L' if array.ndim == 2 else 'RGB')).save(
+      buf, 'JPEG', **save)
+  return buf.getvalue()
+
+
+def smooth_image(w, h, seed=0):
+  """A photo-like image: smooth gradients and a few edges, not noise."""
+  y, x = np.mgrid[0:h, 0:w] / max(w, h)
+  rng = np.random.default_rng(seed)
+  img = np.stack([np.sin(6 * x + 2 * y + rng.uniform(0, 6)) for _ in range(3)], -1) * 90 + 128
+  img[h // 3:h // 2, w // 4:w // 2] = rng.integers(0, 255, 3)
+  return img.astype(np.uint8)
+
+
+def test_evaluation_decodes_the_bits_pil_decodes():
+  # Evaluation decodes every image at full scale, through simplejpeg where installed: the same
+  # pixels as PIL's decoder, so eval numbers match runs before the faster decoder. RGB, 4:4:4
+  # and 4:2:0 chroma, greyscale, progressive JPEGs, and a PNG (which only PIL reads).
+  from cvjax.data import image_files  # pylint: disable=g-import-not-at-top
+  rgb = smooth_image(75, 50)
+  for data in (jpeg_bytes(rgb), jpeg_bytes(rgb, subsampling=0, quality=95),
+               jpeg_bytes(rgb[..., 0]), jpeg_bytes(rgb, progressive=True),
+               png_record(rgb)['image']):
+    img, scale = image_files.decode_scaled(data, 'x')
+    assert scale == 1.0
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(image_files.decode(data, 'x')))
+    record = {'image': data, 'label': 0}
+    np.testing.assert_array_equal(  # The whole eval transform, against PIL's decode.
+        streaming.eval_transform(record, size=32, crop=32)['images'],
+        streaming.eval_transform(png_record(np.asarray(image_files.decode(data, 'x'))),
+                                 size=32, crop=32)['images'])
+
+
+@pytest.mark.parametrize('simplejpeg', [True, False])
+def test_large_crops_decode_at_a_reduced_scale(monkeypatch, simplejpeg):
+  # A crop of at least twice the output size is decoded at 1/2 (or less) by the JPEG's
+  # scaled IDCT, with or without simplejpeg (PIL's draft mode), and looks like the full decode
+  # (DCT scaling is a low-pass filter, as the antialiased resize is); smaller crops decode in
+  # full, and then a training image is what it was before the scaled decoder.
+  import sys  # pylint: disable=g-import-not-at-top
+  from cvjax.data import image_files  # pylint: disable=g-import-not-at-top
+  if not simplejpeg:
+    monkeypatch.setitem(sys.modules, 'simplejpeg', None)  # import raises ImportError
+  data = jpeg_bytes(smooth_image(400, 300), quality=95)
+  for scale, factor in ((0.5, 0.5), (0.3, 0.5), (0.2, 0.25), (0.1, 0.125), (0.6, 1.0)):
+    img, got = image_files.decode_scaled(data, 'x', scale)
+    assert got == factor and img.size == (int(np.ceil(400 * factor)), int(np.ceil(300 * factor)))
+  record = {'image': data, 'label': 0}
+  kw = dict(size=32, area=(0.9, 1.0), aspect=(1.0, 1.0), flip=False)  # 300 x 300 crops: 1/8.
+  fast = streaming.train_transform(record, np.random.default_rng(0), **kw)['images']
+  monkeypatch.setattr(image_files, 'decode_scaled',
+                      lambda data, where, scale=1.0, then='': (image_files.decode(data, where), 1.0))
+  full = streaming.train_transform(record, np.random.default_rng(0), **kw)['images']
+  assert np.abs(fast.astype(float) - full).mean() < 3  # of 255
+  # Crops below twice the size decode in full: the same bits as PIL's decode and resize.
+  left, top, w, h = streaming.random_resized_crop_box(np.random.default_rng(0), 400, 300,
+                                                      kw['area'], kw['aspect'])
+  expected = Image.open(io.BytesIO(data)).convert('RGB').resize(
+      (200, 200), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  np.testing.assert_array_equal(
+      streaming.train_transform(record, np.random.default_rng(0), **dict(kw, size=200))['images'],
+      np.asarray(expected))
+
+
+def test_workers_from_the_cores_this_process_may_use(monkeypatch):
+  # -1 workers: every core but one, not capped (a 64-core host feeds with 63 workers).
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(64)), raising=False)
+  assert streaming.host_cores() == 64

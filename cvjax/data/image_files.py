@@ -1,8 +1,10 @@
 """Image files, as both pipelines read them: which files are images, the listing of an image
-folder and the one decoder. numpy and PIL only, so grain's worker processes import it cheaply.
+folder and the decoders. numpy and PIL (and simplejpeg where installed), so grain's worker
+processes import it cheaply.
 """
 
 import io
+import math
 import os
 import re
 
@@ -53,3 +55,42 @@ def decode(data, where, *, grey=False, then=''):
                                            str(e))
   raise UserError(f'cannot decode image {where} ({len(data)} bytes): {why}. Replace or remove '
                   f'the file{"; " + then if then else "."}')
+
+
+def size(data, where, *, then=''):
+  """(width, height) of the image in `data`, from its header alone."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    return Image.open(io.BytesIO(data)).size
+  except Exception:  # pylint: disable=broad-except
+    decode(data, where, then=then)  # Raises the UserError that names the file.
+    raise
+
+
+def decode_scaled(data, where, scale=1.0, *, then=''):
+  """(RGB PIL image, its width over the full width) of the image in `data`, a JPEG decoded at
+  the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps `scale` of each side: libjpeg-turbo's
+  scaled IDCT never builds the full image. JPEGs go through simplejpeg where it is installed
+  (twice PIL's decode speed on a Zen 4 core, the same pixels: tests/test_streaming.py checks
+  it), other formats and CMYK JPEGs through PIL (reduced by `Image.draft`)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  factor = next((f for f in (1 / 8, 1 / 4, 1 / 2) if f >= scale), 1.0)
+  if data[:2] == b'\xff\xd8':  # A JPEG.
+    try:
+      import simplejpeg  # pylint: disable=g-import-not-at-top
+      height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+      arr = simplejpeg.decode_jpeg(data, 'RGB', min_width=math.ceil(width * factor),
+                                   min_height=math.ceil(height * factor))
+      return Image.fromarray(arr), arr.shape[1] / width
+    except Exception:  # pylint: disable=broad-except
+      pass  # Not installed, CMYK, or damaged: PIL decodes it or names it.
+    if factor < 1:
+      try:
+        img = Image.open(io.BytesIO(data))
+        full = img.size[0]
+        img.draft('RGB', (max(1, int(img.size[0] * factor)), max(1, int(img.size[1] * factor))))
+        img = img.convert('RGB')
+        return img, img.size[0] / full
+      except Exception:  # pylint: disable=broad-except
+        pass
+  return decode(data, where, then=then), 1.0

@@ -152,11 +152,15 @@ def tfds_imagenet(name, data_dir, download=True) -> Splits:
                 list(builder.info.features['label'].names))
 
 
-# --- transforms: run in the worker processes, numpy and PIL only ------------------------
+# --- transforms: run in the worker processes, numpy, PIL and simplejpeg only -----------
 
-def decode(record):
-  return image_files.decode(record['image'], record.get('where', ''),
-                       then='a re-run resumes from the last checkpoint.')
+THEN = 'a re-run resumes from the last checkpoint.'
+
+
+def decode(record, scale=1.0):
+  """(RGB PIL image, its width over the full width): a JPEG decoded at the smallest DCT scale
+  that keeps `scale` of each side (image_files.decode_scaled)."""
+  return image_files.decode_scaled(record['image'], record.get('where', ''), scale, then=THEN)
 
 
 def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):
@@ -182,18 +186,21 @@ def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4,
 
 def train_transform(record, rng, *, size, area, aspect, flip, auto_augment=''):
   """Random-resized crop to size x size, `auto_augment` ('trivial_augment_wide':
-  data/auto_augment.py) and a random horizontal flip: uint8 HWC."""
+  data/auto_augment.py) and a random horizontal flip: uint8 HWC. The crop is drawn on the
+  header's size; a JPEG is then decoded at the smallest DCT scale at which the crop keeps
+  `size` pixels a side (a crop twice `size` or more: half the pixels or fewer to decode)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  img = decode(record)
-  left, top, w, h = random_resized_crop_box(rng, *img.size, area, aspect)
-  img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  width, height = image_files.size(record['image'], record.get('where', ''), then=THEN)
+  left, top, w, h = random_resized_crop_box(rng, width, height, area, aspect)
+  img, s = decode(record, size / min(w, h))
+  box = (left * s, top * s, min((left + w) * s, img.width), min((top + h) * s, img.height))
+  img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
   if auto_augment:
     from cvjax.data import auto_augment as auto_augment_lib  # pylint: disable=g-import-not-at-top
     img = auto_augment_lib.trivial_augment_wide(img, rng)
-  image = np.asarray(img, np.uint8)
   if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return {'images': np.ascontiguousarray(image), 'labels': np.int32(record['label'])}
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return {'images': np.asarray(img, np.uint8), 'labels': np.int32(record['label'])}
 
 
 def resize_size(size):
@@ -203,7 +210,7 @@ def resize_size(size):
 def eval_transform(record, *, size, crop):
   """Shorter side resized to `size`/0.875 (256 for 224), then the centre crop x crop."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  img = decode(record)
+  img, _ = decode(record)
   w, h = img.size
   short = resize_size(size)
   scale = short / min(w, h)
@@ -323,8 +330,8 @@ def make_input(config, mesh):
   sharding = NamedSharding(mesh, P('data'))
   workers, threads = inp.workers, inp.threads
   area, aspect = tuple(inp.random_crop_area), tuple(inp.random_crop_aspect)
-  if workers < 0:  # Leave one core to the training process.
-    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+  if workers < 0:  # Every core this process may use but one, left to the training process.
+    workers = max(1, host_cores() - 1)
   shard = dict(process_index=process_index, process_count=process_count)
 
   def stream(ds):
@@ -357,6 +364,15 @@ def make_input(config, mesh):
       make_train_batch=train_batch, make_eval_batch=eval_batch,
       test_labels=splits.test.labels, test_images=EvalImages(splits.test, size),
       fingerprint=fingerprint)
+
+
+def host_cores():
+  """The CPU cores this process may run on (a Slurm or container limit counts), not the
+  machine's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS, Windows.
+    return os.cpu_count() or 2
 
 
 def train_batch(data, batch, rng, *, sharding, dtype, step=None):

@@ -7,8 +7,11 @@
 The first command writes an ImageNet-like folder (ILSVRC layout, real JPEGs): CIFAR-10's
 images upsampled to ImageNet's typical ~400x350 at random sizes, ten wnid-named classes. The
 second prints images/s for the train transform (random-resized crop, flip) and the eval
-transform (resize, centre crop) per worker-process count, and a JSON line per row. The
-first batch (worker start-up) is timed apart from the steady state.
+transform (resize, centre crop) per worker-process count, and a JSON line per row; with 0
+workers also images per CPU-second of the one process (the per-core rate, which a loaded
+machine leaves nearly as it is). `train_pil` is the train transform as it was before the
+scaled JPEG decode (PIL, full size), timed in the same run. The first batch (worker start-up)
+is timed apart from the steady state.
 """
 
 import json
@@ -68,19 +71,33 @@ def make_imagenet_like(source, out, train_per_class, val_per_class, seed=0):
   return counts
 
 
+def pil_train_transform(record, rng, *, size, area, aspect, flip):
+  """The train transform before the scaled decode: PIL decodes the full image (the baseline)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from cvjax.data import image_files  # pylint: disable=g-import-not-at-top
+  img = image_files.decode(record['image'], record.get('where', ''))
+  left, top, w, h = streaming.random_resized_crop_box(rng, *img.size, area, aspect)
+  img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  image = np.asarray(img, np.uint8)
+  if flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return {'images': np.ascontiguousarray(image), 'labels': np.int32(record['label'])}
+
+
 def time_pipeline(ds, workers, threads, batches):
-  """(seconds to the first batch, steady-state images/s over `batches` more)."""
+  """(seconds to the first batch, steady-state images/s over `batches` more, images per
+  CPU-second of this process: the per-core rate where it does all the work, workers=0)."""
   t0 = time.perf_counter()
   it = streaming._iterate(ds, workers, threads)  # pylint: disable=protected-access
   first = next(it)
-  t1 = time.perf_counter()
+  t1, c1 = time.perf_counter(), time.process_time()
   n = 0
   for _ in range(batches):
     n += len(next(it)['labels'])
-  t2 = time.perf_counter()
+  t2, c2 = time.perf_counter(), time.process_time()
   it.close()
   del first
-  return t1 - t0, n / (t2 - t1)
+  return t1 - t0, n / (t2 - t1), n / max(c2 - c1, 1e-9)
 
 
 def main(argv):
@@ -96,25 +113,28 @@ def main(argv):
   splits = streaming.image_folder(_DATA.value)
   size = _SIZE.value
   import functools  # pylint: disable=g-import-not-at-top
-  train = streaming.train_dataset(
+  crop = dict(size=size, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), flip=True)
+  train, train_pil = (streaming.train_dataset(
       splits.train, seed=0, batch_size=_BATCH.value, start_step=0,
-      transform=functools.partial(streaming.train_transform, size=size, area=(0.08, 1.0),
-                                  aspect=(3 / 4, 4 / 3), flip=True))
+      transform=functools.partial(fn, **crop))
+                      for fn in (streaming.train_transform, pil_train_transform))
   evaluation = streaming.eval_dataset(
       splits.test, batch_size=_BATCH.value, pad_shape=(size, size, 3),
       transform=functools.partial(streaming.eval_transform, size=size, crop=size))
   print(f'{len(splits.train)} train / {len(splits.test)} val images in {_DATA.value}; '
         f'batch {_BATCH.value}, {size}x{size}, {_THREADS.value} thread(s) per process, '
         f'{os.cpu_count()} CPUs')
-  print(f'{"transform":<10}{"workers":>8}{"first batch s":>15}{"images/s":>10}')
+  print(f'{"transform":<10}{"workers":>8}{"first batch s":>15}{"images/s":>10}'
+        f'{"per CPU-s":>11}')
   for workers in map(int, _WORKERS.value):
-    for name, ds in (('train', train), ('eval', evaluation)):
+    for name, ds in (('train_pil', train_pil), ('train', train), ('eval', evaluation)):
       batches = min(_BATCHES.value, len(ds) - 1) if name == 'eval' else _BATCHES.value
-      first, ips = time_pipeline(ds, workers, _THREADS.value, batches)
-      print(f'{name:<10}{workers:>8}{first:>15.2f}{ips:>10.0f}')
+      first, ips, per_cpu = time_pipeline(ds, workers, _THREADS.value, batches)
+      per_cpu = round(per_cpu, 1) if workers == 0 else None  # Workers' CPU is not counted.
+      print(f'{name:<10}{workers:>8}{first:>15.2f}{ips:>10.0f}{per_cpu or "-":>11}')
       print(json.dumps({'transform': name, 'workers': workers, 'threads': _THREADS.value,
                         'batch_size': _BATCH.value, 'first_batch_s': round(first, 3),
-                        'images_per_s': round(ips, 1)}))
+                        'images_per_s': round(ips, 1), 'images_per_cpu_s': per_cpu}))
 
 
 if __name__ == '__main__':
