@@ -110,7 +110,7 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   `num_classes` classes of `input_shape` images: what a checkpoint holds, built without the
   data (cvjax.import_weights writes checkpoints with it). On a `mesh` of several devices,
   grouped convolutions run per device (cvjax.sharding.grouped_per_device)."""
-  dtype = jnp.dtype(config.train.compute_dtype)
+  dtype = convolution.compute_dtype(config)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'),
                               conv_general_dilated=sharding_lib.grouped_per_device(
@@ -157,11 +157,13 @@ def _check_combinations(config, mesh):
     raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
                     '(population.seeds > 1 or population.vary) splits its members or their '
                     'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
-  if config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu':
-    logging.warning('train.compute_dtype=bfloat16 on a CPU is slower than float32: XLA:CPU has '
-                    'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
-                    '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
-                    'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
+  if (config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu'
+      and not convolution.native_for(config)):
+    logging.warning('train.compute_dtype=bfloat16 on a CPU with XLA\'s convolutions is slower '
+                    'than float32: XLA:CPU has no fast bfloat16 convolutions (ResNet-20: 246 '
+                    'img/s against 369 in float32, docs/performance.md). oneDNN\'s bfloat16 '
+                    'convolutions (train.native_conv=True, a CPU with avx512_bf16 or AMX) are '
+                    'the fast ones; elsewhere keep float32.')
   if data_lib.pipeline_for(config.dataset) == 'memory':
     return
   if config.train.get('steps_per_call', 1) > 1:
