@@ -100,7 +100,8 @@ def base_config():
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 2000
   c.train.keep_checkpoints = 3
-  c.train.compute_dtype = 'float32'  # float32 | bfloat16 (params stay float32; docs/performance.md).
+  # float32 | bfloat16 (params stay float32; on CPU: docs/performance.md, bfloat16 on CPU).
+  c.train.compute_dtype = 'float32'
   # Forward and backward as two XLA programs (True) or the plain jax.grad step (False).
   # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),
   # one elsewhere; decided when the step is built (cvjax.steps.split_backward).

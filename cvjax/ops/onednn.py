@@ -1,7 +1,8 @@
 """oneDNN convolutions for XLA:CPU, as `jax.ffi` custom calls (native/onednn_conv.cc).
 
 XLA:CPU's convolution kernels hold most of the gap to PyTorch on CPU; oneDNN's are the ones
-PyTorch uses. float32, and bfloat16 where the CPU has bfloat16 instructions (`bf16()`). The C++ source is compiled on first use against oneDNN from PyPI
+PyTorch uses; float32, and bfloat16 where the CPU has bfloat16 instructions (`bf16()`).
+The C++ source is compiled on first use against oneDNN from PyPI
 (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and the FFI headers that ship with jaxlib, and
 cached in the cvjax cache folder (~/.cache/cvjax, or $CVJAX_CACHE_DIR) under a hash of the source and the versions,
 so a second process only loads it. Where it cannot be built or loaded (no compiler, no

@@ -10,7 +10,8 @@ Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (2
 1000 classes; no PyTorch twin) and lenet5 (32x32x1). For each model, dtype and
 step variant it prints train images/s, step time (median, p90), compile time, first-step
 time, eval images/s, achieved GFLOP/s, MFU against a matmul peak measured in the same
-run and the fraction of the CPU's peak FLOP/s in the row's dtype (cvjax.tools.cpu_peak), and the process's peak host memory so far (a high-water mark: run one model per
+run and the fraction of the CPU's peak FLOP/s in the row's dtype (cvjax.tools.cpu_peak),
+and the process's peak host memory so far (a high-water mark: run one model per
 process to attribute it); the last line is one JSON object with every figure.
 The step is the real one (`steps.jit_train_step`: gather from a device-resident dataset,
 augmentation, forward, backward, SGD update) on random images.

@@ -40,7 +40,9 @@ struct Shape {
   int64_t oh, ow;        // Output spatial size.
   int64_t sh, sw, pt, pb, pl, pr, groups;
   memory::data_type dt;   // Of every buffer: f32 or bf16.
-  auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups, dt); }
+  auto key() const {
+    return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups, dt);
+  }
 };
 
 dnnl::primitive_attr UserScratchpad() {
@@ -221,7 +223,8 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::
     memory wm = Reordered(p.fwd_w, Wrap(Hwio(s), w.untyped_data()), p.fwd_pd.weights_desc());
     Run(p.fwd, p.fwd_pd, {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c, s.dt), x.untyped_data())},
                           {DNNL_ARG_WEIGHTS, wm},
-                          {DNNL_ARG_DST, Wrap(Act(s.n, s.oh, s.ow, s.o, s.dt), y->untyped_data())}});
+                          {DNNL_ARG_DST,
+                           Wrap(Act(s.n, s.oh, s.ow, s.o, s.dt), y->untyped_data())}});
     Stream().wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("cvjax onednn conv forward: ") + e.what());
