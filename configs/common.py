@@ -120,7 +120,8 @@ def base_config():
   c.train.checkpoint_every_steps = 2000  # A checkpoint every this many steps (0: at the end only).
   c.train.keep_checkpoints = 3  # The newest this many checkpoints are kept.
   # float32 | bfloat16 | auto: bfloat16 on GPUs and TPUs, float32 on CPUs. Parameters,
-  # optimizer state, BatchNorm statistics, logits and loss stay float32.
+  # optimizer state, BatchNorm statistics, logits and loss stay float32 (bfloat16 on CPU:
+  # docs/performance.md).
   c.train.compute_dtype = 'float32'
   # Forward and backward as two XLA programs (True) or the plain jax.grad step (False).
   # Unset: two where the backend is CPU, where it was measured faster (docs/performance.md),

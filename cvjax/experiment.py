@@ -119,7 +119,7 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
   grouped convolutions run per device (cvjax.sharding.grouped_per_device)."""
   if config.train.compute_dtype == 'auto':  # Called directly (cvjax.import_weights).
     config = with_devices(config, mesh)
-  dtype = jnp.dtype(config.train.compute_dtype)
+  dtype = convolution.compute_dtype(config)
   model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat'),
                               conv_general_dilated=sharding_lib.grouped_per_device(
@@ -201,11 +201,13 @@ def _check_combinations(config, mesh):
     raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
                     '(population.seeds > 1 or population.vary) splits its members or their '
                     'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
-  if config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu':
-    logging.warning('train.compute_dtype=bfloat16 on a CPU is slower than float32: XLA:CPU has '
-                    'no fast bfloat16 convolutions and oneDNN takes only float32 ones here '
-                    '(ResNet-20: 246 img/s against 369 in float32, docs/performance.md). '
-                    'bfloat16 is a GPU/TPU setting; on a CPU keep float32.')
+  if (config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu'
+      and not convolution.native_for(config)):
+    logging.warning('train.compute_dtype=bfloat16 on a CPU with XLA\'s convolutions is slower '
+                    'than float32: XLA:CPU has no fast bfloat16 convolutions (ResNet-20: 246 '
+                    'img/s against 369 in float32, docs/performance.md). oneDNN\'s bfloat16 '
+                    'convolutions (train.native_conv=True, a CPU with avx512_bf16 or AMX) are '
+                    'the fast ones; elsewhere keep float32.')
   if data_lib.pipeline_for(config.dataset) == 'memory':
     return
   if config.input.alternate_flip or config.input.crop_pad_mode != 'constant':

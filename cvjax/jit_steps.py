@@ -13,6 +13,7 @@ from cvjax import population
 from cvjax import sharding as sharding_lib
 from cvjax import steps
 from cvjax.data import input as data_input
+from cvjax.ops import convolution
 
 
 def member_sharding(exp):
@@ -139,7 +140,7 @@ def jit_evaluation(exp):
   split = member_sharding(exp)
   kw = dict(make_eval_batch=exp.input.make_eval_batch,
             batch_sharding=NamedSharding(exp.mesh, P() if split else P('data')),
-            dtype=jnp.dtype(exp.config.train.compute_dtype),
+            dtype=convolution.compute_dtype(exp.config),
             crops=data_input.eval_crops(exp.config), crop_size=exp.input.image_shape[0],
             padding=exp.input.eval_padding, flip=data_input.eval_flip(exp.config),
             translate=data_input.eval_translate(exp.config))

@@ -7,11 +7,11 @@ from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cvjax import error_analysis
 from cvjax import population
+from cvjax.ops import convolution
 
 
 def hparams(config):
@@ -61,7 +61,7 @@ def write(workdir, exp, step, test_metrics, predictions, confidence, writers):
     writer.write_hparams({**hparams(config), **({'population.group': net_of[name]}
                                                 if name in net_of else {})}, final)
     example = jax.ShapeDtypeStruct((1, *exp.input.image_shape),
-                                   jnp.dtype(config.train.compute_dtype))
+                                   convolution.compute_dtype(config))
     variables = {'params': g.abstract_state.params, **g.abstract_state.model_state}
     results[name] = {'step': step, **final, 'num_mistakes': analysis['num_mistakes'],
                      'num_params': int(sum(p.size for p in jax.tree.leaves(

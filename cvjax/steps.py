@@ -19,6 +19,7 @@ from cvjax import ema as ema_lib
 from cvjax import losses
 from cvjax.data import batch_augment
 from cvjax.data import memory
+from cvjax.ops import convolution
 
 
 @flax.struct.dataclass
@@ -182,7 +183,7 @@ def batch_args(model, config, mesh, make_train_batch):
   """The static arguments of `batch_loss`, shared by every step that builds a train batch."""
   return dict(model=model, make_train_batch=make_train_batch, input_cfg=config.input,
               batch_sharding=NamedSharding(mesh, P('data')),
-              dtype=jnp.dtype(config.train.compute_dtype),
+              dtype=convolution.compute_dtype(config),
               label_smoothing=config.train.get('label_smoothing', 0.0))
 
 

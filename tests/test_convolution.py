@@ -94,10 +94,10 @@ def test_other_convolutions_go_to_lax_unchanged(backend):
     f = lambda conv: jax.grad(lambda w: jnp.sum(conv(x, w, (1, 1), 'SAME',
                                                        dimension_numbers=DIMS, **kw) ** 2))(wk)
     np.testing.assert_array_equal(f(conv_of(backend)), f(lax.conv_general_dilated))
-  # bfloat16 is not the oneDNN kernel's: it goes to XLA.
+  # bfloat16 goes to oneDNN only where it has bfloat16 kernels (avx512_bf16, AMX).
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   conv = lambda x, w: conv_of(backend)(x, w, (1, 1), 'SAME', dimension_numbers=DIMS)
-  assert not custom_calls(conv, xb, wb)
+  assert bool(custom_calls(conv, xb, wb)) == (backend == 'native' and onednn.bf16())
 
 
 def test_gradients_inside_a_scan_match(backend):
@@ -133,6 +133,47 @@ def test_donated_jit_matches(backend):
                 donate_argnums=(0, 1))(x.copy(), w.copy())
   for a, b in zip(want, got):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def require_bf16():
+  require_native()
+  if not onednn.bf16():
+    pytest.skip(f'oneDNN has no bfloat16 kernels on this CPU ({onednn.bf16_kernel()})')
+
+
+@pytest.mark.parametrize('shape,kernel,strides,padding', [
+    ((4, 16, 16, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1))),  # CIFAR ResNet 3x3
+    ((4, 16, 16, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1))),  # stride-2 first block
+    ((4, 16, 16, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1))),    # stem
+    ((4, 12, 12, 1), (5, 5, 1, 6), (1, 1), ((0, 0), (0, 0))),     # LeNet C1
+    ((4, 8, 8, 4), (5, 5, 2, 6), (1, 1), ((2, 2), (2, 2))),       # two groups
+])
+def test_bfloat16_kernels_round_only_their_outputs(shape, kernel, strides, padding):
+  # The bfloat16 convolution, its input gradient and its weight gradient against float32
+  # arithmetic on the same bfloat16 inputs (x, w, dy exactly representable): oneDNN
+  # accumulates in float32, so each output may differ by its own rounding to bfloat16 (half
+  # an ulp: 2^-9 relative) plus float32 reassociation. Bound: 2^-8 relative to the element
+  # plus 1e-3 of the largest; bfloat16 accumulation would miss it by far (sums of 9-144 terms).
+  require_bf16()
+  rng = np.random.default_rng(5)
+  groups = shape[-1] // kernel[2]
+  bf = lambda a: jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
+  x, w = bf(rng.normal(size=shape)), bf(rng.normal(size=kernel))
+  conv = lambda c: lambda x, w: c(x, w, strides, padding, dimension_numbers=DIMS,
+                                  feature_group_count=groups)
+  y, vjp = jax.vjp(conv(NATIVE), x, w)
+  dy = bf(rng.normal(size=y.shape))
+  got = (y, *vjp(dy))
+  f32 = lambda a: a.astype(jnp.float32)
+  y32, vjp32 = jax.vjp(conv(lax.conv_general_dilated), f32(x), f32(w))
+  want = (y32, *vjp32(f32(dy)))
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.dtype == jnp.bfloat16, name
+    g, r = np.asarray(f32(g)), np.asarray(r)
+    bound = 2.0 ** -8 * np.abs(r) + 1e-3 * np.abs(r).max()
+    assert np.all(np.abs(g - r) <= bound), (name, float(np.max(np.abs(g - r) - bound)))
+  f = jax.grad(lambda x, w: jnp.sum(f32(conv(NATIVE)(x, w)) ** 2), (0, 1))
+  assert custom_calls(f, x, w) == {'cvjax_CvjaxConvForward', 'cvjax_CvjaxConvBackward'}
 
 
 def test_weight_gradient_alone_skips_the_input_gradient():
@@ -215,49 +256,57 @@ STRESS_SHAPES = [(8, 16, 16, 16, 16), (8, 16, 16, 16, 32), (8, 8, 8, 32, 32),
 
 def stress_program(conv):
   def loss(xs, ws):
-    return sum(jnp.sum(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMS) ** 2)
-               for x, w in zip(xs, ws))
+    return sum(jnp.sum(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMS)
+                       .astype(jnp.float32) ** 2) for x, w in zip(xs, ws))
   return jax.jit(jax.grad(loss, (0, 1)))
 
 
-def stress_inputs(seed=0):
+def stress_inputs(seed=0, dtype=jnp.float32):
+  """Inputs in `dtype`; for bfloat16 the float32 reference gets the same (rounded) values."""
   rng = np.random.default_rng(seed)
-  xs = [jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+  xs = [jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32).astype(dtype)
         for n, h, w, c, _ in STRESS_SHAPES]
-  ws = [jnp.asarray(rng.standard_normal((3, 3, c, o)) * 0.1, jnp.float32)
+  ws = [(jnp.asarray(rng.standard_normal((3, 3, c, o)) * 0.1, jnp.float32)).astype(dtype)
         for _, _, _, c, o in STRESS_SHAPES]
   return xs, ws
 
 
 def check_calls(results, reference):
-  """Every call equals XLA's (float tolerance) and the first call (bit for bit)."""
+  """Every call equals XLA's float32 convolutions (float32 tolerance; for bfloat16 results,
+  a few bfloat16 roundings: 2e-2 of the largest) and the first call (bit for bit)."""
   first = jax.device_get(results[0])
   for i, got in enumerate(results):
     got = jax.device_get(got)
     for g, f, r in zip(jax.tree.leaves(got), jax.tree.leaves(first), jax.tree.leaves(reference)):
-      np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()),
+      tol = 2e-2 if g.dtype == jnp.bfloat16 else 1e-4
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=tol,
+                                 atol=tol * float(np.abs(r).max()),
                                  err_msg=f'call {i} differs from XLA\'s convolutions')
       np.testing.assert_array_equal(g, f, err_msg=f'call {i} differs from call 0')
 
 
-def overlapping_calls():
+def _f32(tree):
+  return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def overlapping_calls(dtype='float32'):
   """One program of 16 independent convolutions, called 40 times."""
-  xs, ws = stress_inputs()
-  reference = jax.device_get(stress_program(lax.conv_general_dilated)(xs, ws))
+  xs, ws = stress_inputs(dtype=jnp.dtype(dtype))
+  reference = jax.device_get(stress_program(lax.conv_general_dilated)(_f32(xs), _f32(ws)))
   native = stress_program(NATIVE)
   check_calls([native(xs, ws) for _ in range(40)], reference)
 
 
-def threads_at_once():
+def threads_at_once(dtype='float32'):
   """Four Python threads call two different programs at once: XLA's threads then run custom
   calls of several programs at the same time."""
-  inputs = [stress_inputs(seed) for seed in (1, 2)]
+  inputs = [stress_inputs(seed, jnp.dtype(dtype)) for seed in (1, 2)]
   strided = lambda conv: jax.jit(jax.grad(lambda xs, ws: sum(
-      jnp.sum(jnp.tanh(conv(x, w, (2, 2), 'SAME', dimension_numbers=DIMS)))
+      jnp.sum(jnp.tanh(conv(x, w, (2, 2), 'SAME', dimension_numbers=DIMS).astype(jnp.float32)))
       for x, w in zip(xs, ws)), (0, 1)))
   programs = [stress_program(NATIVE), strided(NATIVE)]
-  references = [stress_program(lax.conv_general_dilated)(*inputs[0]),
-                strided(lax.conv_general_dilated)(*inputs[1])]
+  references = [stress_program(lax.conv_general_dilated)(*_f32(inputs[0])),
+                strided(lax.conv_general_dilated)(*_f32(inputs[1]))]
   results = {k: [] for k in range(4)}
 
   def work(k):
@@ -273,15 +322,17 @@ def threads_at_once():
 
 
 @pytest.mark.slow  # A stress program in a child process per instruction set: ~10 s each.
-@pytest.mark.parametrize('isa', ['this CPU', 'AVX2', 'AVX512_CORE'])
-def test_overlapping_calls_and_threads_give_the_same_bits(isa):
+@pytest.mark.parametrize('isa,dtype', [('this CPU', 'float32'), ('AVX2', 'float32'),
+                                       ('AVX512_CORE', 'float32'), ('this CPU', 'bfloat16')])
+def test_overlapping_calls_and_threads_give_the_same_bits(isa, dtype):
   # In a child process, so that a crash or a hang fails this test instead of the suite.
   # oneDNN picks its kernels by instruction set and the AVX2 ones (AMD Zen 3) need other
   # scratchpads than the AVX-512 ones: ONEDNN_MAX_CPU_ISA makes this machine run them.
-  require_native()
+  # bfloat16: its own kernels (and scratchpads), where the CPU has them.
+  require_bf16() if dtype == 'bfloat16' else require_native()
   env = child_env() if isa == 'this CPU' else child_env(ONEDNN_MAX_CPU_ISA=isa)
-  script = ('import test_convolution as t\nt.overlapping_calls()\nt.threads_at_once()\n'
-            'print("SAME BITS")')
+  script = (f'import test_convolution as t\nt.overlapping_calls({dtype!r})\n'
+            f't.threads_at_once({dtype!r})\nprint("SAME BITS")')
   try:
     out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=240)

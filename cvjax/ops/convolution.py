@@ -1,12 +1,15 @@
 """2-D convolutions on CPU: oneDNN's kernels where available, else XLA's in a fast form.
 
 Every model takes the convolution it is built with (its `conv_general_dilated` field, the
-function Flax's `nn.Conv` calls); `for_config` decides it once per run. On CPU, float32
-NHWC/HWIO convolutions then go to oneDNN through XLA FFI custom calls (cvjax.ops.onednn:
+function Flax's `nn.Conv` calls); `for_config` decides it once per run, and `compute_dtype`
+the dtype the run computes in. On CPU, float32 NHWC/HWIO convolutions then go to oneDNN
+through XLA FFI custom calls (cvjax.ops.onednn:
 forward, and one call for the input and weight gradients), the kernels PyTorch uses, faster
 than XLA:CPU's own (docs/performance.md). `train.native_conv=False`, or CVJAX_NATIVE=0,
 keeps XLA's convolutions, as does any convolution the oneDNN kernel does not take
-(bfloat16, dilation, negative padding).
+(dilation, negative padding). bfloat16 ones (`train.compute_dtype=bfloat16`) go to oneDNN
+where the CPU has bfloat16 instructions (avx512_bf16, AMX); on other CPUs such a run computes
+in float32 (`compute_dtype`), since XLA:CPU's bfloat16 convolutions are slower still.
 
 XLA's path is `conv2d` below, a convolution whose backward pass is written out in the form
 XLA:CPU runs fast.
@@ -45,24 +48,42 @@ def native_available():
 
 def native_for(config):
   """Whether this run's convolutions go to oneDNN: where `train.native_conv` (default True)
-  allows it, the backend is CPU, the library loads and the compute dtype is float32."""
-  return (bool(config.train.get('native_conv', True)) and native_available()
-          and jnp.dtype(config.train.get('compute_dtype', 'float32')) == jnp.float32)
+  allows it, the backend is CPU, the library loads and the compute dtype is float32, or
+  bfloat16 on a CPU whose bfloat16 instructions oneDNN uses (avx512_bf16 or AMX)."""
+  if not (config.train.get('native_conv', True) and native_available()):
+    return False
+  dtype = compute_dtype(config)
+  return dtype == jnp.float32 or (dtype == jnp.bfloat16 and onednn.bf16())
+
+
+def compute_dtype(config):
+  """The dtype this run computes in: `train.compute_dtype`, except bfloat16 on a CPU whose
+  convolutions would go to oneDNN but which has no bfloat16 instructions (AVX2 only): there
+  XLA's bfloat16 convolutions are far slower than float32 ones, so the run computes in
+  float32 and the log says so once. The one place that decides it (models, inputs, steps)."""
+  dtype = jnp.dtype(config.train.get('compute_dtype', 'float32'))
+  if (dtype == jnp.bfloat16 and config.train.get('native_conv', True) and native_available()
+      and not onednn.bf16()):
+    _log_choice('train.compute_dtype=bfloat16, but oneDNN has no bfloat16 kernels on this CPU '
+                '(no avx512_bf16 or AMX): computing in float32', warn=True)
+    return jnp.dtype(jnp.float32)
+  return dtype
 
 
 def for_config(config):
   """The `conv_general_dilated` that models of this run are built with (logged once)."""
   wanted = config.train.get('native_conv', True)
-  float32 = jnp.dtype(config.train.get('compute_dtype', 'float32')) == jnp.float32
+  dtype = compute_dtype(config)
   native, warn = native_for(config), False
-  if native:
+  if native and dtype == jnp.bfloat16:
+    why = (f'oneDNN {onednn.version()} in bfloat16 on CPU (kernel {onednn.bf16_kernel()}; '
+           'float32 accumulation)')
+  elif native:
     why = f'oneDNN {onednn.version()} (float32 on CPU)'
   elif jax.default_backend() != 'cpu':
     why = f"XLA's ({jax.default_backend()} backend)"
   elif not wanted:
     why = "XLA's (train.native_conv=False)"
-  elif not float32:
-    why = f"XLA's (compute dtype {config.train.compute_dtype}; oneDNN's are float32 only)"
   else:  # Slower on CPU, and not what the config asked for: a warning.
     why = "XLA's, slower on CPU (the oneDNN library is unavailable: see the warning above)"
     warn = True
@@ -114,7 +135,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def onednn_conv2d(x, w, strides, padding, groups):
-  """`conv2d` on oneDNN (float32; `groups` input-channel groups)."""
+  """`conv2d` on oneDNN (float32 or bfloat16; `groups` input-channel groups)."""
   return onednn.forward(x, w, strides, padding, groups)
 
 

@@ -1,7 +1,8 @@
 """oneDNN convolutions for XLA:CPU, as `jax.ffi` custom calls (native/onednn_conv.cc).
 
 XLA:CPU's convolution kernels hold most of the gap to PyTorch on CPU; oneDNN's are the ones
-PyTorch uses. The C++ source is compiled on first use against oneDNN from PyPI
+PyTorch uses; float32, and bfloat16 where the CPU has bfloat16 instructions (`bf16()`).
+The C++ source is compiled on first use against oneDNN from PyPI
 (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) and the FFI headers that ship with jaxlib, and
 cached in the cvjax cache folder (~/.cache/cvjax, or $CVJAX_CACHE_DIR) under a hash of the source and the versions,
 so a second process only loads it. Where it cannot be built or loaded (no compiler, no
@@ -116,12 +117,28 @@ def _load():
                                   platform='cpu')
     lib.CvjaxOnednnVersion.restype = ctypes.c_char_p
     version = lib.CvjaxOnednnVersion().decode()
+    lib.CvjaxOnednnBf16Kernel.restype = ctypes.c_char_p
+    _BF16.update(ok=bool(lib.CvjaxOnednnBf16()), kernel=lib.CvjaxOnednnBf16Kernel().decode())
   except subprocess.CalledProcessError as e:
     return False, f'compiling {SOURCE.name} failed: {e.stderr.strip()[-2000:]}'
   except (OSError, FileNotFoundError, AttributeError, ValueError) as e:
     return False, f'{type(e).__name__}: {e}'
   logging.info('Convolutions on CPU run on oneDNN %s through XLA FFI calls.', version)
   return True, version
+
+
+_BF16 = {'ok': False, 'kernel': None}  # Filled in by _load.
+
+
+def bf16():
+  """Whether oneDNN runs bfloat16 convolutions on the CPU's bfloat16 instructions here
+  (avx512_bf16 or AMX, as oneDNN sees them: ONEDNN_MAX_CPU_ISA caps them)."""
+  return available() and _BF16['ok']
+
+
+def bf16_kernel():
+  """oneDNN's kernel for a bfloat16 CIFAR ResNet convolution, e.g. 'brg:avx512_core_bf16'."""
+  return _BF16['kernel'] if available() else None
 
 
 def version():
@@ -145,8 +162,11 @@ def _log_unavailable(reason):
 
 
 def supports(x, w, strides, padding, groups):
-  """Whether the kernel takes this convolution: float32, NHWC/HWIO, padding >= 0."""
-  return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and x.ndim == 4 and w.ndim == 4
+  """Whether the kernel takes this convolution: NHWC/HWIO, padding >= 0, float32, or
+  bfloat16 where the CPU has bfloat16 instructions (`bf16()`)."""
+  dtype_ok = x.dtype == w.dtype and (x.dtype == jnp.float32
+                                     or (x.dtype == jnp.bfloat16 and bf16()))
+  return (dtype_ok and x.ndim == 4 and w.ndim == 4
           and groups >= 1 and x.shape[3] == w.shape[2] * groups and w.shape[3] % groups == 0
           and all(p >= 0 for pair in padding for p in pair)
           and all(s >= 1 for s in strides) and 0 not in x.shape and 0 not in w.shape

@@ -9,8 +9,9 @@
 Models: resnetN / plainN (CIFAR, 32x32x3), imagenet_resnetN / imagenet_plainN (224x224x3,
 1000 classes; no PyTorch twin), lenet5 (32x32x1) and airbench (configs/speedrun.py, 32x32x3). For each model, dtype and
 step variant it prints train images/s, step time (median, p90), compile time, first-step
-time, eval images/s, achieved GFLOP/s and MFU against a matmul peak measured in the same
-run, and the process's peak host memory so far (a high-water mark: run one model per
+time, eval images/s, achieved GFLOP/s, MFU against a matmul peak measured in the same
+run and the fraction of the CPU's peak FLOP/s in the row's dtype (cvjax.tools.cpu_peak),
+and the process's peak host memory so far (a high-water mark: run one model per
 process to attribute it); the last line is one JSON object with every figure.
 The step is the real one (`steps.jit_train_step`: gather from a device-resident dataset,
 augmentation, forward, backward, SGD update) on random images.
@@ -46,6 +47,7 @@ from cvjax import sharding
 from cvjax import steps
 from cvjax.data import memory
 from cvjax.ops import convolution
+from cvjax.tools import cpu_peak
 
 _MODEL = flags.DEFINE_list('model', ['resnet20'], 'resnetN, plainN (CIFAR) or lenet5.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
@@ -128,16 +130,17 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
   if _SCAN.value is not None and 'scan_blocks' in config.model:
     config.model.scan_blocks = _SCAN.value
   shape, num_classes = input_shape_and_classes(name)
+  dtype = convolution.compute_dtype(config)  # bfloat16 falls back to float32 without bf16 kernels.
   mesh = sharding.make_mesh(config)
   replicated = NamedSharding(mesh, P())
-  model = models.create_model(config.model, num_classes=num_classes, dtype=jnp.dtype(dtype),
+  model = models.create_model(config.model, num_classes=num_classes, dtype=dtype,
                               remat=config.train.get('remat', False),
                               conv_general_dilated=convolution.for_config(config))
   conv = 'native' if convolution.native_for(config) else 'xla'  # Label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000), 10_000)
   ema = config.train.get('ema_decay', 0) > 0
-  state = jax.jit(steps.state_initializer(model, tx, shape, jnp.dtype(dtype), ema),
+  state = jax.jit(steps.state_initializer(model, tx, shape, dtype, ema),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
   n = 4 * batch_size
@@ -173,7 +176,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
   eval_step = jax.jit(lambda s, t: steps.eval_step(
       s, t, {'index': 0}, model=model,
       make_eval_batch=functools.partial(memory.eval_batch, batch_size=n),
-      batch_sharding=NamedSharding(mesh, P('data')), dtype=jnp.dtype(dtype)))
+      batch_sharding=NamedSharding(mesh, P('data')), dtype=dtype))
   jax.block_until_ready(eval_step(state, test))
   t0 = time.perf_counter()
   for _ in range(3):
@@ -181,6 +184,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
   eval_ips = 3 * n / (time.perf_counter() - t0)
   flops = step_flops(config, tx, mesh, shape, num_classes, train_batch, (data, batches[0], key))
   return {'model': name, 'variant': variant, 'conv': conv, 'recipe': recipe,
+          'computed_in': str(dtype),
           'train_images_per_s': batch_size / median,
           'step_ms_median': 1e3 * median, 'step_ms_p90': 1e3 * float(np.percentile(times, 90)),
           'compile_s': first - median, 'first_step_s': first, 'eval_images_per_s': eval_ips,
@@ -302,30 +306,35 @@ def main(argv):
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
         + ', '.join(f'{d} {r:.0f} GFLOP/s' for d, r in rates.items()))
+  cpu = cpu_peak.this_cpu() if jax.default_backend() == 'cpu' else None
+  for d in dict.fromkeys(['float32', *_DTYPE.value]) if cpu else ():
+    print(f'CPU peak, {d}: {cpu_peak.describe(cpu, d)}')
   results = []
   header = (f'{"model":<18} {"dtype":<8} {"variant":<12} {"conv":<6} {"recipe":<15} '
             f'{"img/s":>8} {"step ms":>8} '
             f'{"p90 ms":>8} {"compile s":>9} {"1st step s":>10} {"eval img/s":>10} '
-            f'{"GFLOP/s":>8} {"MFU":>6} {"peak MiB":>8}')
+            f'{"GFLOP/s":>8} {"MFU":>6} {"of peak":>7} {"peak MiB":>8}')
   print(header)
   for name in _MODEL.value:
     for dtype in dict.fromkeys(_DTYPE.value):
       for variant, conv, recipe in itertools.product(_VARIANTS.value, _CONV.value,
                                                      _RECIPE.value):
-        if conv == 'native' and dtype != 'float32':
-          print(f'  {name} {dtype} {variant}: the oneDNN path takes float32 only; see the xla row.')
-          continue
         if recipe not in RECIPES:
           raise app.UsageError(f'unknown --recipe={recipe}; expected {", ".join(RECIPES)}.')
         r = run_jax(name, variant, _BATCH.value, _STEPS.value, _WARMUP.value, dtype, conv, recipe)
         gflops = r['achieved_gflops_per_s']
         r.update(dtype=dtype, mfu=gflops / peaks[dtype] if gflops is not None else None)
+        if cpu and gflops is not None:  # Against the peak of the dtype the row computed in.
+          r['cpu_peak_gflops_per_s'] = cpu_peak.peak_gflops(cpu, r['computed_in'])
+          r['fraction_of_cpu_peak'] = gflops / r['cpu_peak_gflops_per_s']
+        of_peak = f'{r["fraction_of_cpu_peak"]:.1%}' if 'fraction_of_cpu_peak' in r else '-'
         results.append(r)
         print(f'{name:<18} {dtype:<8} {variant:<12} {conv:<6} {recipe:<15} '
               f'{r["train_images_per_s"]:>8.0f} '
               f'{r["step_ms_median"]:>8.1f} {r["step_ms_p90"]:>8.1f} {r["compile_s"]:>9.2f} '
               f'{r["first_step_s"]:>10.2f} {r["eval_images_per_s"]:>10.0f} '
               f'{_or_dash(r["achieved_gflops_per_s"], ">8.1f")} {_or_dash(r["mfu"], ">6.1%")} '
+              f'{of_peak:>7} '
               f'{r["peak_host_memory_mib"]:>8.0f}', flush=True)
       if _BASELINE.value == 'torch' and (t := run_torch(name, dtype, results)):
         results.append(t)
@@ -336,6 +345,10 @@ def main(argv):
   print(json.dumps({'jax': jax.__version__, 'device': jax.devices()[0].device_kind,
                     'devices': jax.device_count(), 'batch_size': _BATCH.value,
                     'matmul_gflops_per_s': rates, 'mfu_roof_gflops_per_s': peaks,
+                    'cpu': cpu and {'kind': cpu_peak.kind(cpu), 'cores': cpu.cores,
+                                    'mhz': cpu.mhz, 'mhz_source': cpu.mhz_source,
+                                    'peak_gflops_per_s': {d: cpu_peak.peak_gflops(cpu, d)
+                                                          for d in ('float32', 'bfloat16')}},
                     'results': results, 'population': population}))
 
 

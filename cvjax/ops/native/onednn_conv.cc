@@ -1,4 +1,6 @@
-// 2-D convolutions (NHWC input, HWIO kernel, float32) as XLA FFI custom calls into oneDNN.
+// 2-D convolutions (NHWC input, HWIO kernel) as XLA FFI custom calls into oneDNN, in float32
+// or in bfloat16 (bfloat16 input, kernel, output and gradients; oneDNN accumulates in float32,
+// and the weight gradient is reduced in float32 and rounded once, when it is written out).
 //
 // XLA's own buffers are wrapped as oneDNN memory (nhwc / hwio strides): no copies of
 // activations. The kernel is reordered into the blocked layout oneDNN picks (`any`), a small
@@ -37,7 +39,10 @@ struct Shape {
   int64_t kh, kw, o;     // Kernel HWIO: kh, kw, c / groups, o.
   int64_t oh, ow;        // Output spatial size.
   int64_t sh, sw, pt, pb, pl, pr, groups;
-  auto key() const { return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups); }
+  memory::data_type dt;   // Of every buffer: f32 or bf16.
+  auto key() const {
+    return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups, dt);
+  }
 };
 
 dnnl::primitive_attr UserScratchpad() {
@@ -51,24 +56,24 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-memory::desc Act(int64_t n, int64_t h, int64_t w, int64_t c) {
-  return memory::desc({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+memory::desc Act(int64_t n, int64_t h, int64_t w, int64_t c, memory::data_type dt) {
+  return memory::desc({n, c, h, w}, dt, tag::nhwc);
 }
 
 // The HWIO kernel as oneDNN's (groups, O/g, I/g, KH, KW) weights, by strides.
 memory::desc Hwio(const Shape& s) {
   int64_t ig = s.c / s.groups, og = s.o / s.groups;
   if (s.groups == 1)
-    return memory::desc({s.o, ig, s.kh, s.kw}, memory::data_type::f32,
+    return memory::desc({s.o, ig, s.kh, s.kw}, s.dt,
                         memory::dims{1, s.o, s.kw * ig * s.o, ig * s.o});
-  return memory::desc({s.groups, og, ig, s.kh, s.kw}, memory::data_type::f32,
+  return memory::desc({s.groups, og, ig, s.kh, s.kw}, s.dt,
                       memory::dims{og, 1, s.o, s.kw * ig * s.o, ig * s.o});
 }
 
-memory::desc AnyWeights(const Shape& s) {
+memory::desc AnyWeights(const Shape& s, memory::data_type dt) {
   int64_t ig = s.c / s.groups, og = s.o / s.groups;
-  if (s.groups == 1) return memory::desc({s.o, ig, s.kh, s.kw}, memory::data_type::f32, tag::any);
-  return memory::desc({s.groups, og, ig, s.kh, s.kw}, memory::data_type::f32, tag::any);
+  if (s.groups == 1) return memory::desc({s.o, ig, s.kh, s.kw}, dt, tag::any);
+  return memory::desc({s.groups, og, ig, s.kh, s.kw}, dt, tag::any);
 }
 
 // A reorder between the HWIO kernel and the layout a convolution primitive chose.
@@ -87,6 +92,10 @@ struct Primitives {
   dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
   dnnl::convolution_backward_weights bwd_weights;
   std::unique_ptr<Reorder> bwd_weights_w;  // Its weights layout -> HWIO.
+  // bfloat16 strided convolutions take their weight gradient in float32: x and dy are
+  // converted first (oneDNN 3.2's bfloat16 kernel for it ran 20-50x slower than float32's on
+  // AVX-512 BF16, ResNet-20's stride-2 convolutions: 1.1-1.9 s against 32-71 ms a call).
+  std::unique_ptr<Reorder> x_to_f32, dy_to_f32;
 };
 
 std::unique_ptr<Reorder> ReorderIfNeeded(const memory::desc& from, const memory::desc& to) {
@@ -99,8 +108,10 @@ std::unique_ptr<Primitives> Build(const Shape& s) {
   auto& eng = Engine();
   auto p = std::make_unique<Primitives>();
   memory::dims strides{s.sh, s.sw}, pad_l{s.pt, s.pl}, pad_r{s.pb, s.pr};
-  auto src = Act(s.n, s.h, s.w, s.c), dst = Act(s.n, s.oh, s.ow, s.o);
-  auto hwio = Hwio(s), any = AnyWeights(s);
+  auto src = Act(s.n, s.h, s.w, s.c, s.dt), dst = Act(s.n, s.oh, s.ow, s.o, s.dt);
+  // In bfloat16 the weight gradient is produced in float32 (its reduction over the batch stays
+  // in float32) and rounded to bfloat16 by the reorder into the HWIO output.
+  auto hwio = Hwio(s), any = AnyWeights(s, s.dt), any_diff = AnyWeights(s, memory::data_type::f32);
   p->fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, any, dst,
       strides, pad_l, pad_r, UserScratchpad());
@@ -111,9 +122,23 @@ std::unique_ptr<Primitives> Build(const Shape& s) {
       UserScratchpad());
   p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
   p->bwd_data_w = ReorderIfNeeded(hwio, p->bwd_data_pd.weights_desc());
+  auto f32 = memory::data_type::f32;
+  bool f32_weight_grad = s.dt == memory::data_type::bf16 && (s.sh > 1 || s.sw > 1);
+  auto w_src = f32_weight_grad ? Act(s.n, s.h, s.w, s.c, f32) : src;
+  auto w_dst = f32_weight_grad ? Act(s.n, s.oh, s.ow, s.o, f32) : dst;
+  auto w_hint = f32_weight_grad
+                    ? dnnl::convolution_forward::primitive_desc(
+                          eng, dnnl::prop_kind::forward_training,
+                          dnnl::algorithm::convolution_direct, w_src, any_diff, w_dst, strides,
+                          pad_l, pad_r, UserScratchpad())
+                    : p->fwd_pd;
+  if (f32_weight_grad) {
+    p->x_to_f32 = ReorderIfNeeded(src, w_src);
+    p->dy_to_f32 = ReorderIfNeeded(dst, w_dst);
+  }
   p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      eng, dnnl::algorithm::convolution_direct, src, any, dst, strides, pad_l, pad_r, p->fwd_pd,
-      UserScratchpad());
+      eng, dnnl::algorithm::convolution_direct, w_src, any_diff, w_dst, strides, pad_l, pad_r,
+      w_hint, UserScratchpad());
   p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
   p->bwd_weights_w = ReorderIfNeeded(p->bwd_weights_pd.diff_weights_desc(), hwio);
   return p;
@@ -164,12 +189,15 @@ ffi::Error ShapeOf(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y, int64_t
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("cvjax onednn conv: expected rank-4 NHWC/HWIO/NHWC");
-  if (x.element_type() != ffi::F32 || w.element_type() != ffi::F32 ||
-      y.element_type() != ffi::F32)
-    return ffi::Error::InvalidArgument("cvjax onednn conv: expected float32");
+  auto type = x.element_type();
+  if ((type != ffi::F32 && type != ffi::BF16) || w.element_type() != type ||
+      y.element_type() != type)
+    return ffi::Error::InvalidArgument(
+        "cvjax onednn conv: expected float32 or bfloat16, the same for every buffer");
   Shape& s = *out;
   s = Shape{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2],
-          sh, sw, pt, pb, pl, pr, groups};
+          sh, sw, pt, pb, pl, pr, groups,
+          type == ffi::BF16 ? memory::data_type::bf16 : memory::data_type::f32};
   if (groups < 1 || s.c != wd[2] * groups || s.o % groups || yd[0] != s.n || yd[3] != s.o)
     return ffi::Error::InvalidArgument("cvjax onednn conv: inconsistent shapes");
   return ffi::Error::Success();
@@ -193,9 +221,10 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::
   try {
     const Primitives& p = Get(s);
     memory wm = Reordered(p.fwd_w, Wrap(Hwio(s), w.untyped_data()), p.fwd_pd.weights_desc());
-    Run(p.fwd, p.fwd_pd, {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c), x.untyped_data())},
+    Run(p.fwd, p.fwd_pd, {{DNNL_ARG_SRC, Wrap(Act(s.n, s.h, s.w, s.c, s.dt), x.untyped_data())},
                           {DNNL_ARG_WEIGHTS, wm},
-                          {DNNL_ARG_DST, Wrap(Act(s.n, s.oh, s.ow, s.o), y->untyped_data())}});
+                          {DNNL_ARG_DST,
+                           Wrap(Act(s.n, s.oh, s.ow, s.o, s.dt), y->untyped_data())}});
     Stream().wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("cvjax onednn conv forward: ") + e.what());
@@ -213,7 +242,7 @@ ffi::Error ConvBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer d
   if (auto e = ShapeOf(x, w, dy, sh, sw, pt, pb, pl, pr, groups, &s); e.failure()) return e;
   try {
     const Primitives& p = Get(s);
-    auto src = Act(s.n, s.h, s.w, s.c), dst = Act(s.n, s.oh, s.ow, s.o);
+    auto src = Act(s.n, s.h, s.w, s.c, s.dt), dst = Act(s.n, s.oh, s.ow, s.o, s.dt);
     memory dy_m = Wrap(dst, dy.untyped_data());
     if (need_dx) {
       memory wm = Reordered(p.bwd_data_w, Wrap(Hwio(s), w.untyped_data()),
@@ -224,8 +253,10 @@ ffi::Error ConvBackwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer d
     memory dw_out = Wrap(Hwio(s), dw->untyped_data());
     memory dw_m = p.bwd_weights_w ? memory(p.bwd_weights_pd.diff_weights_desc(), Engine())
                                   : dw_out;
-    Run(p.bwd_weights, p.bwd_weights_pd, {{DNNL_ARG_SRC, Wrap(src, x.untyped_data())},
-                                          {DNNL_ARG_DIFF_DST, dy_m},
+    memory x_w = Reordered(p.x_to_f32, Wrap(src, x.untyped_data()), p.bwd_weights_pd.src_desc());
+    memory dy_w = Reordered(p.dy_to_f32, dy_m, p.bwd_weights_pd.diff_dst_desc());
+    Run(p.bwd_weights, p.bwd_weights_pd, {{DNNL_ARG_SRC, x_w},
+                                          {DNNL_ARG_DIFF_DST, dy_w},
                                           {DNNL_ARG_DIFF_WEIGHTS, dw_m}});
     if (p.bwd_weights_w)
       Run(p.bwd_weights_w->prim, p.bwd_weights_w->pd, {{DNNL_ARG_FROM, dw_m}, {DNNL_ARG_TO, dw_out}});
@@ -269,4 +300,30 @@ extern "C" const char* CvjaxOnednnVersion() {
                                                    : " other threading");
   }();
   return v.c_str();
+}
+
+// Whether oneDNN runs bfloat16 convolutions with the CPU's own bfloat16 instructions
+// (AVX-512 BF16 or AMX): its effective instruction set, ONEDNN_MAX_CPU_ISA included, contains
+// avx512_core_bf16 (the ISA values are nested bit masks).
+extern "C" int CvjaxOnednnBf16() {
+  unsigned isa = dnnl_get_effective_cpu_isa();
+  return (isa & dnnl_cpu_isa_avx512_core_bf16) == dnnl_cpu_isa_avx512_core_bf16;
+}
+
+// The kernel oneDNN picks for a bfloat16 3x3 convolution of a CIFAR ResNet, for the log.
+extern "C" const char* CvjaxOnednnBf16Kernel() {
+  static std::string impl = [] {
+    try {
+      auto bf16 = memory::data_type::bf16;
+      memory::desc act({128, 16, 32, 32}, bf16, tag::nhwc);
+      memory::desc w({16, 16, 3, 3}, bf16, tag::any);
+      dnnl::convolution_forward::primitive_desc pd(
+          Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          act, w, act, {1, 1}, {1, 1}, {1, 1});
+      return std::string(pd.impl_info_str());
+    } catch (const dnnl::error& e) {
+      return std::string("none (") + e.what() + ")";
+    }
+  }();
+  return impl.c_str();
 }
