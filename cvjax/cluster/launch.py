@@ -178,7 +178,8 @@ def train_command(args, python, distributed=()):
 # --- Cloud TPU ---
 
 def pinned(names):
-  """requirements.txt's lines (without comments) for the packages `names`, in its order."""
+  """requirements.txt's lines (without comments) for the packages `names`, in its order, with
+  their environment markers: the worker's pip picks the versions pinned for its Python."""
   with open(os.path.join(ROOT, 'requirements.txt')) as f:
     lines = [l.split('#')[0].strip() for l in f]
   name = lambda l: re.split(r'[\[=<>!~;\s]', l, maxsplit=1)[0].lower()
@@ -373,8 +374,9 @@ def launch_tpu(args):
 def _launch_tpu(args, distributed, archive):
   remote = workdir.is_remote(args.workdir)
   runs = [overrides_of(args, o) for _, o in trials(args)] or [overrides_of(args)]
-  packages = [f'jax[tpu]=={JAX_VERSION}', *pinned(CORE_PACKAGES + tuple(
-      p for need in sorted(data_needs(args, runs)) for p in DATA_PACKAGES[need]))]
+  packages = [l.replace('jax==', 'jax[tpu]==', 1) for l in pinned(('jax',))] + pinned(
+      CORE_PACKAGES + tuple(p for need in sorted(data_needs(args, runs))
+                            for p in DATA_PACKAGES[need]))
   if args.parallel:
     plans = []
     for trial, overrides in trials(args):
