@@ -11,7 +11,9 @@ transform (resize, centre crop) per worker-process count, and a JSON line per ro
 workers also images per CPU-second of the one process (the per-core rate, which a loaded
 machine leaves nearly as it is). `train_pil` is the train transform as it was before the
 scaled JPEG decode (PIL, full size), timed in the same run. The first batch (worker start-up)
-is timed apart from the steady state.
+is timed apart from the steady state. `--compare=FOLDER` (a copy of --data made by
+`python -m cvjax.data.preresize`) adds a `train_cmp` row per count: the same train transform
+reading FOLDER's images, timed in the same run beside --data's.
 """
 
 import json
@@ -28,6 +30,9 @@ from cvjax import runtime
 
 _DATA = flags.DEFINE_string('data', None, 'An image folder in the ILSVRC layout.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'Worker-process counts to time.')
+_COMPARE = flags.DEFINE_string(
+    'compare', None, 'A second image folder (e.g. a pre-resized copy of --data) whose train '
+    'transform is timed beside --data\'s.')
 _THREADS = flags.DEFINE_integer('threads', 1, 'Reading threads per process.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per batch.')
 _BATCHES = flags.DEFINE_integer('batches', 16, 'Batches timed after the first.')
@@ -118,6 +123,11 @@ def main(argv):
       splits.train, seed=0, batch_size=_BATCH.value, start_step=0,
       transform=functools.partial(fn, **crop))
                       for fn in (streaming.train_transform, pil_train_transform))
+  rows = [('train_pil', train_pil), ('train', train)]
+  if _COMPARE.value:
+    rows.append(('train_cmp', streaming.train_dataset(
+        streaming.image_folder(_COMPARE.value).train, seed=0, batch_size=_BATCH.value,
+        start_step=0, transform=functools.partial(streaming.train_transform, **crop))))
   evaluation = streaming.eval_dataset(
       splits.test, batch_size=_BATCH.value, pad_shape=(size, size, 3),
       transform=functools.partial(streaming.eval_transform, size=size, crop=size))
@@ -127,7 +137,7 @@ def main(argv):
   print(f'{"transform":<10}{"workers":>8}{"first batch s":>15}{"images/s":>10}'
         f'{"per CPU-s":>11}')
   for workers in map(int, _WORKERS.value):
-    for name, ds in (('train_pil', train_pil), ('train', train), ('eval', evaluation)):
+    for name, ds in (*rows, ('eval', evaluation)):
       batches = min(_BATCHES.value, len(ds) - 1) if name == 'eval' else _BATCHES.value
       first, ips, per_cpu = time_pipeline(ds, workers, _THREADS.value, batches)
       per_cpu = round(per_cpu, 1) if workers == 0 else None  # Workers' CPU is not counted.
