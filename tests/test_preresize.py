@@ -74,10 +74,20 @@ def test_reads_a_tar_gz(tmp_path):
   assert read(os.path.join(dst, val)) == read(os.path.join(src, 'val', 'n02', 'n02_0.JPEG'))
 
 
+def no_train_tar(root):
+  archive = str(root / 'val_only.tar')
+  if not os.path.exists(archive):
+    src = write_folder(root / 'val_only')
+    with tarfile.open(archive, 'w') as tar:
+      tar.add(os.path.join(src, 'val'), arcname='val')
+  return archive
+
+
 @pytest.mark.parametrize('make, message', [
     (lambda p: str(p / 'missing'), 'does not exist'),
     (lambda p: (p / 'x.tar').write_text('not a tar') and str(p / 'x.tar'), 'not a tar archive'),
     (lambda p: (p / 'empty').mkdir(exist_ok=True) or str(p / 'empty'), 'holds no train/<class>/'),
+    (lambda p: no_train_tar(p), 'holds no train/<class>/'),
 ])
 def test_bad_source_is_a_user_error(tmp_path, make, message, capsys):
   with pytest.raises(UserError, match=message):

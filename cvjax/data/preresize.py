@@ -80,7 +80,7 @@ def _job(args):
 
 
 def _folder_jobs(src):
-  for dirpath, dirnames, filenames in os.walk(src):
+  for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
     dirnames.sort()
     for name in sorted(filenames):
       if image_files.is_image(name):
@@ -150,6 +150,10 @@ def preresize(src, dst, short_side=256, quality=90, workers=None):
     with multiprocessing.get_context('spawn').Pool(workers) as pool:
       for _ in pool.imap_unordered(_job, jobs(), chunksize=16):
         written += 1
+  if os.path.isfile(src) and not image_files.list_image_folder(dst).get('train'):
+    raise UserError(f'{src} holds no train/<class>/ folder of images (optionally under one top '
+                    'folder); expected the ILSVRC layout: train/<class>/*.JPEG, '
+                    'val/<class>/*.JPEG.')
   return written, skipped
 
 
