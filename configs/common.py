@@ -148,6 +148,20 @@ def base_config():
   return c
 
 
+def complete(saved):
+  """`saved` (a config.json's dict) on top of `base_config()`: a run written by an older cvjax
+  lacks the fields added since, and gets their defaults here, once, so that code reads every
+  field this file sets as an attribute. `model` stays as saved: its fields are the family's.
+  Fields this file does not know are kept; the values stay as the file has them."""
+  def merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+      out[key] = (merge(base[key], value) if isinstance(value, dict)
+                  and isinstance(base.get(key), dict) and key != 'model' else value)
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
+
+
 def imagenet_input(c, image_size=224):
   """ImageNet through the streaming pipeline (cvjax/data/streaming.py), for the ImageNet
   recipes of every family."""

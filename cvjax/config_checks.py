@@ -15,7 +15,7 @@ def check_config(config, num_devices):
                     f'{num_devices} devices the batch is split over.')
   if t.eval_batch_size <= 0:  # Rounded up to a multiple of the devices (experiment.py).
     raise UserError(f'train.eval_batch_size={t.eval_batch_size}; expected a positive number.')
-  k = t.get('accumulate_steps', 1)
+  k = t.accumulate_steps
   if isinstance(k, int) and k > 1 and t.batch_size % (k * num_devices):
     raise UserError(f'train.batch_size={t.batch_size} does not split into '
                     f'train.accumulate_steps={k} micro-batches over {num_devices} device(s): '
@@ -64,30 +64,30 @@ def check_values(config):
        'a positive factor (0.1: /10 at each boundary)'),
       ('schedule.power', sch.get('power', 1), lambda v: v > 0,
        'a positive exponent of the polynomial schedule'),
-      ('schedule.end_value', sch.get('end_value', 0), lambda v: 0 <= v <= o.learning_rate,
+      ('schedule.end_value', sch.end_value, lambda v: 0 <= v <= o.learning_rate,
        f'a learning rate in [0, optimizer.learning_rate={o.learning_rate}]'),
-      ('optimizer.b1', o.get('b1', 0.9), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-      ('optimizer.b2', o.get('b2', 0.999), lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-      ('optimizer.eps', o.get('eps', 1e-8), lambda v: v >= 0, 'a number >= 0'),
-      ('optimizer.trust_coefficient', o.get('trust_coefficient', 1e-3), lambda v: v > 0,
+      ('optimizer.b1', o.b1, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.b2', o.b2, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
+      ('optimizer.eps', o.eps, lambda v: v >= 0, 'a number >= 0'),
+      ('optimizer.trust_coefficient', o.trust_coefficient, lambda v: v > 0,
        "a positive number (LARS's eta, 0.001)"),
-      ('train.label_smoothing', t.get('label_smoothing', 0), lambda v: 0 <= v < 1,
+      ('train.label_smoothing', t.label_smoothing, lambda v: 0 <= v < 1,
        'a number in [0, 1) (0: off; 0.1 in torchvision\'s recipe)'),
-      ('train.ema_decay', t.get('ema_decay', 0), lambda v: 0 <= v < 1,
+      ('train.ema_decay', t.ema_decay, lambda v: 0 <= v < 1,
        'a per-step decay in [0, 1) (0: no moving average; e.g. 0.999)'),
-      ('input.random_erasing', inp.get('random_erasing', 0), lambda v: 0 <= v <= 1,
+      ('input.random_erasing', inp.random_erasing, lambda v: 0 <= v <= 1,
        'a probability in [0, 1] (0: off)'),
-      ('input.mixup_alpha', inp.get('mixup_alpha', 0), lambda v: v >= 0,
+      ('input.mixup_alpha', inp.mixup_alpha, lambda v: v >= 0,
        'a number >= 0 (0: off; 0.2 in torchvision\'s recipe)'),
-      ('input.cutmix_alpha', inp.get('cutmix_alpha', 0), lambda v: v >= 0,
+      ('input.cutmix_alpha', inp.cutmix_alpha, lambda v: v >= 0,
        'a number >= 0 (0: off; 1.0 in torchvision\'s recipe)'),
-      ('input.mix_prob', inp.get('mix_prob', 1), lambda v: 0 <= v <= 1,
+      ('input.mix_prob', inp.mix_prob, lambda v: 0 <= v <= 1,
        'a probability in [0, 1]'),
-      ('input.cutmix_prob', inp.get('cutmix_prob', 0.5), lambda v: 0 <= v <= 1,
+      ('input.cutmix_prob', inp.cutmix_prob, lambda v: 0 <= v <= 1,
        'a probability in [0, 1]'),
-      ('optimizer.bn_bias_lr_scale', o.get('bn_bias_lr_scale', 1), lambda v: v > 0,
+      ('optimizer.bn_bias_lr_scale', o.bn_bias_lr_scale, lambda v: v > 0,
        'a positive factor (1: off; airbench94: 64)'),
-      ('optimizer.whiten_bias_frozen_at', o.get('whiten_bias_frozen_at', 1),
+      ('optimizer.whiten_bias_frozen_at', o.whiten_bias_frozen_at,
        lambda v: 0 <= v <= 1, 'a fraction of the run in [0, 1] (1: never frozen)'),
       ('optimizer.lookahead_decay', o.get('lookahead_decay', 0), lambda v: 0 <= v <= 1,
        'a decay in [0, 1] (airbench94: 0.95 ** 5)'),
@@ -96,15 +96,15 @@ def check_values(config):
     if not _is_number(value) or not test(value):
       raise UserError(f'{field}={value!r}; expected {expected}.')
   integers = [  # (field, value, low, high, meaning)
-      ('schedule.warmup_steps', sch.get('warmup_steps', 0), 0, None, 'steps of linear warm-up'),
+      ('schedule.warmup_steps', sch.warmup_steps, 0, None, 'steps of linear warm-up'),
       ('input.crop_padding', inp.get('crop_padding', 0), 0, 256,
        'pixels of zero padding for random crops; 0: off'),
-      ('input.image_size', inp.get('image_size', 0), 0, 4096,
+      ('input.image_size', inp.image_size, 0, 4096,
        'the side of the input images; 0: as stored'),
-      ('seed', config.get('seed', 0), 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
-      ('train.accumulate_steps', t.get('accumulate_steps', 1), 1, None,
+      ('seed', config.seed, 0, 2 ** 31 - 1, 'JAX and grain take 32-bit seeds'),
+      ('train.accumulate_steps', t.accumulate_steps, 1, None,
        'micro-batches per update; 1: off'),
-      ('optimizer.lookahead_every', o.get('lookahead_every', 0), 0, None,
+      ('optimizer.lookahead_every', o.lookahead_every, 0, None,
        'steps between Lookahead updates; 0: off'),
   ]
   for field, value, low, high, meaning in integers:
@@ -112,15 +112,15 @@ def check_values(config):
         or (high is not None and value > high)):
       limit = f'>= {low}' if high is None else f'in [{low}, {high}]'
       raise UserError(f'{field}={value!r}; expected an integer {limit} ({meaning}).')
-  auto = inp.get('auto_augment', '')
+  auto = inp.auto_augment
   if auto not in ('', 'trivial_augment_wide'):
     raise UserError(f'input.auto_augment={auto!r}; expected \'\' (off) or trivial_augment_wide '
                     '(TrivialAugment, torchvision\'s TrivialAugmentWide; streamed input).')
-  if inp.get('crop_pad_mode', 'constant') not in ('constant', 'reflect'):
+  if inp.crop_pad_mode not in ('constant', 'reflect'):
     raise UserError(f'input.crop_pad_mode={inp.crop_pad_mode!r}; expected constant (zeros) or '
                     'reflect (airbench94\'s translate).')
-  airbench = (o.get('bn_bias_lr_scale', 1) != 1 or o.get('whiten_bias_frozen_at', 1) < 1
-              or o.get('lookahead_every', 0))
+  airbench = (o.bn_bias_lr_scale != 1 or o.whiten_bias_frozen_at < 1
+              or o.lookahead_every)
   if airbench and o.name != 'sgd':
     raise UserError(f'optimizer.bn_bias_lr_scale, whiten_bias_frozen_at and lookahead_every are '
                     f'parts of airbench94\'s SGD; optimizer.name={o.name!r} ignores them: set '

@@ -220,9 +220,10 @@ def with_data(config, data):
 
 
 def read_run_config(workdir):
-  """The config a run saved in WORKDIR/config.json."""
+  """The config a run saved in WORKDIR/config.json, with the fields an older cvjax did not
+  write at their defaults (configs.common.complete)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise UserError(f'{path} not found: pass --config, or a --workdir written by cvjax.')
@@ -230,10 +231,10 @@ def read_run_config(workdir):
     values = json.loads(path.read_text())
     if not isinstance(values, dict):
       raise ValueError(f'it holds a {type(values).__name__}, not an object')
-    return ml_collections.ConfigDict(values)
   except (ValueError, UnicodeDecodeError) as e:
     raise UserError(f'{path} is not a config cvjax wrote ({type(e).__name__}: '
                     f'{str(e)[:200]}); pass the run\'s --config instead.') from None
+  return common.complete(values)
 
 
 def main(argv):

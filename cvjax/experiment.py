@@ -129,7 +129,7 @@ def build_state(config, num_classes, input_shape, total_steps, mesh=None):
                                          total_steps))
   tx = optim.make_optimizer(config.optimizer, schedule, total_steps)
   init = steps.state_initializer(model, tx, input_shape, dtype,
-                                 ema=config.train.get('ema_decay', 0.0) > 0)
+                                 ema=config.train.ema_decay > 0)
   return model, schedule, tx, init, jax.eval_shape(init, jax.random.key(0))
 
 
@@ -215,7 +215,7 @@ def _check_combinations(config, mesh):
                     'data held on the device (airbench94\'s, configs/speedrun.py); this dataset '
                     'streams from disk (dataset.pipeline), where the host workers crop and flip: '
                     'leave them off, or hold the data in memory (dataset.pipeline=memory).')
-  if config.train.get('steps_per_call', 1) > 1:
+  if config.train.steps_per_call > 1:
     raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
                     'held on the device; this dataset streams from disk (dataset.pipeline), one '
                     'batch per call: leave train.steps_per_call=1.')

@@ -36,7 +36,7 @@ def make_schedule(cfg, base, total_steps):
   elif cfg.name == 'cosine':
     main = optax.cosine_decay_schedule(base, rest)
   elif cfg.name == 'polynomial':
-    main = optax.polynomial_schedule(base, cfg.get('end_value', 0.0), cfg.get('power', 1.0),
+    main = optax.polynomial_schedule(base, cfg.end_value, cfg.get('power', 1.0),
                                      rest)
   elif cfg.name == 'constant':
     main = optax.constant_schedule(base)
@@ -146,7 +146,7 @@ def make_optimizer(cfg, schedule, total_steps=None):
   (`scale_bn_bias_grads`), `whiten_bias_frozen_at` (a fraction of the `total_steps` run;
   `freeze_after`) and `lookahead_every` / `lookahead_decay` (`lookahead`).
   """
-  mask = None if cfg.get('decay_bn_and_bias', True) else decay_mask
+  mask = None if cfg.decay_bn_and_bias else decay_mask
   wd = cfg.get('weight_decay', 0.0)
   if cfg.name == 'sgd':
     parts = [optax.add_decayed_weights(wd, mask) if wd else optax.identity(),

@@ -43,7 +43,7 @@ class Member:
 
 def is_population(config):
   pop = config.get('population')
-  return bool(pop) and (pop.get('seeds', 1) != 1 or bool(pop.get('vary', '').strip()))
+  return bool(pop) and (pop.seeds != 1 or bool(pop.vary.strip()))
 
 
 def parse_vary(config, text):
@@ -94,11 +94,11 @@ def members(config, num_devices=1):
   over `num_devices`), and every varied field must be one its run reads: a member is the run
   its config would train alone, so it is held to that run's rules."""
   pop = config.population
-  seeds = pop.get('seeds', 1)
+  seeds = pop.seeds
   if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
     raise UserError(f'population.seeds={seeds!r}; expected an integer >= 1 (members per set of '
                     'population.vary values, seeds seed, seed+1, ...).')
-  vary = parse_vary(config, pop.get('vary', ''))
+  vary = parse_vary(config, pop.vary)
   out = []
   for values in itertools.product(*[v for _, v in vary]):
     for i in range(seeds):

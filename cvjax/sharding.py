@@ -56,8 +56,7 @@ def make_mesh(config, devices=None):
 
 def check_config(config, num_devices):
   """`mesh.model` (returned) and `mesh.fsdp`, checked against the devices of this run."""
-  cfg = config.get('mesh', {})
-  model, fsdp = cfg.get('model', 1), cfg.get('fsdp', False)
+  model, fsdp = config.mesh.model, config.mesh.fsdp
   if not isinstance(model, int) or isinstance(model, bool) or model < 1 or num_devices % model:
     raise UserError(f'mesh.model={model!r}; expected a positive integer that divides the '
                     f'{num_devices} devices of this run (the rest of them split the batch '
@@ -116,7 +115,7 @@ def state_sharding(abstract_state, mesh, config):
   """A NamedSharding for every leaf of `abstract_state` (a TrainState of ShapeDtypeStructs,
   or arrays): for jit's out_shardings and the checkpoint's restore target."""
   rules = RULES.get(config.model.get('name'), ()) if mesh.shape.get('model', 1) > 1 else ()
-  fsdp = config.get('mesh', {}).get('fsdp', False)
+  fsdp = config.mesh.fsdp
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(path_str(p), x.shape, mesh, rules, fsdp)),
       abstract_state)

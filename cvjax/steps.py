@@ -59,9 +59,9 @@ def train_inputs(state, data, batch, rng, *, make_train_batch, input_cfg, batch_
   targets = {'labels': labels}
   # From their own rng, so the papers' crops and flips stay as they were.
   erase_rng, mix_rng = jax.random.split(jax.random.fold_in(step_rng, 1))
-  if input_cfg.get('random_erasing', 0):
+  if input_cfg.random_erasing:
     x = batch_augment.random_erase(x, erase_rng, input_cfg.random_erasing)
-  if input_cfg.get('mixup_alpha', 0) or input_cfg.get('cutmix_alpha', 0):
+  if input_cfg.mixup_alpha or input_cfg.cutmix_alpha:
     x, mixed_labels, weight = batch_augment.mix(
         x, labels, mix_rng, mixup_alpha=input_cfg.mixup_alpha,
         cutmix_alpha=input_cfg.cutmix_alpha, prob=input_cfg.mix_prob,
@@ -184,15 +184,15 @@ def batch_args(model, config, mesh, make_train_batch):
   return dict(model=model, make_train_batch=make_train_batch, input_cfg=config.input,
               batch_sharding=NamedSharding(mesh, P('data')),
               dtype=convolution.compute_dtype(config),
-              label_smoothing=config.train.get('label_smoothing', 0.0))
+              label_smoothing=config.train.label_smoothing)
 
 
 def update_args(config):
   """The static arguments of the update (`_apply_gradients`), and the step's micro-batches."""
-  return dict(skip_nonfinite=config.train.get('skip_nonfinite', False),
-              accumulate_steps=config.train.get('accumulate_steps', 1),
-              ema_decay=config.train.get('ema_decay', 0.0),
-              ema_warmup=config.train.get('ema_warmup', True))
+  return dict(skip_nonfinite=config.train.skip_nonfinite,
+              accumulate_steps=config.train.accumulate_steps,
+              ema_decay=config.train.ema_decay,
+              ema_warmup=config.train.ema_warmup)
 
 
 def split_backward(config):
@@ -202,7 +202,7 @@ def split_backward(config):
   faster (docs/performance.md); elsewhere the one-program step is the plain, unmeasured default.
   Same result up to float rounding. Gradient accumulation (train.accumulate_steps > 1) is always
   one program: its micro-batches' forward and backward passes alternate."""
-  if config.train.get('accumulate_steps', 1) > 1:
+  if config.train.accumulate_steps > 1:
     return False
   split = config.train.get('split_backward')
   return jax.default_backend() == 'cpu' if split is None else bool(split)

@@ -133,7 +133,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     next_batch = lambda step, k: jit_steps.indices_batch(exp, step, k)
   train_steps = {}  # Jitted, by the number of steps a call takes.
   eval_step, test_data = jit_steps.jit_evaluation(exp)
-  grad_norm_every = t.get('grad_norm_every_steps', 0)
+  grad_norm_every = t.grad_norm_every_steps
   if grad_norm_every:
     grad_norms = jit_steps.jit_grad_norms(exp)
   accumulate = jax.jit(steps.accumulate)
@@ -149,7 +149,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   # --- The loop. ---
   log_every, ckpt_every = t.log_every_steps, t.checkpoint_every_steps
   eval_every = t.eval_every_steps or exp.steps_per_epoch
-  skip_nonfinite = t.get('skip_nonfinite', False)
+  skip_nonfinite = t.skip_nonfinite
   chrono = progress.Chrono(exp.total_steps, t.batch_size * (len(exp.members) or 1))
   acc, evaluation, saved = None, None, [start_step]
 
@@ -171,7 +171,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
   in_flight, done = None, start_step
   while done < exp.total_steps:
     step = done
-    k = min([t.get('steps_per_call', 1), exp.total_steps - step] + [e - step % e for e in events])
+    k = min([t.steps_per_call, exp.total_steps - step] + [e - step % e for e in events])
     with chrono.waiting_for_input():
       batch = next_batch(step, k)
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.

@@ -128,3 +128,28 @@ def test_data_of_other_classes_is_refused(idx_dir, tmp_path):
   config = evaluate.with_data(evaluate.read_run_config(workdir), idx_dir)
   with pytest.raises(UserError, match='trained on the classes'):
     evaluate.evaluate_checkpoint(config, workdir)
+
+
+def test_a_config_json_of_an_older_cvjax_evaluates_with_the_defaults_of_its_missing_fields(
+    idx_dir, tmp_path):
+  """A run written before fields were added to configs/common.py lacks them in its config.json:
+  reading it back gives them their defaults (configs.common.complete), and it evaluates."""
+  workdir = str(tmp_path / 'run')
+  _, test = train.train_and_evaluate(tiny_config(idx_dir), workdir)
+  path = os.path.join(workdir, 'config.json')
+  saved = json.loads(read(path))
+  for section, field in (('train', 'ema_decay'), ('train', 'steps_per_call'),
+                         ('train', 'native_conv'), ('train', 'skip_nonfinite'),
+                         ('input', 'alternate_flip'), ('input', 'crop_pad_mode'),
+                         ('input', 'random_erasing'), ('dataset', 'pipeline')):
+    del saved[section][field]
+  for section in ('eval', 'mesh', 'population'):
+    del saved[section]
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  config = evaluate.read_run_config(workdir)
+  assert (config.train.ema_decay, config.train.steps_per_call, config.input.alternate_flip,
+          config.eval.crops, config.mesh.model, config.population.seeds) == (0.0, 1, False, 1, 1, 1)
+  assert config.model.to_dict() == saved['model']  # The family's fields, as saved.
+  metrics, _ = evaluate.evaluate_checkpoint(config, workdir)
+  assert metrics['test/error'] == test['test/error']

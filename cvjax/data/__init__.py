@@ -17,7 +17,7 @@ MEMORY_BUDGET_BYTES = 4 << 30
 
 def pipeline_for(cfg):
   """'memory' or 'streaming' for the config's `dataset` block."""
-  mode = cfg.get('pipeline', 'auto')
+  mode = cfg.pipeline
   if mode not in ('auto', 'memory', 'streaming'):
     raise UserError(f'dataset.pipeline={mode!r}; expected auto, memory or streaming.')
   if mode != 'auto':

@@ -46,7 +46,7 @@ class Input:
 
 
 def eval_crops(config):
-  crops = config.get('eval', {}).get('crops', 1)
+  crops = config.eval.crops
   if crops not in (1, 10):
     raise UserError(f'eval.crops={crops}; expected 1 (centre) or 10 (corners, centre and their '
                     'flips, logits averaged).')
@@ -55,7 +55,7 @@ def eval_crops(config):
 
 def eval_flip(config):
   """Whether evaluation averages the logits of each image and its mirror image (`eval.flip`)."""
-  flip = config.get('eval', {}).get('flip', False)
+  flip = config.eval.flip
   if not isinstance(flip, bool):
     raise UserError(f'eval.flip={flip!r}; expected True or False.')
   if flip and eval_crops(config) == 10:
@@ -66,7 +66,7 @@ def eval_flip(config):
 
 def eval_translate(config):
   """Pixels of the shifted test views (`eval.translate`, with eval.flip; 0: none)."""
-  pixels = config.get('eval', {}).get('translate', 0)
+  pixels = config.eval.translate
   if not isinstance(pixels, int) or isinstance(pixels, bool) or not 0 <= pixels <= 8:
     raise UserError(f'eval.translate={pixels!r}; expected an integer in [0, 8] (pixels of the '
                     'shifted test views; 0: none; airbench94: 1).')

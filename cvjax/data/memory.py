@@ -62,7 +62,7 @@ def in_memory_input(config, mesh) -> Input:
   train_images = pad_to(data.train_images, config.input.image_size)
   test_images = pad_to(data.test_images, config.input.image_size)
   mean, std = normalization_stats(train_images, config.input.normalization)
-  if config.input.get('auto_augment', ''):
+  if config.input.auto_augment:
     raise UserError(f'input.auto_augment={config.input.auto_augment!r} runs in the streaming '
                     'pipeline\'s host workers, and this data is held in memory (augmented on '
                     'the device). Set dataset.pipeline=streaming to stream it (an image folder '
@@ -181,7 +181,7 @@ def load(cfg) -> Dataset:
     check_embedded(cfg.name)
     data = load_local(embedded_path(cfg.name), cfg.name)
   else:
-    data = load_tfds(cfg.name, cfg.data_dir or None, cfg.get('download', True))
+    data = load_tfds(cfg.name, cfg.data_dir or None, cfg.download)
   for split in ('train', 'test'):
     labels = getattr(data, f'{split}_labels')
     if len(labels) == 0:

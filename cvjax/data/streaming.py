@@ -310,7 +310,7 @@ def make_input(config, mesh):
                       'folder in the ILSVRC layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG).')
     splits = image_folder(path)
   else:
-    splits = tfds_imagenet(cfg.name, cfg.data_dir, cfg.get('download', True))
+    splits = tfds_imagenet(cfg.name, cfg.data_dir, cfg.download)
   size = inp.image_size
   if not size:
     raise UserError('streaming input needs input.image_size, the side of the square crops '
@@ -343,7 +343,7 @@ def make_input(config, mesh):
         splits.train, seed=config.seed, batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
             train_transform, size=size, area=area, aspect=aspect, flip=inp.flip,
-            auto_augment=inp.get('auto_augment', ''))))
+            auto_augment=inp.auto_augment)))
 
   def eval_batches():
     crop = size if crops == 1 else resize_size(size)  # 10 crops: the eval step cuts them.

@@ -50,7 +50,7 @@ def native_for(config):
   """Whether this run's convolutions go to oneDNN: where `train.native_conv` (default True)
   allows it, the backend is CPU, the library loads and the compute dtype is float32, or
   bfloat16 on a CPU whose bfloat16 instructions oneDNN uses (avx512_bf16 or AMX)."""
-  if not (config.train.get('native_conv', True) and native_available()):
+  if not (config.train.native_conv and native_available()):
     return False
   dtype = compute_dtype(config)
   return dtype == jnp.float32 or (dtype == jnp.bfloat16 and onednn.bf16())
@@ -61,8 +61,8 @@ def compute_dtype(config):
   convolutions would go to oneDNN but which has no bfloat16 instructions (AVX2 only): there
   XLA's bfloat16 convolutions are far slower than float32 ones, so the run computes in
   float32 and the log says so once. The one place that decides it (models, inputs, steps)."""
-  dtype = jnp.dtype(config.train.get('compute_dtype', 'float32'))
-  if (dtype == jnp.bfloat16 and config.train.get('native_conv', True) and native_available()
+  dtype = jnp.dtype(config.train.compute_dtype)
+  if (dtype == jnp.bfloat16 and config.train.native_conv and native_available()
       and not onednn.bf16()):
     _log_choice('train.compute_dtype=bfloat16, but oneDNN has no bfloat16 kernels on this CPU '
                 '(no avx512_bf16 or AMX): computing in float32', warn=True)
@@ -72,7 +72,7 @@ def compute_dtype(config):
 
 def for_config(config):
   """The `conv_general_dilated` that models of this run are built with (logged once)."""
-  wanted = config.train.get('native_conv', True)
+  wanted = config.train.native_conv
   dtype = compute_dtype(config)
   native, warn = native_for(config), False
   if native and dtype == jnp.bfloat16:

@@ -139,7 +139,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
   conv = 'native' if convolution.native_for(config) else 'xla'  # Label the row with what ran.
   tx = optim.make_optimizer(config.optimizer, optim.make_schedule(
       config.schedule, config.optimizer.learning_rate, 10_000), 10_000)
-  ema = config.train.get('ema_decay', 0) > 0
+  ema = config.train.ema_decay > 0
   state = jax.jit(steps.state_initializer(model, tx, shape, dtype, ema),
                   out_shardings=replicated)(jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -278,7 +278,7 @@ def step_flops(config, tx, mesh, shape, num_classes, make_train_batch, step_args
   model = models.create_model(one.model, num_classes=num_classes, dtype=dtype,
                               conv_general_dilated=convolution.conv_general_dilated)
   state = jax.eval_shape(steps.state_initializer(model, tx, shape, dtype,
-                                                 one.train.get('ema_decay', 0) > 0),
+                                                 one.train.ema_decay > 0),
                          jax.random.key(0))
   lowered = steps.jit_train_step(model, tx, one, mesh, make_train_batch).lower(state, *step_args)
   try:
