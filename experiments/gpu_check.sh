@@ -3,7 +3,8 @@
 # ResNet-50; CIFAR ResNet-20 as one run and as a population of 10, 1 and K steps per dispatch),
 # then the paper's CIFAR-10 recipe (He et al. 2015, 64k steps of 128) as populations: for each
 # depth, 5 seeds of the ResNet and 5 of its plain twin in one program. Writes
-# docs/results/gpu.json (cvjax.tools.gpu_results).
+# docs/results/gpu.json (cvjax.tools.gpu_results). This is the project's own check for a GPU
+# lent to it one call at a time; to run the papers' recipes on yours: docs/accelerators.md.
 #
 #   experiments/gpu_check.sh                                   # one GPU, from the repo root
 #   BENCH=0 RESUME=<folder with runs.tar.gz, resume.tar.gz.*> experiments/gpu_check.sh  # resume

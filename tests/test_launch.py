@@ -420,9 +420,9 @@ def test_injected_values_reach_the_tools_as_data_not_commands(tmp_path):
 
 # --- docs/cluster.md: its commands and what it says a dry run prints ---
 
-def doc_commands(prefix):
-  """The shell commands of docs/cluster.md's ```sh blocks that start with `prefix`."""
-  text = open(os.path.join(ROOT, 'docs', 'cluster.md')).read()
+def doc_commands(prefix, doc='cluster.md'):
+  """The shell commands of a doc's ```sh blocks that start with `prefix`."""
+  text = open(os.path.join(ROOT, 'docs', doc)).read()
   blocks = re.findall(r'```sh\n(.*?)```', text, re.S)
   return [shlex.split(l.split('  #')[0]) for b in blocks
           for l in b.replace('\\\n', ' ').splitlines() if l.startswith(prefix)], text
@@ -476,3 +476,12 @@ def test_tpu_launch_leaves_no_code_archive_where_it_ran(tmp_path):
   assert (tmp_path / 'home' / 'cvjax' / 'cvjax' / 'main.py').exists()
   scp, = [a for a in recorded(log, 'gcloud') if 'scp' in a]
   assert not os.path.exists(scp[scp.index('scp') + 1])  # The local archive is removed too.
+
+
+def test_the_accelerator_guides_launches_dry_run(dry):
+  """docs/accelerators.md's TPU and Slurm commands, each run as a dry run."""
+  runs, _ = doc_commands('./launch.sh ', 'accelerators.md')
+  assert sorted(argv[1] for argv in runs) == ['slurm', 'tpu'], runs
+  for argv in runs:
+    rc, lines, err = dry(*argv[1:], '--dry-run')
+    assert rc == 0 and lines, (argv, err)
