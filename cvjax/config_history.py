@@ -25,6 +25,12 @@ def changes(before, now):
           if a.get(k) != b.get(k)}
 
 
+def _completed(saved):
+  """A saved config.json with the fields it lacks at configs/common.py's defaults."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return json.loads(common.complete(saved).to_json_best_effort())
+
+
 def write_config(folder, config, step):
   """Writes FOLDER/config.json; at a resume (`step` > 0) first appends the settings that
   changed since the config.json there to FOLDER/config_history.jsonl."""
@@ -34,7 +40,8 @@ def write_config(folder, config, step):
   if step and path.exists():
     try:
       before = json.loads(path.read_text())
-      diff = changes(before, now) if isinstance(before, dict) else None
+      # A field added to cvjax since that config.json was written ran at its default then.
+      diff = changes(_completed(before), now) if isinstance(before, dict) else None
     except (ValueError, OSError) as e:
       logging.warning('%s could not be read (%s): the settings history notes that the settings '
                       'before step %d are unknown.', path, e, step)

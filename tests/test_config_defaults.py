@@ -74,3 +74,22 @@ def test_complete_fills_what_an_older_config_json_lacks_and_keeps_the_rest():
   assert (config.train.batch_size, config.train.gone) == (7, 'kept')
   assert list(config.schedule.boundaries) == [0.3]
   assert config.model.to_dict() == saved['model']  # Not merged with anything.
+
+
+def test_a_resume_records_no_change_for_fields_added_since_at_their_defaults(tmp_path):
+  """A config.json written before a field existed ran at that field's default: resuming it
+  with the default is no change; with another value it is one."""
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import resnet  # pylint: disable=g-import-not-at-top
+  from cvjax import config_history  # pylint: disable=g-import-not-at-top
+  config = resnet.get_config('resnet20')
+  old = json.loads(config.to_json_best_effort())
+  del old['input']['alternate_flip'], old['schedule']['triangle_end']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  config_history.write_config(tmp_path, config, 100)
+  assert not (tmp_path / config_history.HISTORY).exists()
+  config.optimizer.learning_rate = 0.05
+  config_history.write_config(tmp_path, config, 200)
+  line, = (tmp_path / config_history.HISTORY).read_text().splitlines()
+  assert json.loads(line) == {'step': 200, 'changed': {
+      'optimizer.learning_rate': {'was': 0.1, 'now': 0.05}}}
