@@ -25,14 +25,11 @@ COMMAND = 'python -m cvjax.tools.notebook'
 
 def _cpu():
   """The processor's name, for the copy's first cell (timings depend on it)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return f'{line.split(":", 1)[1].strip()}, {os.cpu_count()} cores'
-  except OSError:
-    pass
-  return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+  from cvjax.tools import cpu_peak  # pylint: disable=g-import-not-at-top
+  cpu = cpu_peak.this_cpu()
+  if cpu is None:
+    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+  return f'{cpu.name or cpu.vendor} ({cpu_peak.kind(cpu)}), {cpu.cores} cores'
 
 
 def header(small, minutes, when):
