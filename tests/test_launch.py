@@ -216,11 +216,13 @@ def test_missing_cloud_tool_is_a_clear_error(dry, monkeypatch, argv, tool):
 
 
 def test_launch_sh_dispatches_targets_and_reports_errors(tmp_path):
+  # launch.sh runs with $PYTHON, else python3 from PATH: here, the Python running the tests.
+  env = {**os.environ, 'PYTHON': sys.executable}
   out = subprocess.run(['./launch.sh', *SLURM, '--dry-run', 'configs/lenet.py', str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and 'srun python -m cvjax.main' in out.stdout, out.stderr
   out = subprocess.run(['./launch.sh', 'tpu', '--dry-run', 'configs/lenet.py', 'gs://b/w'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and 'needs --name, --zone, --type' in out.stderr
   assert 'Traceback' not in out.stderr
 
