@@ -1,6 +1,7 @@
 """Checks of a config's values, before a run writes anything: a negative learning rate or a
 boundary outside the run would train without a word of warning."""
 
+import importlib.util
 import math
 
 from cvjax import data as data_lib
@@ -116,6 +117,13 @@ def check_values(config):
   if auto not in ('', 'trivial_augment_wide'):
     raise UserError(f'input.auto_augment={auto!r}; expected \'\' (off) or trivial_augment_wide '
                     '(TrivialAugment, torchvision\'s TrivialAugmentWide; streamed input).')
+  if inp.train_resize not in ('pil', 'opencv'):
+    raise UserError(f'input.train_resize={inp.train_resize!r}; expected pil (Pillow) or opencv '
+                    '(OpenCV, faster; streamed input).')
+  if inp.train_resize == 'opencv' and importlib.util.find_spec('cv2') is None:
+    raise UserError('input.train_resize=opencv needs OpenCV, which is not installed: '
+                    '`pip install opencv-python-headless` (requirements.txt pins it), or '
+                    'set input.train_resize=pil.')
   if inp.crop_pad_mode not in ('constant', 'reflect'):
     raise UserError(f'input.crop_pad_mode={inp.crop_pad_mode!r}; expected constant (zeros) or '
                     'reflect (airbench94\'s translate).')

@@ -92,16 +92,18 @@ def installed(install):
     ('configs/resnet.py:resnet56', ['tensorflow-cpu', 'tensorflow-datasets',
                                     'importlib_resources']),  # CIFAR-10 by tfds name.
     ('configs/resnet.py:imagenet', ['tensorflow-cpu', 'tensorflow-datasets',
-                                    'importlib_resources', 'grain']),  # tfds imagenet2012.
+                                    'importlib_resources', 'grain', 'simplejpeg',
+                                    'opencv-python-headless']),  # tfds imagenet2012.
     ('configs/lenet.py', []),  # MNIST, embedded in cvjax.
 ])
 def test_tpu_workers_make_a_python_3_11_environment_with_what_the_run_needs(dry, config,
                                                                               extra):
   overrides = ['--config.dataset.name=mnist10k'] if config == 'configs/lenet.py' else []
-  if config.endswith('imagenet'):  # An image folder on the VM: grain alone.
+  if config.endswith('imagenet'):  # An image folder on the VM: the streaming packages alone.
     rc, lines, _ = dry(*TPU, '--dry-run', config, 'gs://b/w', '--config.dataset.path=/data/in')
     assert rc == 0
-    assert installed(commands(lines, 'gcloud')[4][-1])[-1] == 'grain'
+    assert installed(commands(lines, 'gcloud')[4][-1])[-3:] == ['grain', 'simplejpeg',
+                                                                'opencv-python-headless']
   rc, lines, _ = dry(*TPU, '--dry-run', config, 'gs://b/w', *overrides)
   assert rc == 0
   install = commands(lines, 'gcloud')[4][-1]

@@ -1,6 +1,7 @@
 """The streaming pipeline: augmentation geometry, sharding, exact-once eval, resume, tfds."""
 
 import functools
+import importlib.util
 import io
 import os
 import shutil
@@ -335,7 +336,8 @@ def test_large_crops_decode_at_a_reduced_scale(monkeypatch, simplejpeg):
   kw = dict(size=32, area=(0.9, 1.0), aspect=(1.0, 1.0), flip=False)  # 300 x 300 crops: 1/8.
   fast = streaming.train_transform(record, np.random.default_rng(0), **kw)['images']
   monkeypatch.setattr(image_files, 'decode_scaled',
-                      lambda data, where, scale=1.0, then='': (image_files.decode(data, where), 1.0))
+                      lambda data, where, scale=1.0, then='', array=False:
+                      (image_files.decode(data, where), 1.0))
   full = streaming.train_transform(record, np.random.default_rng(0), **kw)['images']
   assert np.abs(fast.astype(float) - full).mean() < 3  # of 255
   # Crops below twice the size decode in full: the same bits as PIL's decode and resize.
@@ -346,6 +348,45 @@ def test_large_crops_decode_at_a_reduced_scale(monkeypatch, simplejpeg):
   np.testing.assert_array_equal(
       streaming.train_transform(record, np.random.default_rng(0), **dict(kw, size=200))['images'],
       np.asarray(expected))
+
+
+@pytest.mark.parametrize('area,png', [((0.9, 1.0), False), ((0.005, 0.01), False),
+                                      ((0.9, 1.0), True)])  # Shrink, enlarge, shrink 4x+.
+def test_opencv_train_resize_matches_pillows(area, png):
+  # input.train_resize=opencv: the same crop, flip and label as Pillow's path from the same
+  # draws, the pixels within a filter's difference (bilinear; OpenCV's area filter for a PNG,
+  # which is not decoded at a reduced scale); a box, axis or channel order out of place would
+  # differ by tens of levels on this image.
+  pytest.importorskip('cv2')
+  image = smooth_image(400, 300)
+  record = {'image': png_record(image)['image'] if png else jpeg_bytes(image, quality=95),
+            'label': 3}
+  for seed in range(8):
+    kw = dict(size=48, area=area, aspect=(3 / 4, 4 / 3), flip=True)
+    out = {r: streaming.train_transform(record, np.random.default_rng(seed), **kw, resize=r)
+           for r in ('pil', 'opencv')}
+    a, b = out['pil']['images'], out['opencv']['images']
+    assert b.shape == a.shape == (48, 48, 3) and b.dtype == np.uint8 and b.flags.c_contiguous
+    assert out['opencv']['labels'] == 3
+    assert np.abs(a.astype(float) - b).mean() < 4, seed  # of 255
+    assert np.abs(a.astype(float) - b[:, ::-1]).mean() > 8  # The flip is the same flip.
+  augmented = streaming.train_transform(record, np.random.default_rng(0), **kw,
+                                        auto_augment='trivial_augment_wide', resize='opencv')
+  assert augmented['images'].shape == (48, 48, 3)
+
+
+def test_opencv_train_resize_is_checked_before_the_run(monkeypatch):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from cvjax import config_checks  # pylint: disable=g-import-not-at-top
+  from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = common.base_config()
+  config.input.train_resize = 'cv2'
+  with pytest.raises(UserError, match=r"train_resize='cv2'; expected pil .* or opencv"):
+    config_checks.check_config(config, 1)
+  config.input.train_resize = 'opencv'
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+  with pytest.raises(UserError, match='opencv-python-headless'):
+    config_checks.check_config(config, 1)
 
 
 def test_workers_from_the_cores_this_process_may_use(monkeypatch):

@@ -7,10 +7,11 @@
 
 Cloud TPU: create the slice through a queued resource (or reuse an existing one), wait until
 it is ACTIVE, copy the code to every worker, make a Python >= 3.11 virtual environment there
-with only what the run needs (`jax[tpu]`, cvjax's core packages; grain when the data streams,
-tensorflow-datasets when it comes by tfds name; versions from requirements.txt), run
-`cvjax.main` (or `cvjax.sweep`, trials one after another) on all workers at once with their
-output streamed here, and with --delete delete the slice at the end. --parallel=N
+with only what the run needs (`jax[tpu]`, cvjax's core packages; grain, simplejpeg and OpenCV
+when the data streams, tensorflow-datasets when it comes by tfds name; versions from
+requirements.txt), run `cvjax.main` (or `cvjax.sweep`, trials one after another) on all
+workers at once with their output streamed here, and with --delete delete the slice at the
+end. --parallel=N
 gives each trial of a sweep its own slice (NAME-TRIAL), N at a time.
 Slurm: write an sbatch script whose `srun` starts one process per GPU (JAX reads its
 rank, the process count and the coordinator from Slurm's environment), and submit it.
@@ -45,7 +46,7 @@ REMOTE_PYTHON = '.venv/bin/python'  # In REMOTE_DIR: the environment the install
 # viewer or the oneDNN CPU convolutions), plus jax[tpu] and what its data needs (DATA_PACKAGES).
 CORE_PACKAGES = ('flax', 'optax', 'orbax-checkpoint', 'etils', 'filelock', 'ml-collections',
                  'absl-py', 'numpy', 'pillow', 'tensorboardX', 'matplotlib')
-DATA_PACKAGES = {'streaming': ('grain',),
+DATA_PACKAGES = {'streaming': ('grain', 'simplejpeg', 'opencv-python-headless'),
                  'tfds': ('tensorflow-cpu', 'tensorflow-datasets', 'importlib_resources')}
 # TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes).
 RUNTIME_VERSIONS = (('v6e', 'v2-alpha-tpuv6e'), ('v5p', 'v2-alpha-tpuv5'),

@@ -157,10 +157,12 @@ def tfds_imagenet(name, data_dir, download=True) -> Splits:
 THEN = 'a re-run resumes from the last checkpoint.'
 
 
-def decode(record, scale=1.0):
-  """(RGB PIL image, its width over the full width): a JPEG decoded at the smallest DCT scale
-  that keeps `scale` of each side (image_files.decode_scaled)."""
-  return image_files.decode_scaled(record['image'], record.get('where', ''), scale, then=THEN)
+def decode(record, scale=1.0, array=False):
+  """(RGB PIL image, or with `array` a uint8 array, and its width over the full width): a JPEG
+  decoded at the smallest DCT scale that keeps `scale` of each side
+  (image_files.decode_scaled)."""
+  return image_files.decode_scaled(record['image'], record.get('where', ''), scale, then=THEN,
+                                   array=array)
 
 
 def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):
@@ -184,23 +186,49 @@ def random_resized_crop_box(rng, width, height, area=(0.08, 1.0), aspect=(3 / 4,
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_transform(record, rng, *, size, area, aspect, flip, auto_augment=''):
+def train_transform(record, rng, *, size, area, aspect, flip, auto_augment='', resize='pil'):
   """Random-resized crop to size x size, `auto_augment` ('trivial_augment_wide':
   data/auto_augment.py) and a random horizontal flip: uint8 HWC. The crop is drawn on the
   header's size; a JPEG is then decoded at the smallest DCT scale at which the crop keeps
-  `size` pixels a side (a crop twice `size` or more: half the pixels or fewer to decode)."""
+  `size` pixels a side (a crop twice `size` or more: half the pixels or fewer to decode).
+  `resize`: 'pil' or 'opencv' (`opencv_resize`, input.train_resize)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   width, height = image_files.size(record['image'], record.get('where', ''), then=THEN)
   left, top, w, h = random_resized_crop_box(rng, width, height, area, aspect)
-  img, s = decode(record, size / min(w, h))
-  box = (left * s, top * s, min((left + w) * s, img.width), min((top + h) * s, img.height))
-  img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+  img, s = decode(record, size / min(w, h), array=resize == 'opencv')
+  if resize == 'opencv':
+    box = (left * s, top * s, min((left + w) * s, img.shape[1]), min((top + h) * s, img.shape[0]))
+    image = opencv_resize(img, box, size)
+    if not auto_augment:
+      if flip and rng.random() < 0.5:
+        import cv2  # pylint: disable=g-import-not-at-top
+        image = cv2.flip(image, 1)  # Left-right; numpy's reversed copy is ~10x slower.
+      return {'images': image, 'labels': np.int32(record['label'])}
+    img = Image.fromarray(image)
+  else:
+    box = (left * s, top * s, min((left + w) * s, img.width), min((top + h) * s, img.height))
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
   if auto_augment:
     from cvjax.data import auto_augment as auto_augment_lib  # pylint: disable=g-import-not-at-top
     img = auto_augment_lib.trivial_augment_wide(img, rng)
   if flip and rng.random() < 0.5:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return {'images': np.asarray(img, np.uint8), 'labels': np.int32(record['label'])}
+
+
+def opencv_resize(image, box, size):
+  """`image`'s region `box` (left, top, right, bottom; fractional pixel edges, rounded to whole
+  pixels here: at most half a source pixel from where Pillow's `box=` puts it) resized to
+  size x size by OpenCV: bilinear, or its area filter (antialiased) where both sides shrink 2x
+  or more. The scaled JPEG decode leaves most crops within 2x of `size`, where bilinear
+  aliases little; the area filter takes 0.5 ms a crop on a Zen 4 core, bilinear 0.07 ms."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)  # One image per worker thread: OpenCV's own threads only contend.
+  x0, y0, x1, y1 = (int(round(v)) for v in box)
+  region = image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+  area = min(region.shape[:2]) >= 2 * size
+  return cv2.resize(region, (size, size),
+                    interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
 
 
 def resize_size(size):
@@ -343,7 +371,7 @@ def make_input(config, mesh):
         splits.train, seed=config.seed, batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
             train_transform, size=size, area=area, aspect=aspect, flip=inp.flip,
-            auto_augment=inp.auto_augment)))
+            auto_augment=inp.auto_augment, resize=inp.train_resize)))
 
   def eval_batches():
     crop = size if crops == 1 else resize_size(size)  # 10 crops: the eval step cuts them.

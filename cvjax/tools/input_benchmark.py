@@ -13,7 +13,8 @@ machine leaves nearly as it is). `train_pil` is the train transform as it was be
 scaled JPEG decode (PIL, full size), timed in the same run. The first batch (worker start-up)
 is timed apart from the steady state. `--compare=FOLDER` (a copy of --data made by
 `python -m cvjax.data.preresize`) adds a `train_cmp` row per count: the same train transform
-reading FOLDER's images, timed in the same run beside --data's.
+reading FOLDER's images, timed in the same run beside --data's. Rows ending `_cv` resize with
+OpenCV (input.train_resize=opencv) instead of Pillow.
 """
 
 import json
@@ -124,24 +125,28 @@ def main(argv):
       transform=functools.partial(fn, **crop))
                       for fn in (streaming.train_transform, pil_train_transform))
   rows = [('train_pil', train_pil), ('train', train)]
+  sources = [('train', splits.train)]
   if _COMPARE.value:
-    rows.append(('train_cmp', streaming.train_dataset(
-        streaming.image_folder(_COMPARE.value).train, seed=0, batch_size=_BATCH.value,
-        start_step=0, transform=functools.partial(streaming.train_transform, **crop))))
+    sources.append(('train_cmp', streaming.image_folder(_COMPARE.value).train))
+  for name, source in sources:
+    for resize in ('pil', 'opencv')[name == 'train':]:
+      rows.append((name + ('_cv' if resize == 'opencv' else ''), streaming.train_dataset(
+          source, seed=0, batch_size=_BATCH.value, start_step=0, transform=functools.partial(
+              streaming.train_transform, **crop, resize=resize))))
   evaluation = streaming.eval_dataset(
       splits.test, batch_size=_BATCH.value, pad_shape=(size, size, 3),
       transform=functools.partial(streaming.eval_transform, size=size, crop=size))
   print(f'{len(splits.train)} train / {len(splits.test)} val images in {_DATA.value}; '
         f'batch {_BATCH.value}, {size}x{size}, {_THREADS.value} thread(s) per process, '
         f'{os.cpu_count()} CPUs')
-  print(f'{"transform":<10}{"workers":>8}{"first batch s":>15}{"images/s":>10}'
+  print(f'{"transform":<14}{"workers":>8}{"first batch s":>15}{"images/s":>10}'
         f'{"per CPU-s":>11}')
   for workers in map(int, _WORKERS.value):
     for name, ds in (*rows, ('eval', evaluation)):
       batches = min(_BATCHES.value, len(ds) - 1) if name == 'eval' else _BATCHES.value
       first, ips, per_cpu = time_pipeline(ds, workers, _THREADS.value, batches)
       per_cpu = round(per_cpu, 1) if workers == 0 else None  # Workers' CPU is not counted.
-      print(f'{name:<10}{workers:>8}{first:>15.2f}{ips:>10.0f}{per_cpu or "-":>11}')
+      print(f'{name:<14}{workers:>8}{first:>15.2f}{ips:>10.0f}{per_cpu or "-":>11}')
       print(json.dumps({'transform': name, 'workers': workers, 'threads': _THREADS.value,
                         'batch_size': _BATCH.value, 'first_batch_s': round(first, 3),
                         'images_per_s': round(ips, 1), 'images_per_cpu_s': per_cpu}))
