@@ -26,8 +26,10 @@ ILSVRC2012_validation_ground_truth.txt. cvjax's class indices follow the sorted 
 number the synsets in another order, so files for the official server need that mapping.
 """
 
+import contextlib
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -36,6 +38,38 @@ from cvjax import runtime
 from cvjax.errors import UserError
 
 TOP_K = 5
+_writing = {'now': False, 'stopped_by': None}  # Whether files are being written; a held signal.
+
+
+def _stopped(signum, frame=None):
+  """Ctrl-C or SIGTERM: one line and exit code 128 + signal at once, or, while the error
+  analysis and predictions are being written, as soon as they are complete."""
+  del frame
+  if _writing['now']:
+    _writing['stopped_by'] = signum
+    return
+  print(f'\ncvjax.evaluate: stopped by {signal.Signals(signum).name}; nothing was written, and '
+        'the run\'s checkpoints and records are as they were.', file=sys.stderr, flush=True)
+  _exit(128 + signum)
+
+
+def _exit(code):
+  os._exit(code)  # pylint: disable=protected-access  # Whatever JAX or a loader is doing.
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+  """Files written inside are finished before a signal stops the command."""
+  _writing['now'] = True
+  try:
+    yield
+  finally:
+    _writing['now'] = False
+    signum, _writing['stopped_by'] = _writing['stopped_by'], None
+    if signum is not None:
+      print(f'\ncvjax.evaluate: stopped by {signal.Signals(signum).name} after writing its '
+            'files.', file=sys.stderr, flush=True)
+      _exit(128 + signum)
 
 
 def restore(exp, workdir):
@@ -97,14 +131,14 @@ def evaluate_checkpoint(config, workdir, predictions_file=None, member=None):
                                              exp.input.eval_batches(), exp.input.num_test,
                                              exp.input.num_classes)
   metrics.update(train.evaluate_ema(eval_step, state, test_data, exp.input))
-  events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
-  analysis = error_analysis.write(workdir, exp.input.test_images, exp.input.test_labels,
-                                  top5[:, 0], exp.input.class_names, step=int(state.step),
-                                  writer=events.tb,
-                                  confidence=confidence)
-  events.close()
-  if predictions_file:
-    write_predictions(predictions_file, top5)
+  with _uninterrupted():
+    events = metric_writer.EventWriter(workdir)  # Images only: metrics.jsonl stays as it is.
+    analysis = error_analysis.write(workdir, exp.input.test_images, exp.input.test_labels,
+                                    top5[:, 0], exp.input.class_names, step=int(state.step),
+                                    writer=events.tb, confidence=confidence)
+    events.close()
+    if predictions_file:
+      write_predictions(predictions_file, top5)
   return {k: float(v) for k, v in metrics.items()}, analysis
 
 
@@ -278,6 +312,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  for _s in (signal.SIGINT, signal.SIGTERM):  # Before the flags load the config and JAX.
+    signal.signal(_s, _stopped)
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top

@@ -38,6 +38,8 @@ _DISTRIBUTED = flags.DEFINE_string('distributed', None, 'auto, on or off.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in each trial.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', None, 'Seconds each trial waits for its peers to join.')
 flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
@@ -248,7 +250,8 @@ def main(argv):
   extra = [a for a in argv[1:] if a.startswith('--config.')]
   rest = [a for a in argv[1:] if not a.startswith('--config.')]
   passed = {'distributed': _DISTRIBUTED.value, 'coordinator_address': _COORDINATOR.value,
-            'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value}
+            'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value,
+            'distributed_timeout': _DISTRIBUTED_TIMEOUT.value}
   extra = [f'--{k}={v}' for k, v in passed.items() if v is not None] + extra
   try:
     if rest:

@@ -101,3 +101,41 @@ def test_evaluate_refuses_predictions_over_a_run_record_before_anything(tmp_path
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and 'is metrics.jsonl of the run' in out.stderr, out.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "train/loss": 2.0}\n'
+
+
+def test_ctrl_c_while_the_config_loads_is_one_line_and_writes_nothing(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  run = tmp_path / 'run'
+  shutil.copytree(os.path.join(ROOT, 'trained', 'mnist10k_lenet5'), run)
+  before = sorted(p.name for p in run.iterdir())
+  proc = subprocess.Popen([sys.executable, '-m', 'cvjax.evaluate', f'--workdir={run}'],
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  # Once the command catches SIGTERM, which it does right after SIGINT (Python's own SIGINT
+  # handler is there from the start), before the flags load the config and JAX; the evaluation
+  # then takes ~10 s or more.
+  deadline = time.monotonic() + 60
+  while not int(next(l for l in open(f'/proc/{proc.pid}/status') if l.startswith('SigCgt:'))
+                .split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGINT, err
+  assert 'cvjax.evaluate: stopped by SIGINT; nothing was written' in err and 'Traceback' not in err
+  assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_signal_while_files_are_written_waits_for_them(monkeypatch, capsys):
+  import signal  # pylint: disable=g-import-not-at-top
+  exits = []
+  monkeypatch.setattr(evaluate, '_exit', exits.append)
+  with evaluate._uninterrupted():  # pylint: disable=protected-access
+    evaluate._stopped(signal.SIGTERM)  # pylint: disable=protected-access
+    assert not exits  # Held while writing.
+  assert exits == [128 + signal.SIGTERM]
+  assert 'stopped by SIGTERM after writing its files' in capsys.readouterr().err
+  evaluate._stopped(signal.SIGINT)  # pylint: disable=protected-access
+  assert exits[-1] == 128 + signal.SIGINT

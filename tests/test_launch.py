@@ -328,13 +328,14 @@ def test_sweep_passes_the_coordinator_flags_to_every_trial():
       [sys.executable, '-m', 'cvjax.sweep', '--config=configs/resnet.py',
        '--sweep=experiments/depth_ablation.py', '--workdir=runs/depth', '--only=depth20,resnet110',
        '--dry_run', '--coordinator_address=host0:1234', '--num_processes=2', '--process_id=1',
-       '--config.seed=3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+       '--distributed_timeout=900', '--config.seed=3'], cwd=ROOT, capture_output=True,
+      text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   trials = [shlex.split(l) for l in out.stdout.splitlines() if 'cvjax.main' in l]
   assert len(trials) == 2
   for argv in trials:  # After the trial's own fields: the command line wins.
-    assert argv[-4:] == ['--coordinator_address=host0:1234', '--num_processes=2',
-                         '--process_id=1', '--config.seed=3'], argv
+    assert argv[-5:] == ['--coordinator_address=host0:1234', '--num_processes=2',
+                         '--process_id=1', '--distributed_timeout=900', '--config.seed=3'], argv
 
 
 # --- Values that reach a shell or a script: refused, or quoted ---
