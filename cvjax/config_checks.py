@@ -1,9 +1,18 @@
-"""Checks of a config's values, before a run writes anything: a negative learning rate or a
-boundary outside the run would train without a word of warning."""
+"""Every check of a config's fields and of their combinations, before a run writes anything:
+a negative learning rate or a boundary outside the run would train without a word of warning.
+
+`check_config` needs only the config (and the devices the batch is split over); the checks
+that need a fact of the run take it as an argument and are called where it becomes known:
+the devices (`check_mesh`, from cvjax.sharding.make_mesh), the pipeline and the processes
+(`check_pipeline`, from cvjax.data.make_input), the dataset's size and image shape
+(`check_data`, from cvjax.experiment.steps_for and the in-memory loader). Each model family
+checks its own `model` fields in its module (cvjax/models). No jax here: the checks run
+before anything is built."""
 
 import math
 
-from cvjax import data as data_lib
+from absl import logging
+
 from cvjax.errors import UserError
 
 
@@ -35,15 +44,133 @@ def check_config(config, num_devices):
     value = t.get(key, low)
     if not isinstance(value, int) or value < low:
       raise UserError(f'train.{key}={value!r}; expected an integer >= {low} ({meaning}).')
+  check_run_length(config)
+  check_eval(config)
+  check_values(config)
+  if is_population(config) and (config.mesh.model != 1 or config.mesh.fsdp):
+    raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
+                    '(population.seeds > 1 or population.vary) splits its members or their '
+                    'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
+
+
+def check_run_length(config):
+  """train.num_steps, or train.num_epochs where it is unset."""
+  t = config.train
   if t.num_steps is not None and t.num_steps <= 0:
     raise UserError(f'train.num_steps={t.num_steps}; expected a positive number of steps (or '
                     'leave it unset and set train.num_epochs).')
   if t.num_steps is None and not (_is_number(t.num_epochs) and t.num_epochs > 0):
     raise UserError(f'train.num_epochs={t.num_epochs!r}; expected a positive number (or set '
                     'train.num_steps).')
-  data_lib.eval_flip(config)
-  data_lib.eval_translate(config)
-  check_values(config)
+
+
+def is_population(config):
+  """Whether `config` trains several members (cvjax/population.py)."""
+  pop = config.get('population')
+  return bool(pop) and (pop.seeds != 1 or bool(pop.vary.strip()))
+
+
+def check_eval(config):
+  """eval.crops, eval.flip and eval.translate, and how they combine."""
+  e = config.eval
+  if not isinstance(e.flip, bool):
+    raise UserError(f'eval.flip={e.flip!r}; expected True or False.')
+  if e.crops not in (1, 10):
+    raise UserError(f'eval.crops={e.crops}; expected 1 (centre) or 10 (corners, centre and '
+                    'their flips, logits averaged).')
+  if e.flip and e.crops == 10:
+    raise UserError('eval.flip=True with eval.crops=10: the ten crops already hold the mirror '
+                    'images of the other five; set one of them.')
+  pixels = e.translate
+  if not isinstance(pixels, int) or isinstance(pixels, bool) or not 0 <= pixels <= 8:
+    raise UserError(f'eval.translate={pixels!r}; expected an integer in [0, 8] (pixels of the '
+                    'shifted test views; 0: none; airbench94: 1).')
+  if pixels and not e.flip:
+    raise UserError(f'eval.translate={pixels} averages shifted views of the image and of its '
+                    'mirror image: set eval.flip=True too (airbench94\'s test-time '
+                    'augmentation), or eval.translate=0.')
+
+
+def check_mesh(config, num_devices, local_devices=None, process_count=1):
+  """`mesh.model` (returned) and `mesh.fsdp`, against the `num_devices` of this run
+  (`local_devices` of them in each of `process_count` processes)."""
+  model, fsdp = config.mesh.model, config.mesh.fsdp
+  if not isinstance(model, int) or isinstance(model, bool) or model < 1 or num_devices % model:
+    raise UserError(f'mesh.model={model!r}; expected a positive integer that divides the '
+                    f'{num_devices} devices of this run (the rest of them split the batch '
+                    'along mesh axis data).')
+  if not isinstance(fsdp, bool):
+    raise UserError(f'mesh.fsdp={fsdp!r}; expected True (parameters and optimizer state split '
+                    'over the data axis) or False (replicated over it).')
+  if process_count > 1 and local_devices % model:
+    raise UserError(f'mesh.model={model} does not divide the {local_devices} devices of each '
+                    'process: a model replica must not span processes, which read their own '
+                    'share of the batch.')
+  return model
+
+
+def check_pipeline(config, pipeline, process_count=1):
+  """What the data's pipeline ('memory' or 'streaming', data.pipeline_for) cannot do: the
+  in-memory augmentations and loops on streamed data, the host workers' on data in memory."""
+  inp, t = config.input, config.train
+  if pipeline == 'memory':
+    if inp.auto_augment:
+      raise UserError(f'input.auto_augment={inp.auto_augment!r} runs in the streaming '
+                      'pipeline\'s host workers, and this data is held in memory (augmented on '
+                      'the device). Set dataset.pipeline=streaming to stream it (an image folder '
+                      'or ImageNet), or leave input.auto_augment empty; input.random_erasing, '
+                      'mixup_alpha and cutmix_alpha work with either pipeline.')
+    if config.eval.crops == 10 and not inp.crop_padding:
+      raise UserError('eval.crops=10 on in-memory data crops from test images padded by '
+                      'input.crop_padding, as in training; set input.crop_padding > 0.')
+    return
+  if inp.alternate_flip or inp.crop_pad_mode != 'constant':
+    raise UserError('input.alternate_flip and input.crop_pad_mode=reflect are augmentations of '
+                    'data held on the device (airbench94\'s, configs/speedrun.py); this dataset '
+                    'streams from disk (dataset.pipeline), where the host workers crop and flip: '
+                    'leave them off, or hold the data in memory (dataset.pipeline=memory).')
+  if t.steps_per_call > 1:
+    raise UserError(f'train.steps_per_call={t.steps_per_call} loops over batches '
+                    'held on the device; this dataset streams from disk (dataset.pipeline), one '
+                    'batch per call: leave train.steps_per_call=1.')
+  if is_population(config):
+    raise UserError('a population (population.seeds > 1 or population.vary) trains on data '
+                    'held on the device; this dataset streams from disk (dataset.pipeline). '
+                    'Train its members as separate runs instead, e.g. a sweep over seed.')
+  if not inp.image_size:
+    raise UserError('streaming input needs input.image_size, the side of the square crops '
+                    '(224 for the ImageNet nets).')
+  if inp.normalization not in ('imagenet', 'none'):
+    raise UserError(f'input.normalization={inp.normalization!r} needs statistics of the whole '
+                    'training set, which streaming input does not hold; use imagenet '
+                    '(ImageNet\'s per-channel mean and std) or none.')
+  for key in ('batch_size', 'eval_batch_size'):
+    if t[key] % process_count:
+      raise UserError(f'train.{key}={t[key]} must be a multiple of the '
+                      f'{process_count} processes that each read their share.')
+
+
+def check_data(config, num_train=None, image_shape=None):
+  """The config against its dataset: `num_train` examples, images of `image_shape` (HWC)."""
+  check_run_length(config)
+  batch = config.train.batch_size
+  if num_train is not None and batch > num_train:
+    raise UserError(f'train.batch_size={batch} exceeds the {num_train} training examples.')
+  size = config.input.image_size
+  if image_shape is not None and size and (image_shape[0] > size or image_shape[1] > size):
+    raise UserError(f'input.image_size={size} is smaller than the {image_shape[0]}x'
+                    f'{image_shape[1]} images.')
+
+
+def warn_slow_dtype(config, platform, native_conv):
+  """bfloat16 where it is slower than float32: on a CPU (`platform`) with XLA's convolutions
+  (`native_conv`: whether oneDNN's run them, cvjax.ops.convolution.native_for)."""
+  if config.train.compute_dtype == 'bfloat16' and platform == 'cpu' and not native_conv:
+    logging.warning('train.compute_dtype=bfloat16 on a CPU with XLA\'s convolutions is slower '
+                    'than float32: XLA:CPU has no fast bfloat16 convolutions (ResNet-20: 246 '
+                    'img/s against 369 in float32, docs/performance.md). oneDNN\'s bfloat16 '
+                    'convolutions (train.native_conv=True, a CPU with avx512_bf16 or AMX) are '
+                    'the fast ones; elsewhere keep float32.')
 
 
 def _is_number(x):
