@@ -41,7 +41,7 @@ def check_config(config, num_devices):
       'steps_per_call': (1, 'train steps per dispatch of the jitted loop'),
   }
   for key, (low, meaning) in at_least.items():
-    value = t.get(key, low)
+    value = t[key]
     if not isinstance(value, int) or value < low:
       raise UserError(f'train.{key}={value!r}; expected an integer >= {low} ({meaning}).')
   check_run_length(config)
@@ -66,8 +66,8 @@ def check_run_length(config):
 
 def is_population(config):
   """Whether `config` trains several members (cvjax/population.py)."""
-  pop = config.get('population')
-  return bool(pop) and (pop.seeds != 1 or bool(pop.vary.strip()))
+  pop = config.population
+  return pop.seeds != 1 or bool(pop.vary.strip())
 
 
 def check_eval(config):
@@ -183,13 +183,13 @@ def check_values(config):
   o, sch, inp, t = config.optimizer, config.schedule, config.input, config.train
   numbers = [  # (field, value, test, what is expected)
       ('optimizer.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number'),
-      ('optimizer.weight_decay', o.get('weight_decay', 0), lambda v: v >= 0,
+      ('optimizer.weight_decay', o.weight_decay, lambda v: v >= 0,
        'a number >= 0 (0: off)'),
-      ('optimizer.momentum', o.get('momentum', 0), lambda v: 0 <= v < 1,
+      ('optimizer.momentum', o.momentum, lambda v: 0 <= v < 1,
        'a number in [0, 1) (0: plain SGD)'),
-      ('schedule.decay_factor', sch.get('decay_factor', 1), lambda v: v > 0,
+      ('schedule.decay_factor', sch.decay_factor, lambda v: v > 0,
        'a positive factor (0.1: /10 at each boundary)'),
-      ('schedule.power', sch.get('power', 1), lambda v: v > 0,
+      ('schedule.power', sch.power, lambda v: v > 0,
        'a positive exponent of the polynomial schedule'),
       ('schedule.end_value', sch.end_value, lambda v: 0 <= v <= o.learning_rate,
        f'a learning rate in [0, optimizer.learning_rate={o.learning_rate}]'),
@@ -216,7 +216,7 @@ def check_values(config):
        'a positive factor (1: off; airbench94: 64)'),
       ('optimizer.whiten_bias_frozen_at', o.whiten_bias_frozen_at,
        lambda v: 0 <= v <= 1, 'a fraction of the run in [0, 1] (1: never frozen)'),
-      ('optimizer.lookahead_decay', o.get('lookahead_decay', 0), lambda v: 0 <= v <= 1,
+      ('optimizer.lookahead_decay', o.lookahead_decay, lambda v: 0 <= v <= 1,
        'a decay in [0, 1] (airbench94: 0.95 ** 5)'),
   ]
   for field, value, test, expected in numbers:
@@ -224,7 +224,7 @@ def check_values(config):
       raise UserError(f'{field}={value!r}; expected {expected}.')
   integers = [  # (field, value, low, high, meaning)
       ('schedule.warmup_steps', sch.warmup_steps, 0, None, 'steps of linear warm-up'),
-      ('input.crop_padding', inp.get('crop_padding', 0), 0, 256,
+      ('input.crop_padding', inp.crop_padding, 0, 256,
        'pixels of zero padding for random crops; 0: off'),
       ('input.image_size', inp.image_size, 0, 4096,
        'the side of the input images; 0: as stored'),
@@ -252,7 +252,7 @@ def check_values(config):
     raise UserError(f'optimizer.bn_bias_lr_scale, whiten_bias_frozen_at and lookahead_every are '
                     f'parts of airbench94\'s SGD; optimizer.name={o.name!r} ignores them: set '
                     'optimizer.name=sgd or leave them off.')
-  boundaries = sch.get('boundaries', ())
+  boundaries = sch.boundaries
   if sch.name == 'piecewise' and (not isinstance(boundaries, (tuple, list)) or not all(
       _is_number(b) and 0 <= b <= 1 for b in boundaries)):
     raise UserError(f'schedule.boundaries={boundaries!r}; expected fractions of the run in '
@@ -284,9 +284,9 @@ def reads(config, field):
   if table is None or key == 'name':
     return True
   o = config.optimizer
-  if field == 'optimizer.nesterov' and not o.get('momentum'):
+  if field == 'optimizer.nesterov' and not o.momentum:
     return False  # Nesterov of no momentum: plain SGD either way.
-  if field == 'optimizer.decay_bn_and_bias' and o.name != 'lars' and not o.get('weight_decay'):
+  if field == 'optimizer.decay_bn_and_bias' and o.name != 'lars' and not o.weight_decay:
     return False  # Only the decay's mask (and LARS's trust ratio's) reads it.
   return key in table.get(config[section].name, {key})  # An unknown name fails elsewhere.
 
