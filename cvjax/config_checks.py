@@ -259,6 +259,35 @@ def check_values(config):
                     '[0, 1], e.g. (0.5, 0.75): /10 at half and three quarters of the steps.')
 
 
+# What only recipes that no run has measured use (configs/resnet.py: imagenet_resnet50_tv2,
+# imagenet_resnet50_mlperf; docs/recipes.md): (field, is it on?). Move a line out once a run
+# in docs/results has measured it.
+UNMEASURED = (
+    ('optimizer.name=lars', lambda c: c.optimizer.name == 'lars'),
+    ('schedule.name=polynomial', lambda c: c.schedule.name == 'polynomial'),
+    ('input.mixup_alpha', lambda c: c.input.mixup_alpha > 0),
+    ('input.cutmix_alpha', lambda c: c.input.cutmix_alpha > 0),
+    ('input.random_erasing', lambda c: c.input.random_erasing > 0),
+    ('input.auto_augment', lambda c: bool(c.input.auto_augment)),
+)
+
+
+def unmeasured(config):
+  """The fields of `config` (see UNMEASURED) that no run has measured yet."""
+  return [field for field, on in UNMEASURED if on(config)]
+
+
+def warn_unmeasured(config):
+  """One line at the start of a run whose recipe no run has measured: it may not reach its
+  source's number here."""
+  fields = unmeasured(config)
+  if fields:
+    logging.warning('Not yet measured: no cvjax run has trained with %s (the ImageNet recipes '
+                    'imagenet_resnet50_tv2 and imagenet_resnet50_mlperf use them); treat this '
+                    'run\'s numbers as the first, not a reproduction (docs/recipes.md).',
+                    ', '.join(fields))
+
+
 # The fields of `optimizer` and `schedule` each name reads (cvjax/optim.py): a population that
 # varies a field its members' runs never read would train identical members without a word.
 OPTIMIZER_READS = {

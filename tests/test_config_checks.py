@@ -90,3 +90,37 @@ def test_checks_of_the_run_take_its_facts_as_arguments():
   with pytest.raises(UserError, match='input.image_size=28 is smaller than the 32x32 images'):
     config_checks.check_data(config, image_shape=(32, 32, 3))
   config_checks.check_data(config, num_train=16, image_shape=(28, 28, 1))
+
+
+UNMEASURED_RECIPES = {('resnet', 'imagenet_resnet50_tv2'), ('resnet', 'imagenet_resnet50_mlperf')}
+
+
+def test_only_the_unmeasured_recipes_use_the_unmeasured_fields():
+  """What no run has measured is marked: the two ImageNet recipes, and the fields only they
+  use, which a run names when it starts."""
+  from test_zoo import config_args, load_config  # pylint: disable=g-import-not-at-top
+  for module, arg in config_args() + [('speedrun', None), ('speedrun', 'quick')]:
+    fields = config_checks.unmeasured(load_config(module, arg))
+    assert bool(fields) == ((module, arg) in UNMEASURED_RECIPES), (module, arg, fields)
+    if fields:
+      doc = getattr(__import__(f'configs.{module}', fromlist=['x']),
+                    {'imagenet_resnet50_tv2': 'imagenet_tv2',
+                     'imagenet_resnet50_mlperf': 'imagenet_mlperf'}[arg]).__doc__
+      assert doc.startswith('NOT YET MEASURED'), arg
+  with open(os.path.join(ROOT, 'docs', 'recipes.md')) as f:
+    recipes = f.read()
+  for _, arg in UNMEASURED_RECIPES:
+    assert f'`configs/resnet.py:{arg}` (**not yet measured**)' in recipes
+
+
+def test_a_run_of_an_unmeasured_recipe_says_so_when_it_starts(idx_dir, tmp_path, monkeypatch,
+                                                               caplog):
+  from cvjax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train, 'train_loop', lambda *a: 'not trained')  # The start alone.
+  caplog.set_level('WARNING', logger='absl')
+  assert train.train_and_evaluate(tiny_config(idx_dir), str(tmp_path / 'a')) == 'not trained'
+  assert 'Not yet measured' not in caplog.text
+  config = tiny_config(idx_dir, **{'input.mixup_alpha': 0.2, 'optimizer.name': 'lars'})
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  line, = [l for l in caplog.text.splitlines() if 'Not yet measured' in l]
+  assert 'optimizer.name=lars, input.mixup_alpha' in line
