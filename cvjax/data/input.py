@@ -9,7 +9,6 @@ from typing import Any, Callable
 import numpy as np
 
 
-
 @dataclasses.dataclass
 class Input:
   """What the training loop sees of either pipeline: device-resident arrays put once, the

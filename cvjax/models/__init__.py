@@ -10,11 +10,13 @@ from cvjax.models import lenet
 from cvjax.models import resnet_cifar
 from cvjax.models import resnet_imagenet
 from cvjax.models import vgg
+# The modules, for code that builds one without a config.
+from cvjax.models.airbench import Airbench  # pylint: disable=unused-import
 from cvjax.models.alexnet import AlexNet  # pylint: disable=unused-import
 from cvjax.models.lenet import LeNet5, LeNet5Paper  # pylint: disable=unused-import
 from cvjax.models.resnet_cifar import CifarResNet  # pylint: disable=unused-import
-from cvjax.models.resnet_imagenet import STAGES, ResNet  # pylint: disable=unused-import
-from cvjax.models.vgg import CONFIGS as VGG_CONFIGS, VGG  # pylint: disable=unused-import
+from cvjax.models.resnet_imagenet import ResNet  # pylint: disable=unused-import
+from cvjax.models.vgg import VGG  # pylint: disable=unused-import
 
 MODELS = {'lenet5': lenet.from_config, 'resnet_cifar': resnet_cifar.from_config,
           'resnet': resnet_imagenet.from_config, 'alexnet': alexnet.from_config,
