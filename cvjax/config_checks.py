@@ -151,11 +151,13 @@ def check_pipeline(config, pipeline, process_count=1):
 
 
 def check_data(config, num_train=None, image_shape=None):
-  """The config against its dataset: `num_train` examples, images of `image_shape` (HWC)."""
-  check_run_length(config)
+  """The config against its dataset: `num_train` examples (and the run's length, for a plan
+  made without check_config), images of `image_shape` (HWC)."""
   batch = config.train.batch_size
-  if num_train is not None and batch > num_train:
-    raise UserError(f'train.batch_size={batch} exceeds the {num_train} training examples.')
+  if num_train is not None:
+    check_run_length(config)
+    if batch > num_train:
+      raise UserError(f'train.batch_size={batch} exceeds the {num_train} training examples.')
   size = config.input.image_size
   if image_shape is not None and size and (image_shape[0] > size or image_shape[1] > size):
     raise UserError(f'input.image_size={size} is smaller than the {image_shape[0]}x'
