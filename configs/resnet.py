@@ -11,7 +11,7 @@ ResNet-20 for 5 epochs on the 5,000 CIFAR-10 training images that ship with cvja
 look at the code, not a result); `resnetN_modern` (e.g. resnet20_modern): the same net and
 schedule length with today's recipe (`modern_cifar`). The ImageNet args add
 `imagenet_resnet50_tv2` (torchvision's new recipe) and `imagenet_resnet50_mlperf` (MLPerf's
-LARS recipe); docs/recipes.md lists the fields.
+LARS recipe), neither yet measured; docs/recipes.md lists the fields.
 Paper: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and
 48k iterations, stop at 64k (~164 epochs of 50k images); 4-pixel padding, random 32x32
 crops, horizontal flips, per-pixel mean subtraction. Test error: ResNet-20 8.75%,
@@ -148,7 +148,10 @@ def modern_cifar(c):
 
 
 def imagenet_tv2():
-  """ResNet-50 with torchvision's new recipe ("How to Train State-Of-The-Art Models Using
+  """NOT YET MEASURED: no cvjax run has trained this recipe, nor Mixup, CutMix, random erasing
+  or TrivialAugment, which only it uses (a run says so when it starts).
+
+  ResNet-50 with torchvision's new recipe ("How to Train State-Of-The-Art Models Using
   TorchVision's Latest Primitives", Vasilis Vryniotis, PyTorch blog, 2021; the command of
   ResNet50_Weights.IMAGENET1K_V2, 80.86% top-1 against 76.13% for V1): batch 1024 (8 x 128),
   SGD momentum 0.9, lr 0.5, 5 epochs of linear warm-up, cosine decay over 600 epochs, weight
@@ -190,7 +193,10 @@ def imagenet_tv2():
 
 
 def imagenet_mlperf():
-  """ResNet-50 with MLPerf Training's LARS recipe (the reference implementation,
+  """NOT YET MEASURED: no cvjax run has trained this recipe, nor LARS or the polynomial
+  schedule, which only it uses (a run says so when it starts).
+
+  ResNet-50 with MLPerf Training's LARS recipe (the reference implementation,
   mlcommons/training image_classification/tensorflow2, its README's 8-GPU command; target 75.9%
   top-1): batch 2048 (1024 x 2 accumulated there), LARS with trust coefficient 0.001,
   momentum 0.9 and epsilon 0, base lr 8.5, 5 epochs of linear warm-up then polynomial decay of

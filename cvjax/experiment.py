@@ -21,7 +21,6 @@ from cvjax import optim
 from cvjax import population
 from cvjax import sharding as sharding_lib
 from cvjax import steps
-from cvjax.errors import UserError
 from cvjax.ops import convolution
 
 
@@ -184,45 +183,9 @@ def fingerprint(config, num_classes, input_shape, dataset=None):
 
 def steps_for(config, num_train):
   """(steps per epoch, total steps): `train.num_steps` wins over `train.num_epochs`."""
-  batch = config.train.batch_size
-  if batch > num_train:
-    raise UserError(f'train.batch_size={batch} exceeds the {num_train} training examples.')
-  per_epoch = num_train // batch  # The last partial batch of an epoch is dropped.
-  total = config.train.num_steps or int(math.ceil(config.train.num_epochs * per_epoch))
-  if total <= 0:
-    raise UserError('set train.num_steps or train.num_epochs to a positive number.')
-  return per_epoch, total
-
-
-def _check_combinations(config, mesh):
-  """Settings that are each fine but do not go together (or not on this machine)."""
-  is_population = population.is_population(config)
-  if is_population and (mesh.shape['model'] > 1 or config.mesh.fsdp):
-    raise UserError('mesh.model and mesh.fsdp split one run\'s parameters; a population '
-                    '(population.seeds > 1 or population.vary) splits its members or their '
-                    'batches over the devices: leave mesh.model=1 and mesh.fsdp=False.')
-  if (config.train.compute_dtype == 'bfloat16' and mesh.devices.flat[0].platform == 'cpu'
-      and not convolution.native_for(config)):
-    logging.warning('train.compute_dtype=bfloat16 on a CPU with XLA\'s convolutions is slower '
-                    'than float32: XLA:CPU has no fast bfloat16 convolutions (ResNet-20: 246 '
-                    'img/s against 369 in float32, docs/performance.md). oneDNN\'s bfloat16 '
-                    'convolutions (train.native_conv=True, a CPU with avx512_bf16 or AMX) are '
-                    'the fast ones; elsewhere keep float32.')
-  if data_lib.pipeline_for(config.dataset) == 'memory':
-    return
-  if config.input.alternate_flip or config.input.crop_pad_mode != 'constant':
-    raise UserError('input.alternate_flip and input.crop_pad_mode=reflect are augmentations of '
-                    'data held on the device (airbench94\'s, configs/speedrun.py); this dataset '
-                    'streams from disk (dataset.pipeline), where the host workers crop and flip: '
-                    'leave them off, or hold the data in memory (dataset.pipeline=memory).')
-  if config.train.steps_per_call > 1:
-    raise UserError(f'train.steps_per_call={config.train.steps_per_call} loops over batches '
-                    'held on the device; this dataset streams from disk (dataset.pipeline), one '
-                    'batch per call: leave train.steps_per_call=1.')
-  if is_population:
-    raise UserError('a population (population.seeds > 1 or population.vary) trains on data '
-                    'held on the device; this dataset streams from disk (dataset.pipeline). '
-                    'Train its members as separate runs instead, e.g. a sweep over seed.')
+  config_checks.check_data(config, num_train)
+  per_epoch = num_train // config.train.batch_size  # The last partial batch is dropped.
+  return per_epoch, config.train.num_steps or int(math.ceil(config.train.num_epochs * per_epoch))
 
 
 def build(config, devices=None) -> Experiment:
@@ -231,7 +194,8 @@ def build(config, devices=None) -> Experiment:
   mesh = sharding_lib.make_mesh(config, devices)
   config = with_devices(config, mesh)
   config_checks.check_config(config, mesh.shape['data'])
-  _check_combinations(config, mesh)
+  config_checks.warn_slow_dtype(config, mesh.devices.flat[0].platform,
+                                convolution.native_for(config))
   inp = data_lib.make_input(config, mesh)
   input_shape = tuple(inp.image_shape)
   steps_per_epoch, total_steps = steps_for(config, inp.num_train)

@@ -36,7 +36,7 @@ def make_schedule(cfg, base, total_steps):
   elif cfg.name == 'cosine':
     main = optax.cosine_decay_schedule(base, rest)
   elif cfg.name == 'polynomial':
-    main = optax.polynomial_schedule(base, cfg.end_value, cfg.get('power', 1.0),
+    main = optax.polynomial_schedule(base, cfg.end_value, cfg.power,
                                      rest)
   elif cfg.name == 'constant':
     main = optax.constant_schedule(base)
@@ -147,7 +147,7 @@ def make_optimizer(cfg, schedule, total_steps=None):
   `freeze_after`) and `lookahead_every` / `lookahead_decay` (`lookahead`).
   """
   mask = None if cfg.decay_bn_and_bias else decay_mask
-  wd = cfg.get('weight_decay', 0.0)
+  wd = cfg.weight_decay
   if cfg.name == 'sgd':
     parts = [optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
              optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)]

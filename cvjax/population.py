@@ -41,9 +41,7 @@ class Member:
   config: object  # ml_collections.ConfigDict: what cvjax.main would train alone.
 
 
-def is_population(config):
-  pop = config.get('population')
-  return bool(pop) and (pop.seeds != 1 or bool(pop.vary.strip()))
+is_population = config_checks.is_population  # Defined there, with the checks that use it.
 
 
 def parse_vary(config, text):

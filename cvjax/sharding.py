@@ -31,7 +31,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from cvjax.errors import UserError
+from cvjax import config_checks
 
 # Megatron's split of a dense stack: columns, rows, columns (the logits' reduction is small).
 _CLASSIFIER = (
@@ -49,32 +49,14 @@ FSDP_MIN_SIZE = 1024  # Leaves with fewer elements stay replicated: a gather cos
 def make_mesh(config, devices=None):
   """The (data, model) mesh of `config.mesh`: `mesh.model` devices per model replica."""
   devices = list(devices if devices is not None else jax.devices())
-  model = check_config(config, len(devices))
-  return jax.make_mesh((len(devices) // model, model), ('data', 'model'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
-
-
-def check_config(config, num_devices):
-  """`mesh.model` (returned) and `mesh.fsdp`, checked against the devices of this run."""
-  model, fsdp = config.mesh.model, config.mesh.fsdp
-  if not isinstance(model, int) or isinstance(model, bool) or model < 1 or num_devices % model:
-    raise UserError(f'mesh.model={model!r}; expected a positive integer that divides the '
-                    f'{num_devices} devices of this run (the rest of them split the batch '
-                    'along mesh axis data).')
-  if not isinstance(fsdp, bool):
-    raise UserError(f'mesh.fsdp={fsdp!r}; expected True (parameters and optimizer state split '
-                    'over the data axis) or False (replicated over it).')
-  local = jax.local_device_count()
-  if jax.process_count() > 1 and local % model:
-    raise UserError(f'mesh.model={model} does not divide the {local} devices of each process: '
-                    'a model replica must not span processes, which read their own share of '
-                    'the batch.')
-  name = config.model.get('name')
-  if model > 1 and name not in RULES:
+  model = config_checks.check_mesh(config, len(devices), jax.local_device_count(),
+                                   jax.process_count())
+  if model > 1 and config.model.name not in RULES:
     logging.warning('mesh.model=%d: %s has no model-parallel rules (cvjax.sharding.RULES has '
                     '%s); its state is replicated over model and each of those devices '
-                    'computes the same.', model, name, ', '.join(RULES))
-  return model
+                    'computes the same.', model, config.model.name, ', '.join(RULES))
+  return jax.make_mesh((len(devices) // model, model), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def path_str(path):
@@ -114,7 +96,7 @@ def partition_spec(path, shape, mesh, rules, fsdp=False):
 def state_sharding(abstract_state, mesh, config):
   """A NamedSharding for every leaf of `abstract_state` (a TrainState of ShapeDtypeStructs,
   or arrays): for jit's out_shardings and the checkpoint's restore target."""
-  rules = RULES.get(config.model.get('name'), ()) if mesh.shape.get('model', 1) > 1 else ()
+  rules = RULES.get(config.model.name, ()) if mesh.shape.get('model', 1) > 1 else ()
   fsdp = config.mesh.fsdp
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(path_str(p), x.shape, mesh, rules, fsdp)),

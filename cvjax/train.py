@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from cvjax import checkpointing
+from cvjax import config_checks
 from cvjax import config_history
 from cvjax import experiment
 from cvjax import jit_steps
@@ -46,6 +47,7 @@ def train_and_evaluate(config, workdir, *, devices=None):
     logging.info('Reading the data and building %s (a first run decodes the images).',
                  config.model.name)  # Else a CPU run says nothing for a minute or two.
     exp = experiment.build(config, devices)  # Checks the config and the data; writes nothing.
+    config_checks.warn_unmeasured(exp.config)
     memory_estimate.check(exp)  # Logs the memory it needs; refuses what clearly cannot fit.
     stopped = stop_requested(0)
     if stopped:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, child_env, tiny_config
+from cvjax import config_checks
 from cvjax import sharding
 from cvjax.errors import UserError
 
@@ -247,7 +248,7 @@ def test_bad_mesh_config_is_a_clear_error(mesh, message):
   config = _config('alexnet', 'cifar10')
   config.mesh = ml_collections.ConfigDict({'model': 1, 'fsdp': False, **mesh})
   with pytest.raises(UserError, match=message.replace('(', r'\(')):
-    sharding.check_config(config, 8)
+    config_checks.check_mesh(config, 8)
 
 
 def test_population_with_a_split_mesh_is_a_clear_error(idx_dir):

@@ -49,7 +49,13 @@ def pipeline_for(cfg):
 
 
 def make_input(config, mesh) -> Input:
-  if pipeline_for(config.dataset) == 'streaming':
+  """The `Input` of the config's pipeline, after the checks that need the pipeline and the
+  processes that read their share (config_checks.check_pipeline)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cvjax import config_checks  # pylint: disable=g-import-not-at-top
+  pipeline = pipeline_for(config.dataset)
+  config_checks.check_pipeline(config, pipeline, jax.process_count())
+  if pipeline == 'streaming':
     from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.make_input(config, mesh)
   from cvjax.data import memory  # pylint: disable=g-import-not-at-top

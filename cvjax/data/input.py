@@ -8,8 +8,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cvjax.errors import UserError
-
 
 @dataclasses.dataclass
 class Input:
@@ -45,36 +43,20 @@ class Input:
     return len(self.test_labels)
 
 
+# The eval fields as the pipelines and the eval step read them; checked, with how they
+# combine, by cvjax.config_checks.check_eval before a run builds anything.
 def eval_crops(config):
-  crops = config.eval.crops
-  if crops not in (1, 10):
-    raise UserError(f'eval.crops={crops}; expected 1 (centre) or 10 (corners, centre and their '
-                    'flips, logits averaged).')
-  return crops
+  return config.eval.crops
 
 
 def eval_flip(config):
   """Whether evaluation averages the logits of each image and its mirror image (`eval.flip`)."""
-  flip = config.eval.flip
-  if not isinstance(flip, bool):
-    raise UserError(f'eval.flip={flip!r}; expected True or False.')
-  if flip and eval_crops(config) == 10:
-    raise UserError('eval.flip=True with eval.crops=10: the ten crops already hold the mirror '
-                    'images of the other five; set one of them.')
-  return flip
+  return config.eval.flip
 
 
 def eval_translate(config):
   """Pixels of the shifted test views (`eval.translate`, with eval.flip; 0: none)."""
-  pixels = config.eval.translate
-  if not isinstance(pixels, int) or isinstance(pixels, bool) or not 0 <= pixels <= 8:
-    raise UserError(f'eval.translate={pixels!r}; expected an integer in [0, 8] (pixels of the '
-                    'shifted test views; 0: none; airbench94: 1).')
-  if pixels and not eval_flip(config):
-    raise UserError(f'eval.translate={pixels} averages shifted views of the image and of its '
-                    'mirror image: set eval.flip=True too (airbench94\'s test-time '
-                    'augmentation), or eval.translate=0.')
-  return pixels
+  return config.eval.translate
 
 
 def fingerprint(class_names, train_labels, test_labels):

@@ -25,9 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax import config_checks
 from cvjax import runtime
 from cvjax.data import image_files
-from cvjax.data.input import Input, eval_crops, fingerprint, imagenet_stats
+from cvjax.data.input import Input, fingerprint, imagenet_stats
 from cvjax.errors import UserError
 
 # Small real datasets shipped in cvjax/data/embedded (its README says where they come from):
@@ -59,18 +60,10 @@ def in_memory_input(config, mesh) -> Input:
   """The whole dataset on the device; each train batch is a device array of indices into it,
   each eval batch the index of a slice of the padded test set."""
   data = load(config.dataset)
+  config_checks.check_data(config, image_shape=data.train_images.shape[1:])
   train_images = pad_to(data.train_images, config.input.image_size)
   test_images = pad_to(data.test_images, config.input.image_size)
   mean, std = normalization_stats(train_images, config.input.normalization)
-  if config.input.auto_augment:
-    raise UserError(f'input.auto_augment={config.input.auto_augment!r} runs in the streaming '
-                    'pipeline\'s host workers, and this data is held in memory (augmented on '
-                    'the device). Set dataset.pipeline=streaming to stream it (an image folder '
-                    'or ImageNet), or leave input.auto_augment empty; input.random_erasing, '
-                    'mixup_alpha and cutmix_alpha work with either pipeline.')
-  if eval_crops(config) == 10 and not config.input.crop_padding:
-    raise UserError('eval.crops=10 on in-memory data crops from test images padded by '
-                    'input.crop_padding, as in training; set input.crop_padding > 0.')
   batch_size, n = config.train.batch_size, len(train_images)
   eval_size = config.train.eval_batch_size
   num_eval_batches = -(-len(test_images) // eval_size)
@@ -490,10 +483,8 @@ def load_image_folder_tar(path) -> Dataset:
 def pad_to(images, size):
   """Zero-pads (centred) to size x size, e.g. 28x28 MNIST to LeNet-5's 32x32."""
   h, w = images.shape[1:3]
-  if not size or (h, w) == (size, size):
+  if not size or (h, w) == (size, size):  # A smaller size: config_checks.check_data.
     return images
-  if h > size or w > size:
-    raise UserError(f'input.image_size={size} is smaller than the {h}x{w} images.')
   top, left = (size - h) // 2, (size - w) // 2
   return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
 

@@ -339,22 +339,11 @@ def make_input(config, mesh):
     splits = image_folder(path)
   else:
     splits = tfds_imagenet(cfg.name, cfg.data_dir, cfg.download)
-  size = inp.image_size
-  if not size:
-    raise UserError('streaming input needs input.image_size, the side of the square crops '
-                    '(224 for the ImageNet nets).')
-  if inp.normalization not in ('imagenet', 'none'):
-    raise UserError(f'input.normalization={inp.normalization!r} needs statistics of the whole '
-                    'training set, which streaming input does not hold; use imagenet '
-                    '(ImageNet\'s per-channel mean and std) or none.')
+  size = inp.image_size  # It, the normalization and the batches: config_checks.check_pipeline.
   mean, std = data_input.imagenet_stats() if inp.normalization == 'imagenet' else (
       np.zeros((1, 1, 1, 1), np.float32), np.ones((1, 1, 1, 1), np.float32))
   crops = data_input.eval_crops(config)
   process_count, process_index = jax.process_count(), jax.process_index()
-  for key in ('batch_size', 'eval_batch_size'):
-    if config.train[key] % process_count:
-      raise UserError(f'train.{key}={config.train[key]} must be a multiple of the '
-                      f'{process_count} processes that each read their share.')
   sharding = NamedSharding(mesh, P('data'))
   workers, threads = inp.workers, inp.threads
   area, aspect = tuple(inp.random_crop_area), tuple(inp.random_crop_aspect)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvjax.errors import UserError
 from cvjax.models import common
 from cvjax.ops import convolution
 
@@ -132,3 +133,16 @@ class Airbench(nn.Module):
     x = nn.Dense(self.num_classes, use_bias=False, kernel_init=torch_uniform, dtype=self.dtype,
                  name='head')(x)
     return (x * self.logit_scale).astype(jnp.float32)
+
+
+def from_config(cfg, **kw):
+  """The net of the `model` block of configs/speedrun.py."""
+  widths = tuple(cfg.widths)
+  if len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):
+    raise UserError(f'model.widths={cfg.widths!r}; expected three positive integers, the '
+                    'widths of the conv groups (airbench94: (64, 256, 256)).')
+  if not 0 <= cfg.bn_momentum < 1:
+    raise UserError(f'model.bn_momentum={cfg.bn_momentum!r}; expected the share of the running '
+                    'average kept per step in [0, 1) (Flax convention; airbench94: 0.6).')
+  return Airbench(widths=widths, activation=cfg.activation, bn_momentum=cfg.bn_momentum,
+                  logit_scale=cfg.logit_scale, whiten=cfg.whiten, dirac=cfg.dirac, **kw)

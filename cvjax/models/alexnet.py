@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvjax.errors import UserError
 from cvjax.models import common
 from cvjax.ops import convolution
 
@@ -74,3 +75,18 @@ class AlexNet(nn.Module):
       x = act(nn.Dense(int(4096 * self.width), dtype=self.dtype, name=f'fc{i}')(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc8')(x)
     return x.astype(jnp.float32)
+
+
+def from_config(cfg, **kw):
+  """The net of a `model` block of configs/alexnet.py."""
+  variant = cfg.get('variant', AlexNet.variant)  # Absent: the paper's.
+  if variant not in ('paper', 'torchvision'):
+    raise UserError(f'unknown model.variant={variant!r} for alexnet; expected paper or '
+                    'torchvision.')
+  if cfg.groups not in (1, 2):
+    raise UserError(f'model.groups={cfg.groups}: AlexNet has 1 (one tower) or 2 (the paper).')
+  if variant == 'torchvision' and cfg.groups != 1:
+    raise UserError('model.variant=torchvision is a one-tower net: set model.groups=1 '
+                    '(configs/alexnet.py:imagenet_torchvision does).')
+  return AlexNet(variant=variant, groups=cfg.groups, activation=cfg.activation,
+                 dropout_rate=cfg.dropout_rate, **kw)

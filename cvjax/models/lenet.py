@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax.errors import UserError
 from cvjax.ops import convolution
 from cvjax.models import common
 
@@ -144,3 +145,11 @@ class LeNet5Paper(nn.Module):
     sq_dist = (jnp.sum(x * x, -1, keepdims=True) - 2 * x @ codes.T
                + jnp.sum(codes * codes, -1)[None, :])
     return -sq_dist
+
+
+def from_config(cfg, **kw):
+  """The net of a `model` block of configs/lenet.py (`variant`: modern | paper)."""
+  variant = cfg.get('variant', 'modern')
+  if variant not in ('modern', 'paper'):
+    raise UserError(f'unknown model.variant={variant!r} for lenet5; expected modern or paper.')
+  return (LeNet5Paper if variant == 'paper' else LeNet5)(activation=cfg.activation, **kw)

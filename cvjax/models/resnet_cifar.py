@@ -127,3 +127,20 @@ class CifarResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
+
+
+def very_deep(cfg):
+  """Where unscanned XLA compilation takes minutes (ResNet-1202): the default for scanning
+  blocks and for remat when the config leaves them unset."""
+  return cfg.name == 'resnet_cifar' and cfg.depth > 110
+
+
+def from_config(cfg, **kw):
+  """The net of a `model` block of configs/resnet.py's CIFAR recipes."""
+  blocks_per_stage(cfg.depth)  # Its check, before the model is built.
+  return CifarResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
+                     batch_norm=cfg.batch_norm, bn_momentum=cfg.bn_momentum,
+                     zero_init_residual=cfg.zero_init_residual,
+                     scan_blocks=(very_deep(cfg) if cfg.get('scan_blocks') is None  # None: unset.
+                                  else cfg.scan_blocks),
+                     **kw)

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cvjax.errors import UserError
 from cvjax.models import common
 from cvjax.ops import convolution
 
@@ -111,3 +112,17 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
     return x.astype(jnp.float32)
+
+
+def from_config(cfg, **kw):
+  """The net of a `model` block of configs/resnet.py's ImageNet recipes."""
+  if cfg.depth not in STAGES:
+    raise UserError(f'model.depth={cfg.depth} is not an ImageNet ResNet depth; expected one of '
+                    f'{sorted(STAGES)}.')
+  stride = cfg.get('stride_in_bottleneck', ResNet.stride_in_bottleneck)  # Absent: the paper's.
+  if stride not in ('1x1', '3x3'):
+    raise UserError(f'model.stride_in_bottleneck={stride!r}; expected 1x1 (the paper, v1) or '
+                    '3x3 (torchvision, v1.5).')
+  return ResNet(depth=cfg.depth, residual=cfg.residual, activation=cfg.activation,
+                bn_momentum=cfg.bn_momentum, zero_init_residual=cfg.zero_init_residual,
+                stride_in_bottleneck=stride, **kw)

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cvjax.errors import UserError
 from cvjax.models import common
 from cvjax.ops import convolution
 
@@ -60,3 +61,12 @@ class VGG(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = dense(self.num_classes, name='fc8')(x)
     return x.astype(jnp.float32)
+
+
+def from_config(cfg, **kw):
+  """The net of a `model` block of configs/vgg.py."""
+  if cfg.depth not in CONFIGS:
+    raise UserError(f'model.depth={cfg.depth} is not a VGG depth; expected one of '
+                    f'{sorted(CONFIGS)} (configurations A, B, D, E).')
+  return VGG(depth=cfg.depth, batch_norm=cfg.batch_norm, activation=cfg.activation,
+             dropout_rate=cfg.dropout_rate, bn_momentum=cfg.bn_momentum, **kw)
