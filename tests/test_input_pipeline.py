@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import bars, write_idx
 from cvjax.data import memory as ip
+from cvjax.data import transforms
 from cvjax.errors import UserError
 
 
@@ -148,9 +149,9 @@ def test_tfds_unknown_name_and_offline(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_augmentation_is_deterministic_given_the_rng():
   images = jax.random.normal(jax.random.key(0), (8, 12, 12, 3))
-  a = ip.augment(images, jax.random.key(1), crop_padding=4, flip=True)
-  b = ip.augment(images, jax.random.key(1), crop_padding=4, flip=True)
-  c = ip.augment(images, jax.random.key(2), crop_padding=4, flip=True)
+  a = transforms.augment(images, jax.random.key(1), crop_padding=4, flip=True)
+  b = transforms.augment(images, jax.random.key(1), crop_padding=4, flip=True)
+  c = transforms.augment(images, jax.random.key(2), crop_padding=4, flip=True)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert a.shape == images.shape
@@ -160,7 +161,7 @@ def test_augmentation_is_deterministic_given_the_rng():
     windows = [src[y:y + 12, x:x + 12] for y in range(9) for x in range(9)]
     assert any(np.array_equal(img, w) or np.array_equal(img, w[:, ::-1]) for w in windows)
   # Without augmentation the images pass through unchanged.
-  np.testing.assert_array_equal(ip.augment(images, jax.random.key(1), crop_padding=0,
+  np.testing.assert_array_equal(transforms.augment(images, jax.random.key(1), crop_padding=0,
                                            flip=False), images)
 
 
