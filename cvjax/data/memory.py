@@ -21,7 +21,6 @@ import tarfile
 
 from absl import logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,8 +56,8 @@ KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
 
 
 def in_memory_input(config, mesh) -> Input:
-  """The whole dataset on the device; each train batch is a device array of indices into it,
-  each eval batch the index of a slice of the padded test set."""
+  """The whole dataset on the device; each train batch the indices of its examples in it (on
+  the host: the loop places them), each eval batch the index of a slice of the padded test set."""
   data = load(config.dataset)
   train_images = pad_to(data.train_images, config.input.image_size)
   test_images = pad_to(data.test_images, config.input.image_size)
@@ -76,7 +75,7 @@ def in_memory_input(config, mesh) -> Input:
   eval_size = config.train.eval_batch_size
   num_eval_batches = -(-len(test_images) // eval_size)
   padded = num_eval_batches * eval_size - len(test_images)  # Padded, then masked out.
-  batch_sharding = NamedSharding(mesh, P('data'))
+  del mesh  # The loop places the train batches (cvjax/train.py), the eval step its slices.
 
   per_epoch, permutations = n // batch_size, {}
 
@@ -88,11 +87,18 @@ def in_memory_input(config, mesh) -> Input:
     i = step % per_epoch
     return permutations[seed][1][i * batch_size:(i + 1) * batch_size]
 
-  def train_batches(start_step):
-    # Every process computes the same global indices; device_put keeps the rows of its own
-    # devices, so the batch and its order do not depend on the number of processes.
+  def rows(seeds, step):
+    if not seeds.ndim:
+      return train_indices(int(seeds), step)
+    return np.stack([train_indices(int(s), step) for s in seeds.ravel()]).reshape(
+        *seeds.shape, batch_size)
+
+  def train_batches(start_step, seeds=None):
+    # On the host: every process computes the same global indices, and placing them keeps the
+    # rows of its own devices, so the batch and its order do not depend on the process count.
+    seeds = jax.tree.map(np.asarray, config.seed if seeds is None else seeds)
     for step in itertools.count(start_step):
-      yield {'indices': jax.device_put(train_indices(config.seed, step), batch_sharding)}
+      yield jax.tree.map(lambda s, step=step: {'indices': rows(s, step)}, seeds)
 
   def eval_batches():
     return ({'index': np.int32(i)} for i in range(num_eval_batches))

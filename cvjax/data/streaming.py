@@ -338,9 +338,10 @@ def make_input(config, mesh):
     it = _iterate(ds, workers, threads)
     return prefetch_to_device(it, sharding, close=it.close)
 
-  def train_batches(start_step):
+  def train_batches(start_step, seeds=None):
     return stream(train_dataset(
-        splits.train, seed=config.seed, batch_size=config.train.batch_size,
+        splits.train, seed=config.seed if seeds is None else seeds,
+        batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
             train_transform, size=size, area=area, aspect=aspect, flip=inp.flip,
             auto_augment=inp.auto_augment)))
