@@ -32,7 +32,7 @@ class Input:
   # each epoch is a new permutation whose last partial batch is dropped (those examples sit that
   # epoch out); streamed, the examples are one endless reshuffled sequence cut into batches
   # across epoch ends (none dropped; a batch may hold examples of two epochs, and the schedule's
-  # epoch ends slightly before the stream's).
+  # epoch ends at, or up to a batch before, the stream's).
   train_batches: Callable
   eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
   # (train_data, batch, rng, *, sharding, dtype) -> (normalised, augmented images, labels).
