@@ -18,7 +18,7 @@ def cross_entropy(logits, labels, smoothing=0.0):
 
 def train_loss_sum(logits, targets, smoothing=0.0):
   """The summed training loss of a batch: `targets` holds the integer `labels` and, for a
-  mixed batch, the `mixed_labels` mixed in with weight 1 - `weight` (data/batch_augment.mix)."""
+  mixed batch, the `mixed_labels` mixed in with weight 1 - `weight` (data/transforms.mix)."""
   loss = cross_entropy(logits, targets['labels'], smoothing)
   if 'mixed_labels' in targets:
     weight = targets['weight']

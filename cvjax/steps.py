@@ -17,8 +17,7 @@ import optax
 from cvjax import checkpointing
 from cvjax import ema as ema_lib
 from cvjax import losses
-from cvjax.data import batch_augment
-from cvjax.data import memory
+from cvjax.data import transforms
 from cvjax.ops import convolution
 
 
@@ -50,7 +49,7 @@ def train_inputs(state, data, batch, rng, *, make_train_batch, input_cfg, batch_
                  dtype):
   """(images, targets, dropout rng) of this step: the pipeline's batch (`make_train_batch`),
   then random erasing, Mixup and CutMix (off by default). `targets` holds the `labels`, and for
-  a mixed batch what data/batch_augment.mix returns."""
+  a mixed batch what data/transforms.mix returns."""
   # fold_in the step: a resumed run draws the same numbers.
   step_rng = jax.random.fold_in(rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
@@ -60,9 +59,9 @@ def train_inputs(state, data, batch, rng, *, make_train_batch, input_cfg, batch_
   # From their own rng, so the papers' crops and flips stay as they were.
   erase_rng, mix_rng = jax.random.split(jax.random.fold_in(step_rng, 1))
   if input_cfg.random_erasing:
-    x = batch_augment.random_erase(x, erase_rng, input_cfg.random_erasing)
+    x = transforms.random_erase(x, erase_rng, input_cfg.random_erasing)
   if input_cfg.mixup_alpha or input_cfg.cutmix_alpha:
-    x, mixed_labels, weight = batch_augment.mix(
+    x, mixed_labels, weight = transforms.mix(
         x, labels, mix_rng, mixup_alpha=input_cfg.mixup_alpha,
         cutmix_alpha=input_cfg.cutmix_alpha, prob=input_cfg.mix_prob,
         cutmix_prob=input_cfg.cutmix_prob)
@@ -266,7 +265,7 @@ def with_ema_weights(state):
 def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dtype, crops=1,
               crop_size=None, padding=0, flip=False, translate=0):
   """Metric sums over one test batch (`make_eval_batch` builds its normalised images, labels
-  and mask of padding). With `crops=10` the logits are averaged over `memory.ten_crop` views of
+  and mask of padding). With `crops=10` the logits are averaged over `transforms.ten_crop` views of
   size `crop_size`, cut from the images zero-padded (after normalisation) by `padding`; with
   `flip`, over the image and its mirror image; with `translate` too, over `tta_logits`' six
   views. Returns the metric sums, and the top-5 classes of each example (best first) with the
@@ -281,7 +280,7 @@ def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dty
     logits = apply(x)
   else:
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    logits = jnp.mean(jax.lax.map(apply, memory.ten_crop(x, crop_size)), axis=0)
+    logits = jnp.mean(jax.lax.map(apply, transforms.ten_crop(x, crop_size)), axis=0)
   metrics = classification_metrics(logits, labels, mask)
   probabilities, top5 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32)),
                                       min(5, logits.shape[-1]))
@@ -291,8 +290,8 @@ def eval_step(state, test, batch, *, model, make_eval_batch, batch_sharding, dty
 def tta_logits(apply, x, translate):
   """airbench94's test-time augmentation (tta_level=2): the mean over the image and its mirror
   image of 1/2 the unshifted view's logits plus 1/4 each of the views shifted by `translate`
-  pixels (`memory.translate_views`)."""
-  views = jnp.concatenate([x[None], memory.translate_views(x, translate)])
+  pixels (`transforms.translate_views`)."""
+  views = jnp.concatenate([x[None], transforms.translate_views(x, translate)])
   views = jnp.concatenate([views, views[:, :, :, ::-1]])  # [6, B, H, W, C]
   weights = jnp.array([0.5, 0.25, 0.25] * 2, jnp.float32) / 2
   return jnp.tensordot(weights, jax.lax.map(apply, views).astype(jnp.float32), axes=1)

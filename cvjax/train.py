@@ -20,6 +20,7 @@ from cvjax import experiment
 from cvjax import jit_steps
 from cvjax import memory_estimate
 from cvjax import metric_writer
+from cvjax import population
 from cvjax import preemption
 from cvjax import progress
 from cvjax import results as results_lib
@@ -59,6 +60,27 @@ def train_and_evaluate(config, workdir, *, devices=None):
 def current_step(state):
   counters = [x.step for x in (state.values() if isinstance(state, dict) else [state])]
   return int(max(np.max(x) for x in distributed.host_values(counters)))
+
+
+def data_seeds(exp):
+  """The seeds of the data orders the train step draws (`Input.train_batches`): one run's; a
+  population's by group, one per member, each member seeing the data as it would alone."""
+  if not exp.population:
+    return exp.config.seed
+  return {k: np.array([m.config.seed for m in g.members])
+          for k, g in zip(exp.state_keys, exp.groups)}
+
+
+def place_batch(exp, taken):
+  """The train step's batch argument for the steps of `taken` (each one's batch, from
+  `Input.train_batches`): stacked on a leading axis when there are several, and placed as the
+  step wants it, the examples split over the devices (a population's members instead when they
+  are: `jit_steps.member_sharding`). Streamed batches arrive placed so and stay as they are."""
+  members = ((('data', None) if jit_steps.member_sharding(exp) else (None, 'data'))
+             if exp.population else ('data',))
+  sharding = NamedSharding(exp.mesh, P(*(None,) * (len(taken) > 1), *members))
+  batch = taken[0] if len(taken) == 1 else population.stack(taken)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
 
 def _log_start(exp, sharding):
@@ -127,12 +149,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
 
   # --- Data on the device, and the jitted steps. ---
   device_data = jax.device_put(exp.input.train_data, NamedSharding(exp.mesh, P()))
-  if exp.input.train_indices is None:  # Streamed: the batches from start_step on.
-    batches = exp.input.train_batches(start_step)
-    next_batch = lambda step, k: next(batches)
-  else:  # In memory: any steps' indices, made on the host.
-    batches = None
-    next_batch = lambda step, k: jit_steps.indices_batch(exp, step, k)
+  batches = exp.input.train_batches(start_step, data_seeds(exp))  # Each step's, in order.
   train_steps = {}  # Jitted, by the number of steps a call takes.
   eval_step, test_data = jit_steps.jit_evaluation(exp)
   grad_norm_every = t.grad_norm_every_steps
@@ -175,9 +192,10 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     step = done
     k = min([t.steps_per_call, exp.total_steps - step] + [e - step % e for e in events])
     with chrono.waiting_for_input():
-      batch = next_batch(step, k)
+      taken = [next(batches) for _ in range(k)]  # Steps step .. step + k - 1.
+      batch = place_batch(exp, taken)
     if grad_norm_every and step % grad_norm_every == 0:  # The gradient this step will take.
-      first = batch if k == 1 else next_batch(step, 1)
+      first = batch if k == 1 else place_batch(exp, taken[:1])
       norms = jax.device_get(grad_norms(state, device_data, first, train_rng))
       for name, n in exp.by_member_of_groups(norms).items():
         writers[name].write_scalars(step, n)
@@ -225,8 +243,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
         w.close()
       raise preemption.Preempted(done, stop)
 
-  if batches is not None:
-    batches.close()  # Stops the streaming workers.
+  batches.close()  # Stops the streaming workers.
   mngr.wait_until_finished()
   if evaluation is None:  # Nothing left to train: evaluate the restored state.
     logging.info('The checkpoint at step %d is the last of this run; evaluating it.', done)

@@ -10,8 +10,10 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
-from conftest import bars, write_idx
+from conftest import bars, tiny_config, write_idx
+from cvjax import experiment, jit_steps, train
 from cvjax.data import memory as ip
+from cvjax.data import transforms
 from cvjax.errors import UserError
 
 
@@ -148,9 +150,9 @@ def test_tfds_unknown_name_and_offline(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_augmentation_is_deterministic_given_the_rng():
   images = jax.random.normal(jax.random.key(0), (8, 12, 12, 3))
-  a = ip.augment(images, jax.random.key(1), crop_padding=4, flip=True)
-  b = ip.augment(images, jax.random.key(1), crop_padding=4, flip=True)
-  c = ip.augment(images, jax.random.key(2), crop_padding=4, flip=True)
+  a = transforms.augment(images, jax.random.key(1), crop_padding=4, flip=True)
+  b = transforms.augment(images, jax.random.key(1), crop_padding=4, flip=True)
+  c = transforms.augment(images, jax.random.key(2), crop_padding=4, flip=True)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert a.shape == images.shape
@@ -160,7 +162,7 @@ def test_augmentation_is_deterministic_given_the_rng():
     windows = [src[y:y + 12, x:x + 12] for y in range(9) for x in range(9)]
     assert any(np.array_equal(img, w) or np.array_equal(img, w[:, ::-1]) for w in windows)
   # Without augmentation the images pass through unchanged.
-  np.testing.assert_array_equal(ip.augment(images, jax.random.key(1), crop_padding=0,
+  np.testing.assert_array_equal(transforms.augment(images, jax.random.key(1), crop_padding=0,
                                            flip=False), images)
 
 
@@ -184,3 +186,26 @@ def test_normalization_stats():
   assert mean.shape == (1, 1, 1, 3) and np.allclose(std, 0.5)
   with pytest.raises(UserError, match='per_pixel_mean'):
     ip.normalization_stats(x, 'zca')
+
+
+@pytest.mark.parametrize('seeds', [1, 3])
+def test_the_loops_batches_are_each_steps_indices_in_each_members_order(idx_dir, seeds):
+  """The one way batches reach the train step (`Input.train_batches`, k at a time placed by
+  `train.place_batch`) gives, for one run and a population, what `jit_steps.indices_batch`
+  gives for the same steps, placed alike, across an epoch end; a stream begun at a later step
+  (a resume) continues the one begun at 0."""
+  c = tiny_config(idx_dir)
+  c.population.seeds = seeds
+  exp = experiment.build(c)
+  batches = exp.input.train_batches(0, train.data_seeds(exp))
+  step = 0
+  for k in (1, 3, 5, 2):  # 96 examples in batches of 16: 6 steps per epoch.
+    taken = [next(batches) for _ in range(k)]
+    got, want = train.place_batch(exp, taken), jit_steps.indices_batch(exp, step, k)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.shape == b.shape and a.dtype == b.dtype and a.sharding == b.sharding
+      np.testing.assert_array_equal(a, b)
+    step += k
+  resumed = next(exp.input.train_batches(step, train.data_seeds(exp)))
+  jax.tree.map(np.testing.assert_array_equal, resumed, next(batches))

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import bars, tiny_config, write_idx
 from cvjax import checkpointing, ema, experiment, losses, optim, steps, train
-from cvjax.data import batch_augment, memory
+from cvjax.data import memory, transforms
 from cvjax.errors import UserError
 
 
@@ -41,8 +41,8 @@ def test_the_default_step_is_the_papers_step_bit_for_bit(idx_dir):
 
   def reference(state, data, batch, rng):
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    x = memory.normalize(data['train_images'][batch['indices']], data['mean'], data['std'])
-    x = memory.augment(x, augment_rng, crop_padding=2, flip=True)
+    x = transforms.normalize(data['train_images'][batch['indices']], data['mean'], data['std'])
+    x = transforms.augment(x, augment_rng, crop_padding=2, flip=True)
     labels = data['train_labels'][batch['indices']]
 
     def loss_fn(params):
@@ -110,15 +110,15 @@ def images(seed=0, b=8, size=12):
 @pytest.mark.slow
 def test_mixup_mixes_with_the_rolled_batch_and_prob_zero_mixes_nothing():
   x, labels = images(), jnp.arange(8)
-  mixed, other, weight = batch_augment.mix(x, labels, jax.random.key(3), mixup_alpha=0.4)
+  mixed, other, weight = transforms.mix(x, labels, jax.random.key(3), mixup_alpha=0.4)
   lam = float(weight[0])
   assert 0 < lam < 1 and np.all(np.asarray(weight) == lam)
   np.testing.assert_array_equal(other, jnp.roll(labels, 1))
   np.testing.assert_allclose(mixed, lam * x + (1 - lam) * jnp.roll(x, 1, axis=0), rtol=1e-6)
-  again = batch_augment.mix(x, labels, jax.random.key(3), mixup_alpha=0.4)
+  again = transforms.mix(x, labels, jax.random.key(3), mixup_alpha=0.4)
   np.testing.assert_array_equal(again[0], mixed)  # A function of the rng.
   for kw in ({'mixup_alpha': 0.4}, {'cutmix_alpha': 1.0}, {'mixup_alpha': 1, 'cutmix_alpha': 1}):
-    same, _, weight = batch_augment.mix(x, labels, jax.random.key(3), prob=0.0, **kw)
+    same, _, weight = transforms.mix(x, labels, jax.random.key(3), prob=0.0, **kw)
     np.testing.assert_array_equal(same, x)
     np.testing.assert_array_equal(weight, 1.0)
 
@@ -128,7 +128,7 @@ def test_cutmix_pastes_one_box_whose_area_sets_the_weight():
   rolled = jnp.roll(x, 1, axis=0)
   pasted_fractions = []
   for seed in range(6):
-    mixed, _, weight = batch_augment.mix(x, labels, jax.random.key(seed), cutmix_alpha=1.0)
+    mixed, _, weight = transforms.mix(x, labels, jax.random.key(seed), cutmix_alpha=1.0)
     from_rolled = np.asarray(jnp.all(mixed == rolled, axis=-1))
     assert np.all(np.asarray(jnp.all((mixed == rolled) | (mixed == x), axis=-1)))
     box = from_rolled[0]
@@ -144,7 +144,7 @@ def test_both_alphas_switch_between_mixup_and_cutmix():
   x, labels = images(), jnp.arange(8)
   kinds = []
   for seed in range(40):
-    mixed, _, _ = batch_augment.mix(x, labels, jax.random.key(seed), mixup_alpha=0.2,
+    mixed, _, _ = transforms.mix(x, labels, jax.random.key(seed), mixup_alpha=0.2,
                                     cutmix_alpha=1.0, cutmix_prob=0.5)
     pixel_from_either = jnp.all((mixed == x) | (mixed == jnp.roll(x, 1, axis=0)))
     kinds.append(bool(pixel_from_either))
@@ -154,8 +154,8 @@ def test_both_alphas_switch_between_mixup_and_cutmix():
 @pytest.mark.slow
 def test_random_erasing_sets_one_box_per_image_to_zero():
   x = images(b=64, size=32)
-  np.testing.assert_array_equal(batch_augment.random_erase(x, jax.random.key(0), 0.0), x)
-  erased = np.asarray(batch_augment.random_erase(x, jax.random.key(0), 1.0))
+  np.testing.assert_array_equal(transforms.random_erase(x, jax.random.key(0), 0.0), x)
+  erased = np.asarray(transforms.random_erase(x, jax.random.key(0), 1.0))
   zero = np.all(erased == 0, axis=-1)
   np.testing.assert_array_equal(erased[~zero], np.asarray(x)[~zero])
   for box in zero:
@@ -164,7 +164,7 @@ def test_random_erasing_sets_one_box_per_image_to_zero():
     # torchvision's scale (0.02, 0.33) of the area, up to rounding of the sides; a box that
     # fits in 10 attempts is nearly certain at these scales.
     assert 0.01 < box.mean() < 0.36, box.mean()
-  some = np.all(np.asarray(batch_augment.random_erase(x, jax.random.key(0), 0.5)) == 0, -1)
+  some = np.all(np.asarray(transforms.random_erase(x, jax.random.key(0), 0.5)) == 0, -1)
   assert 16 <= some.any(axis=(1, 2)).sum() <= 48
 
 
@@ -283,7 +283,7 @@ def test_flip_averages_the_logits_of_each_image_and_its_mirror(idx_dir):
                 s.model, s.config, s.mesh, s.input.make_train_batch)['batch_sharding'])
   batch = {'index': np.int32(0)}
   flipped, _ = jax.jit(functools.partial(steps.eval_step, flip=True, **kw))(state, test, batch)
-  x = memory.normalize(test['images'][:16], test['mean'], test['std'])
+  x = transforms.normalize(test['images'][:16], test['mean'], test['std'])
   apply = lambda x: s.model.apply({'params': state.params, **state.model_state}, x)
   want = steps.classification_metrics((apply(x) + apply(x[:, :, ::-1])) / 2, test['labels'][:16],
                                       test['mask'][:16])

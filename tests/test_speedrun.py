@@ -13,7 +13,7 @@ import pytest
 from configs import speedrun
 from cvjax import models, optim, steps, train
 from cvjax.config_checks import check_config
-from cvjax.data import memory
+from cvjax.data import memory, transforms
 from cvjax.errors import UserError
 from cvjax.models import airbench
 
@@ -106,7 +106,7 @@ def test_first_train_step_sets_the_whitening_kernel_once():
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch():
   indices = jnp.arange(50_000)
-  epochs = [np.asarray(memory.alternate_flips(indices, jnp.int32(e))) for e in range(4)]
+  epochs = [np.asarray(transforms.alternate_flips(indices, jnp.int32(e))) for e in range(4)]
   for a, b in zip(epochs, epochs[1:]):
     np.testing.assert_array_equal(a, ~b)
   assert 0.48 < epochs[0].mean() < 0.52  # Half the images in epoch 0, as airbench's pre-flip.
@@ -128,7 +128,7 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch():
 
 def test_reflect_translation_stays_inside_the_image():
   x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
-  out = memory.augment(x, jax.random.key(0), crop_padding=2, flip=False, pad_mode='reflect')
+  out = transforms.augment(x, jax.random.key(0), crop_padding=2, flip=False, pad_mode='reflect')
   for image, crop in zip(np.asarray(x), np.asarray(out)):
     assert set(crop.ravel()) <= set(image.ravel())  # Zero padding would add zeros.
   assert not np.all(np.asarray(out) == np.asarray(x))
@@ -212,7 +212,7 @@ def test_whitening_bias_is_frozen_after_its_share_of_the_run():
 
 def test_tta_is_airbenchs_six_views():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
-  views = memory.translate_views(x, 1)
+  views = transforms.translate_views(x, 1)
   padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
   np.testing.assert_array_equal(views[0], padded[:, :6, :6])
   np.testing.assert_array_equal(views[1], padded[:, 2:8, 2:8])

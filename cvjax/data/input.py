@@ -20,7 +20,18 @@ class Input:
   image_shape: tuple  # One model input, HWC.
   train_data: dict  # numpy; the train step's `data` (the whole split, or only mean/std).
   test_data: dict  # numpy; the eval step's `data`.
-  train_batches: Callable  # start_step -> iterator of the train step's batch argument.
+  # (start_step, seeds=None) -> each train step's batch from `start_step` on, in order: the one
+  # way batches reach the train step (the loop stacks the next k for k steps per call and places
+  # them on the devices: cvjax/train.py, place_batch). `seeds` (default: config.seed) set the
+  # data order; in memory a tree of seeds or arrays of them, each leaf drawn in its own order
+  # ([*leaf shape, batch]: a population's members). Step s's batch depends on (seed, s) alone,
+  # so a resumed run continues the same sequence.
+  # Epochs: `num_train // batch_size` steps in both pipelines (experiment.steps_for). In memory
+  # each epoch is a new permutation whose last partial batch is dropped (those examples sit that
+  # epoch out); streamed, the examples are one endless reshuffled sequence cut into batches
+  # across epoch ends (none dropped; a batch may hold examples of two epochs, and the schedule's
+  # epoch ends at, or up to a batch before, the stream's).
+  train_batches: Callable
   eval_batches: Callable  # () -> iterator of the eval step's batch arguments, every example once.
   # (train_data, batch, rng, *, sharding, dtype) -> (normalised, augmented images, labels).
   make_train_batch: Callable
@@ -30,8 +41,8 @@ class Input:
   test_images: Any  # test_images[i]: uint8 HWC, for the figure of mistakes.
   fingerprint: dict  # What a checkpoint records of its data (see `fingerprint`).
   eval_padding: int = 0  # 10-crop evaluation crops from images padded by this.
-  # In memory: (seed, step) -> that step's example indices in the seed's data order (one per
-  # member of a population); None when streamed.
+  # In memory: (seed, step) -> that step's example indices in the seed's data order, any step
+  # (what `train_batches` yields; the memory estimate reads its shape); None when streamed.
   train_indices: Callable = None
 
   @property

@@ -21,13 +21,13 @@ import tarfile
 
 from absl import logging
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
 from cvjax import config_checks
 from cvjax import runtime
 from cvjax.data import image_files
+from cvjax.data import transforms
 from cvjax.data.input import Input, fingerprint, imagenet_stats
 from cvjax.errors import UserError
 
@@ -57,8 +57,8 @@ KNOWN_SHAPES = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
 
 
 def in_memory_input(config, mesh) -> Input:
-  """The whole dataset on the device; each train batch is a device array of indices into it,
-  each eval batch the index of a slice of the padded test set."""
+  """The whole dataset on the device; each train batch the indices of its examples in it (on
+  the host: the loop places them), each eval batch the index of a slice of the padded test set."""
   data = load(config.dataset)
   config_checks.check_data(config, image_shape=data.train_images.shape[1:])
   train_images = pad_to(data.train_images, config.input.image_size)
@@ -68,7 +68,7 @@ def in_memory_input(config, mesh) -> Input:
   eval_size = config.train.eval_batch_size
   num_eval_batches = -(-len(test_images) // eval_size)
   padded = num_eval_batches * eval_size - len(test_images)  # Padded, then masked out.
-  batch_sharding = NamedSharding(mesh, P('data'))
+  del mesh  # The loop places the train batches (cvjax/train.py), the eval step its slices.
 
   per_epoch, permutations = n // batch_size, {}
 
@@ -80,11 +80,18 @@ def in_memory_input(config, mesh) -> Input:
     i = step % per_epoch
     return permutations[seed][1][i * batch_size:(i + 1) * batch_size]
 
-  def train_batches(start_step):
-    # Every process computes the same global indices; device_put keeps the rows of its own
-    # devices, so the batch and its order do not depend on the number of processes.
+  def rows(seeds, step):
+    if not seeds.ndim:
+      return train_indices(int(seeds), step)
+    return np.stack([train_indices(int(s), step) for s in seeds.ravel()]).reshape(
+        *seeds.shape, batch_size)
+
+  def train_batches(start_step, seeds=None):
+    # On the host: every process computes the same global indices, and placing them keeps the
+    # rows of its own devices, so the batch and its order do not depend on the process count.
+    seeds = jax.tree.map(np.asarray, config.seed if seeds is None else seeds)
     for step in itertools.count(start_step):
-      yield {'indices': jax.device_put(train_indices(config.seed, step), batch_sharding)}
+      yield jax.tree.map(lambda s, step=step: {'indices': rows(s, step)}, seeds)
 
   def eval_batches():
     return ({'index': np.int32(i)} for i in range(num_eval_batches))
@@ -478,7 +485,7 @@ def load_image_folder_tar(path) -> Dataset:
   return _stack(files, path, class_dirs)
 
 
-# --- preprocessing (host, once) and augmentation (device, every step) --------------------
+# --- preprocessing (host, once) and the step's batch (device, data/transforms.py) ----------
 
 def pad_to(images, size):
   """Zero-pads (centred) to size x size, e.g. 28x28 MNIST to LeNet-5's 32x32."""
@@ -506,41 +513,6 @@ def normalization_stats(train_images, mode):
                   'per_channel, imagenet or none.')
 
 
-def normalize(images_u8, mean, std, dtype=jnp.float32):
-  return ((images_u8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
-def augment(images, rng, *, crop_padding, flip, pad_mode='constant', flips=None):
-  """Random crop from a padded image and random horizontal flip, per example; `flips` (bool
-  [B]), when given, says which images to flip instead.
-
-  Runs on normalised images, so the zero padding is the mean colour as in the paper;
-  `pad_mode='reflect'` mirrors the border instead (airbench94's translate).
-  """
-  b, h, w, c = images.shape
-  crop_rng, flip_rng = jax.random.split(rng)
-  if crop_padding:
-    p = crop_padding
-    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
-    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
-    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
-        padded, offsets)
-  if flip:
-    if flips is None:
-      flips = jax.random.bernoulli(flip_rng, 0.5, (b,))
-    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
-  return images
-
-
-def alternate_flips(indices, epoch):
-  """airbench94's derandomised flips: whether each image of `indices` is mirrored in `epoch`.
-  A fixed half of the images (by a hash of the index) in even epochs, the other half in odd
-  ones, so every image is mirrored in exactly every other epoch."""
-  h = indices.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)  # Knuth's multiplicative hash.
-  first = (h >> 16) & 1
-  return (first ^ (epoch % 2).astype(jnp.uint32)) == 1
-
-
 def train_batch(data, batch, rng, *, crop_padding, flip, sharding, dtype, pad_mode='constant',
                 alternate_flip_epoch=0, step=None):
   """The train step's images and labels on in-memory data: the batch's examples gathered from
@@ -550,9 +522,9 @@ def train_batch(data, batch, rng, *, crop_padding, flip, sharding, dtype, pad_mo
   images = jax.lax.with_sharding_constraint(data['train_images'][indices], sharding)
   flips = None
   if flip and alternate_flip_epoch:
-    flips = alternate_flips(indices, jnp.asarray(step) // alternate_flip_epoch)
-  x = augment(normalize(images, data['mean'], data['std']), rng, crop_padding=crop_padding,
-              flip=flip, pad_mode=pad_mode, flips=flips)
+    flips = transforms.alternate_flips(indices, jnp.asarray(step) // alternate_flip_epoch)
+  x = transforms.augment(transforms.normalize(images, data['mean'], data['std']), rng,
+                         crop_padding=crop_padding, flip=flip, pad_mode=pad_mode, flips=flips)
   return x.astype(dtype), data['train_labels'][indices]
 
 
@@ -561,27 +533,8 @@ def eval_batch(test, batch, *, batch_size, sharding, dtype):
   device-resident test set."""
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, batch['index'] * batch_size, batch_size)
   images = jax.lax.with_sharding_constraint(take(test['images']), sharding)
-  x = normalize(images, test['mean'], test['std']).astype(dtype)
+  x = transforms.normalize(images, test['mean'], test['std']).astype(dtype)
   return x, take(test['labels']), take(test['mask'])
-
-
-def translate_views(images, pixels):
-  """The images shifted by `pixels` towards the bottom-right and towards the top-left (the
-  views of airbench94's test-time augmentation), the border reflected: [2, B, H, W, C]."""
-  _, h, w, _ = images.shape
-  p = pixels
-  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode='reflect')
-  return jnp.stack([padded[:, :h, :w], padded[:, 2 * p:2 * p + h, 2 * p:2 * p + w]])
-
-
-def ten_crop(images, size):
-  """The four corner crops, the centre crop and their horizontal flips of a batch of
-  images: [10, B, size, size, C] (Krizhevsky et al. 2012; He et al. 2015's 10-crop test)."""
-  _, h, w, _ = images.shape
-  corners = ((0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
-             ((h - size) // 2, (w - size) // 2))
-  crops = [images[:, y:y + size, x:x + size] for y, x in corners]
-  return jnp.stack(crops + [c[:, :, ::-1] for c in crops])
 
 
 def epoch_permutation(seed, epoch, n):

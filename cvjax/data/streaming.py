@@ -355,9 +355,10 @@ def make_input(config, mesh):
     it = _iterate(ds, workers, threads)
     return prefetch_to_device(it, sharding, close=it.close)
 
-  def train_batches(start_step):
+  def train_batches(start_step, seeds=None):
     return stream(train_dataset(
-        splits.train, seed=config.seed, batch_size=config.train.batch_size,
+        splits.train, seed=config.seed if seeds is None else seeds,
+        batch_size=config.train.batch_size,
         start_step=start_step, **shard, transform=functools.partial(
             train_transform, size=size, area=area, aspect=aspect, flip=inp.flip,
             auto_augment=inp.auto_augment, resize=inp.train_resize)))
@@ -395,17 +396,17 @@ def host_cores():
 def train_batch(data, batch, rng, *, sharding, dtype, step=None):
   """The train step's images and labels on streamed data: cropped and flipped by the host
   workers, placed by `prefetch_to_device`, normalised here."""
-  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  from cvjax.data import transforms  # pylint: disable=g-import-not-at-top
   del rng, sharding, step
-  return memory.normalize(batch['images'], data['mean'], data['std'], dtype), batch['labels']
+  return transforms.normalize(batch['images'], data['mean'], data['std'], dtype), batch['labels']
 
 
 def eval_batch(test, batch, *, sharding, dtype):
   """The eval step's normalised images, labels and mask (of the padding) on streamed data."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cvjax.data import memory  # pylint: disable=g-import-not-at-top
+  from cvjax.data import transforms  # pylint: disable=g-import-not-at-top
   images = jax.lax.with_sharding_constraint(batch['images'], sharding)
-  return (memory.normalize(images, test['mean'], test['std'], dtype), batch['labels'],
+  return (transforms.normalize(images, test['mean'], test['std'], dtype), batch['labels'],
           batch['mask'])
 
 

@@ -1,15 +1,55 @@
-"""Augmentations of a whole normalised batch on the device, inside the jitted train step, for
-in-memory and streamed input alike: random erasing (Zhong et al. 2017) per image, and Mixup
-(Zhang et al. 2018) or CutMix (Yun et al. 2019) per batch, as torchvision's reference scripts
-do them (references/classification/transforms.py: RandomMixup, RandomCutmix; and
-transforms.RandomErasing). Each is a function of its rng only: the train step folds the
-step into it, so a resumed run draws the same boxes and mixing weights.
+"""The device-side array transforms of a batch, pure jnp functions run inside the jitted steps
+for in-memory and streamed input alike: normalisation; random crops from a padded image and
+horizontal flips (the in-memory pipeline's, per example); random erasing (Zhong et al. 2017) per
+image, and Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) per batch, as torchvision's
+reference scripts do them (references/classification/transforms.py: RandomMixup, RandomCutmix;
+and transforms.RandomErasing); and the test-time views (ten crops, shifted views).
+
+Each random transform is a function of its rng only: the train step folds the step into it, so
+a resumed run draws the same crops, flips, boxes and mixing weights. Loading and decoding (host,
+once) live in data/memory.py and data/streaming.py.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+
+
+def normalize(images_u8, mean, std, dtype=jnp.float32):
+  """uint8 images to `(x / 255 - mean) / std` in `dtype` (the statistics in [0, 1] units)."""
+  return ((images_u8.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def augment(images, rng, *, crop_padding, flip, pad_mode='constant', flips=None):
+  """Random crop from a padded image and random horizontal flip, per example; `flips` (bool
+  [B]), when given, says which images to flip instead.
+
+  Runs on normalised images, so the zero padding is the mean colour as in the paper;
+  `pad_mode='reflect'` mirrors the border instead (airbench94's translate).
+  """
+  b, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  if crop_padding:
+    p = crop_padding
+    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
+    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
+    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
+        padded, offsets)
+  if flip:
+    if flips is None:
+      flips = jax.random.bernoulli(flip_rng, 0.5, (b,))
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+  return images
+
+
+def alternate_flips(indices, epoch):
+  """airbench94's derandomised flips: whether each image of `indices` is mirrored in `epoch`.
+  A fixed half of the images (by a hash of the index) in even epochs, the other half in odd
+  ones, so every image is mirrored in exactly every other epoch."""
+  h = indices.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)  # Knuth's multiplicative hash.
+  first = (h >> 16) & 1
+  return (first ^ (epoch % 2).astype(jnp.uint32)) == 1
 
 
 def random_erase(x, rng, prob, *, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=10):
@@ -75,3 +115,22 @@ def mix(x, labels, rng, *, mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, cutmix_p
     applied = jax.random.bernoulli(k_apply, prob)
     lam, mixed = jnp.where(applied, lam, 1.0), jnp.where(applied, mixed, x)
   return mixed, rolled_labels, jnp.full((b,), lam, jnp.float32)
+
+
+def ten_crop(images, size):
+  """The four corner crops, the centre crop and their horizontal flips of a batch of
+  images: [10, B, size, size, C] (Krizhevsky et al. 2012; He et al. 2015's 10-crop test)."""
+  _, h, w, _ = images.shape
+  corners = ((0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+             ((h - size) // 2, (w - size) // 2))
+  crops = [images[:, y:y + size, x:x + size] for y, x in corners]
+  return jnp.stack(crops + [c[:, :, ::-1] for c in crops])
+
+
+def translate_views(images, pixels):
+  """The images shifted by `pixels` towards the bottom-right and towards the top-left (the
+  views of airbench94's test-time augmentation), the border reflected: [2, B, H, W, C]."""
+  _, h, w, _ = images.shape
+  p = pixels
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode='reflect')
+  return jnp.stack([padded[:, :h, :w], padded[:, 2 * p:2 * p + h, 2 * p:2 * p + w]])
