@@ -7,6 +7,7 @@ The steps never look at the pipeline: `data.Input` hands them `make_train_batch`
 `make_eval_batch`, which build the model's input from whatever the batch argument holds."""
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -136,10 +137,10 @@ def train_step(state, data, batch, rng, opts, forward_only=False):
   return apply_gradients(state, grads, new_vars, metrics, opts)
 
 
-def train_forward(state, data, batch, rng, opts):
-  """The forward half of `train_step`: (the backward pass as a function whose residuals are
-  arrays, metrics, new BatchNorm statistics), for `train_backward` in a second program."""
-  return train_step(state, data, batch, rng, opts, forward_only=True)
+# The forward half of `train_step`, `(state, data, batch, rng, opts) -> (the backward pass as a
+# function whose residuals are arrays, metrics, new BatchNorm statistics)`, for
+# `train_backward` in a second program.
+train_forward = functools.partial(train_step, forward_only=True)
 
 
 def train_backward(state, forward, opts):
