@@ -34,6 +34,10 @@ class Group:
   init: Any  # rng -> one member's TrainState.
   abstract_state: Any  # One member's.
 
+  @property
+  def config(self):
+    return self.members[0].config  # The seed aside, every member's.
+
 
 @dataclasses.dataclass
 class Experiment:

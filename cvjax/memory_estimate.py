@@ -66,18 +66,16 @@ def step_bytes(exp, config, model, tx, abstract_state, precise):
   data = _shapes(exp.input.train_data)
   batch = {'indices': _shapes(exp.input.train_indices(config.seed, 0))}
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  batch_kw = steps.batch_args(model, config, exp.mesh, exp.input.make_train_batch)
-  update_kw = steps.update_args(config)
-  forward = functools.partial(steps.train_forward, **batch_kw)
+  opts = steps.step_options(config, exp.mesh, exp.input.make_train_batch, model, tx)
+  forward = functools.partial(steps.train_forward, opts=opts)
   if not precise:
     return _bytes(jax.eval_shape(forward, abstract_state, data, batch, rng)[0])
   if steps.split_backward(config):
     f = _analysis(forward, abstract_state, data, batch, rng)
-    vjp, metrics, new_vars = jax.eval_shape(forward, abstract_state, data, batch, rng)
-    b = _analysis(functools.partial(steps.train_backward, tx=tx, **update_kw), abstract_state,
-                  vjp, new_vars, metrics)
+    residuals = jax.eval_shape(forward, abstract_state, data, batch, rng)
+    b = _analysis(functools.partial(steps.train_backward, opts=opts), abstract_state, residuals)
     return max(f.temp_size_in_bytes, f.output_size_in_bytes + b.temp_size_in_bytes)
-  return _analysis(functools.partial(steps.train_step, tx=tx, **update_kw, **batch_kw),
+  return _analysis(functools.partial(steps.train_step, opts=opts),
                    abstract_state, data, batch, rng).temp_size_in_bytes
 
 

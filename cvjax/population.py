@@ -16,6 +16,10 @@ A population's workdir holds the whole population's checkpoints, and one folder 
 `members/<name>/`, laid out as an ordinary run's (config.json, metrics.jsonl, results.json,
 error_analysis/, TensorBoard events): TensorBoard overlays them, cvjax.tools.report reads them,
 `cvjax.evaluate --member=NAME` evaluates one.
+
+The end of this file holds what the steps need of a population: each group's vmap
+(`vectorize`, used by cvjax/jit_steps.py for the train, eval and gradient-norm steps alike),
+where the members and their batches live, and how the members' outputs are put together.
 """
 
 import ast
@@ -25,6 +29,8 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from cvjax import config_checks
@@ -165,3 +171,72 @@ def mean_std(values):
   """(mean, standard deviation over the seeds (ddof 1; 0 for one value)) of a group's values."""
   values = np.asarray(values, np.float64)
   return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
+
+
+# --- A population's steps: each group's vmap, the members' placement, their outputs. ---
+
+
+def member_sharding(exp):
+  """Whether a population's members are split over the devices (each member's batch on one
+  device: many members) rather than each member's batch (few members). Members must fill the
+  devices evenly, group by group. False for one run."""
+  n = exp.mesh.size
+  return exp.population and n > 1 and all(len(g.members) % n == 0 for g in exp.groups)
+
+
+def member_axis_sharding(exp):
+  """Where arrays with a member axis live (a population's train state, every step's metrics):
+  split along it with the members, else replicated (one run's metrics)."""
+  return NamedSharding(exp.mesh, P('data') if member_sharding(exp) else P())
+
+
+def member_batch_sharding(exp):
+  """Where one member's batch lives inside the steps: split over the devices, or, when the
+  members are, whole on its member's device (the vmap then places the member axis on
+  'data')."""
+  return NamedSharding(exp.mesh, P() if member_sharding(exp) else P('data'))
+
+
+def batch_axes(exp):
+  """The mesh axes of a batch argument's [members, examples] axes; one run's [examples]."""
+  if not exp.population:
+    return ('data',)
+  return ('data', None) if member_sharding(exp) else (None, 'data')
+
+
+def per_member(exp, fn):
+  """`fn(config)` of one run; of each member of a population, stacked by group."""
+  if not exp.population:
+    return fn(exp.config)
+  return {key: np.stack([fn(m.config) for m in g.members])
+          for key, g in zip(exp.state_keys, exp.groups)}
+
+
+def vectorize(exp, fn_of_group, in_axes, combine=None):
+  """`fn_of_group(group)`, a function of one member's arrays, as a function of the
+  experiment's: one run's is `fn_of_group(exp)`; a population's takes the arguments of
+  `in_axes` 0 as dicts by group (None: shared by every member), runs each group's function
+  vmapped over its members (placed as `member_sharding` says), and returns
+  `combine({group key: output})` (default: that dict)."""
+  if not exp.population:
+    return fn_of_group(exp)
+  spmd_axis_name = 'data' if member_sharding(exp) else None
+  fns = {key: jax.vmap(fn_of_group(g), in_axes=in_axes, spmd_axis_name=spmd_axis_name)
+         for key, g in zip(exp.state_keys, exp.groups)}
+
+  def run(*args):
+    outs = {key: f(*[a[key] if axis == 0 else a for a, axis in zip(args, in_axes)])
+            for key, f in fns.items()}
+    return outs if combine is None else combine(outs)
+  return run
+
+
+def concat_members(outs):
+  """{group key: tree with a member axis} -> one tree, the members in order."""
+  return jax.tree.map(lambda *m: jnp.concatenate(m), *outs.values())
+
+
+def states_and_metrics(outs):
+  """{group key: (state, metrics)} -> ({group key: state}, metrics of every member)."""
+  return ({key: state for key, (state, _) in outs.items()},
+          concat_members({key: metrics for key, (_, metrics) in outs.items()}))

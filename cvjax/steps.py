@@ -1,12 +1,14 @@
 """The train state and the steps of one run: the train step (one program, or forward and
-backward as two), the eval step and the gradient-norm diagnostic. Pure functions of arrays;
-`cvjax/jit_steps.py` compiles them for a run or a population, `cvjax/train.py` calls them.
+backward as two), the eval step and the gradient-norm diagnostic. Pure functions of arrays,
+their settings in one `StepOptions` built once from the config; `cvjax/jit_steps.py` compiles
+them for a run or a population, `cvjax/train.py` calls them.
 
 The steps never look at the pipeline: `data.Input` hands them `make_train_batch` and
 `make_eval_batch`, which build the model's input from whatever the batch argument holds."""
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -45,71 +47,128 @@ def classification_metrics(logits, labels, mask=None):
   }
 
 
-def train_inputs(state, data, batch, rng, *, make_train_batch, input_cfg, batch_sharding,
-                 dtype):
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything a train step needs besides arrays, built once from the config
+  (`step_options`); frozen and hashable, so it is one static argument."""
+  model: Any
+  tx: Any  # The optax optimizer.
+  make_train_batch: Callable  # The pipeline's: (data, batch, rng, ...) -> (images, labels).
+  batch_sharding: Any  # Where the batch's examples live (NamedSharding).
+  dtype: Any  # The compute dtype of the images.
+  label_smoothing: float = 0.0
+  random_erasing: float = 0.0  # data/transforms.random_erase's probability (0: off).
+  mixup_alpha: float = 0.0  # data/transforms.mix's settings (both alphas 0: off).
+  cutmix_alpha: float = 0.0
+  mix_prob: float = 1.0
+  cutmix_prob: float = 0.5
+  accumulate_steps: int = 1  # Micro-batches per update (`_accumulated_grads`).
+  skip_nonfinite: bool = False  # A non-finite update is not applied (`apply_gradients`).
+  ema_decay: float = 0.0  # The moving average of the weights (cvjax/ema.py), with a state's `ema`.
+  ema_warmup: bool = True
+
+
+def step_options(config, mesh, make_train_batch, model, tx, batch_sharding=None):
+  """The options of `config`'s train step on `mesh`, with the input's `make_train_batch`;
+  the batch split over the data axis unless `batch_sharding` says otherwise."""
+  i, t = config.input, config.train
+  return StepOptions(
+      model=model, tx=tx, make_train_batch=make_train_batch,
+      batch_sharding=(NamedSharding(mesh, P('data')) if batch_sharding is None
+                      else batch_sharding),
+      dtype=convolution.compute_dtype(config), label_smoothing=t.label_smoothing,
+      random_erasing=i.random_erasing, mixup_alpha=i.mixup_alpha, cutmix_alpha=i.cutmix_alpha,
+      mix_prob=i.mix_prob, cutmix_prob=i.cutmix_prob, accumulate_steps=t.accumulate_steps,
+      skip_nonfinite=t.skip_nonfinite, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup)
+
+
+def train_inputs(state, data, batch, rng, opts):
   """(images, targets, dropout rng) of this step: the pipeline's batch (`make_train_batch`),
   then random erasing, Mixup and CutMix (off by default). `targets` holds the `labels`, and for
   a mixed batch what data/transforms.mix returns."""
   # fold_in the step: a resumed run draws the same numbers.
   step_rng = jax.random.fold_in(rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
-  x, labels = make_train_batch(data, batch, augment_rng, sharding=batch_sharding, dtype=dtype,
-                               step=state.step)
+  x, labels = opts.make_train_batch(data, batch, augment_rng, sharding=opts.batch_sharding,
+                                    dtype=opts.dtype, step=state.step)
   targets = {'labels': labels}
   # From their own rng, so the papers' crops and flips stay as they were.
   erase_rng, mix_rng = jax.random.split(jax.random.fold_in(step_rng, 1))
-  if input_cfg.random_erasing:
-    x = transforms.random_erase(x, erase_rng, input_cfg.random_erasing)
-  if input_cfg.mixup_alpha or input_cfg.cutmix_alpha:
+  if opts.random_erasing:
+    x = transforms.random_erase(x, erase_rng, opts.random_erasing)
+  if opts.mixup_alpha or opts.cutmix_alpha:
     x, mixed_labels, weight = transforms.mix(
-        x, labels, mix_rng, mixup_alpha=input_cfg.mixup_alpha,
-        cutmix_alpha=input_cfg.cutmix_alpha, prob=input_cfg.mix_prob,
-        cutmix_prob=input_cfg.cutmix_prob)
+        x, labels, mix_rng, mixup_alpha=opts.mixup_alpha, cutmix_alpha=opts.cutmix_alpha,
+        prob=opts.mix_prob, cutmix_prob=opts.cutmix_prob)
     targets.update(mixed_labels=mixed_labels, weight=weight)
   return x, targets, dropout_rng
 
 
-def loss_of_params(model, model_state, x, targets, dropout_rng, label_smoothing=0.0, count=None):
-  """The mean training loss over `count` examples (default: this batch's) as a function of the
-  parameters, with (metrics, new BatchNorm statistics); train error against the unmixed
-  labels."""
-  def loss_fn(params):
-    logits, new_vars = model.apply({'params': params, **model_state}, x, train=True,
-                                   rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+def train_step(state, data, batch, rng, opts, forward_only=False):
+  """One SGD step on `batch` (whatever the pipeline's `make_train_batch` reads): the batch and
+  its augmentation, the loss, its gradient (with `opts.accumulate_steps` > 1 from that many
+  micro-batches), the update. `forward_only`: the CPU split's first program
+  (`split_backward`), which returns the backward pass for `train_backward` instead."""
+  x, targets, dropout_rng = train_inputs(state, data, batch, rng, opts)
+  count = x.shape[0]  # The loss is the mean over the whole batch, micro-batches too.
+
+  def loss_fn(params, model_state, x, targets, dropout_rng):
+    """The mean loss, with (metrics, new BatchNorm statistics); the train error against the
+    unmixed labels."""
+    logits, new_vars = opts.model.apply({'params': params, **model_state}, x, train=True,
+                                        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     metrics = classification_metrics(logits, targets['labels'])
-    if label_smoothing or 'mixed_labels' in targets:
-      metrics['loss'] = losses.train_loss_sum(logits, targets, label_smoothing)
-    return metrics['loss'] / (count or x.shape[0]), (metrics, new_vars)
-  return loss_fn
+    if opts.label_smoothing or 'mixed_labels' in targets:
+      metrics['loss'] = losses.train_loss_sum(logits, targets, opts.label_smoothing)
+    return metrics['loss'] / count, (metrics, new_vars)
+
+  if forward_only:  # The residuals (saved activations) are arrays: they can leave the program.
+    _, backward, (metrics, new_vars) = jax.vjp(
+        lambda params: loss_fn(params, state.model_state, x, targets, dropout_rng),
+        state.params, has_aux=True)
+    return backward, metrics, new_vars
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if opts.accumulate_steps > 1:
+    grads, metrics, new_vars = _accumulated_grads(grad_fn, state, x, targets, dropout_rng, opts)
+  else:
+    grads, (metrics, new_vars) = grad_fn(state.params, state.model_state, x, targets,
+                                         dropout_rng)
+  return apply_gradients(state, grads, new_vars, metrics, opts)
 
 
-def batch_loss(state, data, batch, rng, *, model, label_smoothing=0.0, **input_kw):
-  """This step's loss as a function of the parameters (`loss_of_params` of `train_inputs`)."""
-  x, targets, dropout_rng = train_inputs(state, data, batch, rng, **input_kw)
-  return loss_of_params(model, state.model_state, x, targets, dropout_rng, label_smoothing)
+# The forward half of `train_step`, `(state, data, batch, rng, opts) -> (the backward pass as a
+# function whose residuals are arrays, metrics, new BatchNorm statistics)`, for
+# `train_backward` in a second program.
+train_forward = functools.partial(train_step, forward_only=True)
 
 
-def _accumulated_grads(state, data, batch, rng, accumulate_steps, *, model, label_smoothing=0.0,
-                       **input_kw):
-  """Gradient of the mean loss over the batch from `accumulate_steps` micro-batches in turn
-  (lax.scan: one micro-batch's activations in memory at a time), summed: the large batch's
-  gradient. Without BatchNorm it is the one-step gradient up to float rounding. With it, each
-  micro-batch is normalised by its own statistics and updates the running averages in turn
-  (accumulate_steps updates a step), as a PyTorch loop of micro-batch backward passes does.
-  The batch is built and augmented whole first (Mixup pairs examples across micro-batches);
-  micro-batch i takes examples i, i + k, ..., so each device's rows split evenly."""
-  x, targets, dropout_rng = train_inputs(state, data, batch, rng, **input_kw)
-  k, count = accumulate_steps, x.shape[0]
+def train_backward(state, forward, opts):
+  """The backward half of `train_step` (`forward`: what `train_forward` returned), and the
+  update (never with micro-batches: `split_backward`)."""
+  backward, metrics, new_vars = forward
+  (grads,) = backward(jnp.ones((), jnp.float32))
+  return apply_gradients(state, grads, new_vars, metrics, opts)
+
+
+def _accumulated_grads(grad_fn, state, x, targets, dropout_rng, opts):
+  """Gradient of the mean loss over the batch from `opts.accumulate_steps` micro-batches in
+  turn (lax.scan: one micro-batch's activations in memory at a time), summed: the large
+  batch's gradient. Without BatchNorm it is the one-step gradient up to float rounding. With
+  it, each micro-batch is normalised by its own statistics and updates the running averages in
+  turn (accumulate_steps updates a step), as a PyTorch loop of micro-batch backward passes
+  does. The batch is built and augmented whole first (Mixup pairs examples across
+  micro-batches); micro-batch i takes examples i, i + k, ..., so each device's rows split
+  evenly."""
+  k = opts.accumulate_steps
   micro = jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1),
                        (x, targets))
 
   def one(carry, inputs):
     grads, model_state = carry
     (x_i, targets_i), i = inputs
-    x_i = jax.lax.with_sharding_constraint(x_i, input_kw['batch_sharding'])
-    loss_fn = loss_of_params(model, model_state, x_i, targets_i,
-                             jax.random.fold_in(dropout_rng, i), label_smoothing, count)
-    g, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
+    x_i = jax.lax.with_sharding_constraint(x_i, opts.batch_sharding)
+    g, (metrics, new_vars) = grad_fn(state.params, model_state, x_i, targets_i,
+                                     jax.random.fold_in(dropout_rng, i))
     return (jax.tree.map(jnp.add, grads, g), {**model_state, **new_vars}), metrics
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   (grads, model_state), metrics = jax.lax.scan(one, (zeros, state.model_state),
@@ -117,21 +176,20 @@ def _accumulated_grads(state, data, batch, rng, accumulate_steps, *, model, labe
   return grads, jax.tree.map(lambda m: jnp.sum(m, 0), metrics), model_state
 
 
-def _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite=False, ema_decay=0.0,
-                     ema_warmup=True):
+def apply_gradients(state, grads, new_vars, metrics, opts):
   """The update, and two metrics that say whether it was finite: `nonfinite` (0 or 1, a
   count once summed) and `first_nonfinite` (this step, or int32 max; a min once combined).
-  With `skip_nonfinite`, a non-finite update is not applied (only the step advances).
-  A state with an `ema` moves it towards the new weights by `ema_decay` (cvjax/ema.py)."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  With `opts.skip_nonfinite`, a non-finite update is not applied (only the step advances).
+  A state with an `ema` moves it towards the new weights by `opts.ema_decay` (cvjax/ema.py)."""
+  updates, opt_state = opts.tx.update(grads, state.opt_state, state.params)
   new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                       model_state={**state.model_state, **new_vars}, opt_state=opt_state)
   if state.ema is not None:
     new = new.replace(ema=ema_lib.update(state.ema, new.params, new.model_state, state.step,
-                                         ema_decay, ema_warmup))
+                                         opts.ema_decay, opts.ema_warmup))
   finite = (jnp.isfinite(metrics['loss']) & checkpointing.all_finite(grads) &
             checkpointing.all_finite(new))
-  if skip_nonfinite:
+  if opts.skip_nonfinite:
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
                        state.replace(step=state.step + 1))
     metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0), metrics)  # Skipped: uncounted.
@@ -146,54 +204,6 @@ def accumulate(acc, metrics):
           for k, v in acc.items()}
 
 
-def train_step(state, data, batch, rng, *, tx, skip_nonfinite=False, accumulate_steps=1,
-               ema_decay=0.0, ema_warmup=True, **batch_kw):
-  """One SGD step on `batch` (whatever the pipeline's `make_train_batch` reads); with
-  `accumulate_steps` > 1, from that many micro-batches (`_accumulated_grads`)."""
-  if accumulate_steps > 1:
-    grads, metrics, new_vars = _accumulated_grads(state, data, batch, rng, accumulate_steps,
-                                                  **batch_kw)
-  else:
-    loss_fn = batch_loss(state, data, batch, rng, **batch_kw)
-    grads, (metrics, new_vars) = jax.grad(loss_fn, has_aux=True)(state.params)
-  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite, ema_decay,
-                          ema_warmup)
-
-
-def train_forward(state, data, batch, rng, **batch_kw):
-  """The forward half of `train_step`: returns the backward pass as a function whose
-  residuals (the saved activations) are arrays, so it can leave this jitted program."""
-  loss_fn = batch_loss(state, data, batch, rng, **batch_kw)
-  _, backward, (metrics, new_vars) = jax.vjp(loss_fn, state.params, has_aux=True)
-  return backward, metrics, new_vars
-
-
-def train_backward(state, backward, new_vars, metrics, *, tx, skip_nonfinite=False,
-                   ema_decay=0.0, ema_warmup=True, accumulate_steps=1):
-  """The backward half of `train_step`, and the update (never with micro-batches:
-  `split_backward`)."""
-  del accumulate_steps
-  (grads,) = backward(jnp.ones((), jnp.float32))
-  return _apply_gradients(state, grads, new_vars, metrics, tx, skip_nonfinite, ema_decay,
-                          ema_warmup)
-
-
-def batch_args(model, config, mesh, make_train_batch):
-  """The static arguments of `batch_loss`, shared by every step that builds a train batch."""
-  return dict(model=model, make_train_batch=make_train_batch, input_cfg=config.input,
-              batch_sharding=NamedSharding(mesh, P('data')),
-              dtype=convolution.compute_dtype(config),
-              label_smoothing=config.train.label_smoothing)
-
-
-def update_args(config):
-  """The static arguments of the update (`_apply_gradients`), and the step's micro-batches."""
-  return dict(skip_nonfinite=config.train.skip_nonfinite,
-              accumulate_steps=config.train.accumulate_steps,
-              ema_decay=config.train.ema_decay,
-              ema_warmup=config.train.ema_warmup)
-
-
 def split_backward(config):
   """Whether the train step is two XLA programs, forward and backward: `train.split_backward`,
   or where the config leaves it unset, whether the backend is CPU. XLA:CPU then cannot fuse
@@ -205,26 +215,6 @@ def split_backward(config):
     return False
   split = config.train.get('split_backward')
   return jax.default_backend() == 'cpu' if split is None else bool(split)
-
-
-def jit_train_step(model, tx, config, mesh, make_train_batch, state_sharding=None):
-  """The train step `(state, data, batch, rng) -> (state, metrics)`, jit-compiled: one
-  program, or forward and backward as two (`split_backward`). The new state keeps
-  `state_sharding` (cvjax.sharding.state_sharding; default: replicated)."""
-  replicated = NamedSharding(mesh, P())
-  state_sharding = replicated if state_sharding is None else state_sharding
-  batch_kw = batch_args(model, config, mesh, make_train_batch)
-  if not split_backward(config):
-    return jax.jit(functools.partial(train_step, tx=tx, **update_args(config), **batch_kw),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  forward = jax.jit(functools.partial(train_forward, **batch_kw))
-  backward = jax.jit(functools.partial(train_backward, tx=tx, **update_args(config)),
-                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-  def step(state, data, batch, rng):
-    vjp, metrics, new_vars = forward(state, data, batch, rng)
-    return backward(state, vjp, new_vars, metrics)
-  return step
 
 
 def multi_step(step, k):
@@ -297,11 +287,11 @@ def tta_logits(apply, x, translate):
   return jnp.tensordot(weights, jax.lax.map(apply, views).astype(jnp.float32), axes=1)
 
 
-def grad_norms(state, data, batch, rng, **batch_kw):
+def grad_norms(state, data, batch, rng, opts):
   """Gradient norm of every layer's kernel, in forward order, and the global norm, on one
   batch (a diagnostic: run every `train.grad_norm_every_steps`, it leaves the state alone)."""
-  loss_fn = batch_loss(state, data, batch, rng, **batch_kw)
-  grads, _ = jax.grad(loss_fn, has_aux=True)(state.params)
+  backward, _, _ = train_forward(state, data, batch, rng, opts)
+  (grads,) = backward(jnp.ones((), jnp.float32))
   norms = {'train/grad_norm': optax.global_norm(grads)}
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     names = [str(getattr(k, 'key', k)) for k in path]

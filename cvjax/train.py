@@ -57,8 +57,13 @@ def train_and_evaluate(config, workdir, *, devices=None):
       return train_loop(exp, workdir, stop_requested)
 
 
+def train_states(state):
+  """[TrainState]: one run's, or a population's groups' (each with a member axis)."""
+  return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, steps.TrainState))
+
+
 def current_step(state):
-  counters = [x.step for x in (state.values() if isinstance(state, dict) else [state])]
+  counters = [x.step for x in train_states(state)]
   return int(max(np.max(x) for x in distributed.host_values(counters)))
 
 
@@ -85,7 +90,8 @@ def place_batch(exp, taken):
 
 def _log_start(exp, sharding):
   config = exp.config
-  num_params = sum(x.size for x in jax.tree.leaves((exp.groups or [exp])[0].abstract_state.params))
+  _, first = next(iter(exp.member_configs().values()))  # One run, or the first group.
+  num_params = sum(x.size for x in jax.tree.leaves(first.abstract_state.params))
   logging.info('%s: %d parameters, %d train / %d test examples %s (%s input), %d classes, '
                '%d steps (%d per epoch), %d device(s) in %d process(es).', config.model.name,
                num_params, exp.input.num_train, exp.input.num_test, exp.input.image_shape,
@@ -94,7 +100,7 @@ def _log_start(exp, sharding):
   if exp.population:
     logging.info('A population of %d members in %d group(s), %s: %s.', len(exp.members),
                  len(exp.groups), 'members split over the devices'
-                 if jit_steps.member_sharding(exp) else "each member's batch split over the "
+                 if population.member_sharding(exp) else "each member's batch split over the "
                  'devices', ', '.join(m.name for m in exp.members))
   else:
     logging.info('%s.', sharding_lib.describe(exp.abstract_state, sharding, exp.mesh))
@@ -202,7 +208,7 @@ def train_loop(exp: experiment.Experiment, workdir, stop_requested):
     if k not in train_steps:
       logging.info('Compiling the train step%s; the first call waits for it (seconds to a '
                    'minute on a CPU).', f' ({k} steps per call)' if k > 1 else '')
-      train_steps[k] = jit_steps.jit_train_steps(exp, k)
+      train_steps[k] = jit_steps.compile_train_step(exp, k)
     state, metrics = train_steps[k](state, device_data, batch, train_rng)
     acc = metrics if acc is None else accumulate(acc, metrics)
     done = step + k
@@ -331,14 +337,10 @@ def evaluate(eval_step, state, test_data, batches, num_test, num_classes,
 def evaluate_ema(eval_step, state, test_data, inp):
   """`test/ema_loss`, `test/ema_error` (and `test/ema_top5_error`) of the moving average of
   the weights (a population's: by group, as `evaluate`); {} for a state without one."""
-  if isinstance(state, dict):  # Every member has one or none: the train fields are shared.
-    if any(st.ema is None for st in state.values()):
-      return {}
-    ema_state = {k: steps.with_ema_weights(st) for k, st in state.items()}
-  elif state.ema is None:
+  if any(st.ema is None for st in train_states(state)):  # Members have one or none alike.
     return {}
-  else:
-    ema_state = steps.with_ema_weights(state)
+  ema_state = jax.tree.map(steps.with_ema_weights, state,
+                           is_leaf=lambda x: isinstance(x, steps.TrainState))
   metrics, _, _ = evaluate(eval_step, ema_state, test_data, inp.eval_batches(), inp.num_test,
                            inp.num_classes)
   return {f'test/ema_{k[len("test/"):]}': v for k, v in metrics.items() if k != 'test/count'}

@@ -92,10 +92,14 @@ def test_bfloat16_compute_keeps_parameters_statistics_logits_and_loss_float32():
   x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.bfloat16)
   labels = jax.ShapeDtypeStruct((2,), jnp.int32)
 
+  opts = steps.StepOptions(model=model, tx=None, batch_sharding=None, dtype=jnp.bfloat16,
+                           make_train_batch=lambda data, batch, rng, **kw: data)
+
   def loss_and_grads(state, x, labels):
-    loss_fn = steps.loss_of_params(model, state.model_state, x, {'labels': labels},
-                                   jax.random.key(0))
-    (loss, (metrics, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    backward, metrics, new_vars = steps.train_forward(state, (x, labels), None,
+                                                      jax.random.key(0), opts)
+    (grads,) = backward(jnp.ones((), jnp.float32))
+    loss = metrics['loss'] / x.shape[0]
     logits = model.apply({'params': state.params, **state.model_state}, x, train=False)
     return loss, new_vars, grads, logits
   loss, new_vars, grads, logits = jax.eval_shape(loss_and_grads, state, x, labels)

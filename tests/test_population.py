@@ -201,7 +201,7 @@ def test_eight_devices_agree_with_one(idx_dir, tmp_path):
   script = f'''
 import jax, numpy as np
 from conftest import ROOT, child_env, tiny_config
-from cvjax import experiment, jit_steps, train
+from cvjax import experiment, population, train
 assert len(jax.devices()) == 8
 def config(seeds, vary):
   c = tiny_config({idx_dir!r}, **{{'train.num_steps': 6, 'train.native_conv': False}})
@@ -209,7 +209,7 @@ def config(seeds, vary):
   return c
 for seeds, vary, split in ((8, '', True), (1, 'model.residual=False,True', False)):
   c = config(seeds, vary)
-  assert jit_steps.member_sharding(experiment.build(c)) == split
+  assert population.member_sharding(experiment.build(c)) == split
   one, m1 = train.train_and_evaluate(c, {str(tmp_path)!r} + f'/one{{seeds}}',
                                      devices=jax.devices()[:1])
   c.train.steps_per_call = 3 if split else 1  # Steps per call with members over the devices.

@@ -1,6 +1,7 @@
 """The recipes beyond the papers (docs/recipes.md): each changes what it should, and off (the
 default) leaves the papers' train step exactly as it was."""
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -27,9 +28,8 @@ def first_batch(config):
 
 def step_fn(s, **kw):
   """The one-program train step of setup `s` (split_backward aside), unjitted pieces jitted."""
-  batch_kw = steps.batch_args(s.model, s.config, s.mesh, s.input.make_train_batch)
-  return jax.jit(functools.partial(steps.train_step, tx=s.tx, **{**steps.update_args(s.config),
-                                                                  **batch_kw, **kw}))
+  opts = steps.step_options(s.config, s.mesh, s.input.make_train_batch, s.model, s.tx)
+  return jax.jit(functools.partial(steps.train_step, opts=dataclasses.replace(opts, **kw)))
 
 
 @pytest.mark.slow
@@ -87,20 +87,18 @@ def test_label_smoothing_is_optax_formula_and_zero_is_the_plain_loss():
 def test_the_step_trains_on_the_smoothed_loss(idx_dir):
   config = tiny_config(idx_dir, **{'train.label_smoothing': 0.1})
   s, state, data, batch = first_batch(config)
-  kw = steps.batch_args(s.model, config, s.mesh, s.input.make_train_batch)
-  x, targets, _ = steps.train_inputs(state, data, batch, jax.random.key(1),
-                                     make_train_batch=s.input.make_train_batch,
-                                     input_cfg=config.input, batch_sharding=kw['batch_sharding'],
-                                     dtype=jnp.float32)
+  opts = steps.step_options(config, s.mesh, s.input.make_train_batch, s.model, s.tx)
+  x, targets, _ = steps.train_inputs(state, data, batch, jax.random.key(1), opts)
   logits, _ = s.model.apply({'params': state.params, **state.model_state}, x, train=True,
                             mutable=['batch_stats'])
   want = jnp.mean(optax.softmax_cross_entropy(
       logits, optax.smooth_labels(jax.nn.one_hot(targets['labels'], 10), 0.1)))
-  loss_fn = steps.batch_loss(state, data, batch, jax.random.key(1), **kw)
-  np.testing.assert_allclose(loss_fn(state.params)[0], want, rtol=1e-5)
-  plain = steps.batch_loss(state, data, batch, jax.random.key(1),
-                           **{**kw, 'label_smoothing': 0.0})
-  assert abs(float(plain(state.params)[0]) - float(want)) > 1e-3  # It changed the loss.
+  def loss(opts):  # The mean loss the step takes the gradient of.
+    _, metrics, _ = steps.train_forward(state, data, batch, jax.random.key(1), opts)
+    return metrics['loss'] / x.shape[0]
+  np.testing.assert_allclose(loss(opts), want, rtol=1e-5)
+  plain = loss(dataclasses.replace(opts, label_smoothing=0.0))
+  assert abs(float(plain) - float(want)) > 1e-3  # It changed the loss.
 
 
 def images(seed=0, b=8, size=12):
@@ -279,8 +277,8 @@ def test_flip_averages_the_logits_of_each_image_and_its_mirror(idx_dir):
   s, state, _, _ = first_batch(tiny_config(idx_dir))
   test = jax.device_put(s.input.test_data)
   kw = dict(model=s.model, make_eval_batch=functools.partial(memory.eval_batch, batch_size=16),
-            dtype=jnp.float32, batch_sharding=steps.batch_args(
-                s.model, s.config, s.mesh, s.input.make_train_batch)['batch_sharding'])
+            dtype=jnp.float32, batch_sharding=steps.step_options(
+                s.config, s.mesh, s.input.make_train_batch, s.model, s.tx).batch_sharding)
   batch = {'index': np.int32(0)}
   flipped, _ = jax.jit(functools.partial(steps.eval_step, flip=True, **kw))(state, test, batch)
   x = transforms.normalize(test['images'][:16], test['mean'], test['std'])

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 
 from conftest import ROOT, tiny_config
-from cvjax import experiment, run_lock, steps, train
+from cvjax import experiment, jit_steps, run_lock, steps, train
 from cvjax.errors import UserError
 
 
@@ -523,7 +523,7 @@ def test_skipped_update_leaves_the_state_unchanged(idx_dir):
       **state.params['head'], 'bias': state.params['head']['bias'].at[3].set(jnp.nan)}})
   data = jax.device_put(s.input.train_data, replicated)
   before = jax.device_get(state)
-  step = steps.jit_train_step(s.model, s.tx, config, s.mesh, s.input.make_train_batch)
+  step = jit_steps.jit_train_step(s.model, s.tx, config, s.mesh, s.input.make_train_batch)
   after, metrics = step(state, data, {'indices': jnp.arange(16)}, jax.random.key(1))
   after = jax.device_get(after)
   assert int(after.step) == 1 and int(metrics['nonfinite']) == 1

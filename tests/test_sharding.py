@@ -67,7 +67,7 @@ def _compiled_step(family, devices, model=1, fsdp=False, batch=16):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from cvjax import optim, steps  # pylint: disable=g-import-not-at-top
+  from cvjax import jit_steps, optim, steps  # pylint: disable=g-import-not-at-top
   from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
   config = _config(family, ARGS[family], model, fsdp)
   config.optimizer.learning_rate = 0.05
@@ -78,7 +78,7 @@ def _compiled_step(family, devices, model=1, fsdp=False, batch=16):
   rng = jax.random.key(0)
   shardings = sharding.state_sharding(jax.eval_shape(init, rng), mesh, config)
   state = steps.init_state(init, rng, shardings)
-  step = steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
+  step = jit_steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
   data_rng = np.random.default_rng(0)
   by_data = NamedSharding(mesh, P('data'))
   images = data_rng.normal(size=(batch, size, size, 3)).astype(np.float32)

@@ -13,8 +13,8 @@ time, eval images/s, achieved GFLOP/s, MFU against a matmul peak measured in the
 run and the fraction of the CPU's peak FLOP/s in the row's dtype (cvjax.tools.cpu_peak),
 and the process's peak host memory so far (a high-water mark: run one model per
 process to attribute it); the last line is one JSON object with every figure.
-The step is the real one (`steps.jit_train_step`: gather from a device-resident dataset,
-augmentation, forward, backward, SGD update) on random images.
+The step is the real one (`jit_steps.jit_train_step`: gather from a device-resident
+dataset, augmentation, forward, backward, SGD update) on random images.
 
 `--population=P,...` adds a table of the population step (`population.seeds=P`, one program
 for P members, cvjax/population.py) and `--steps_per_call=K,...` of K steps per dispatch, on
@@ -156,7 +156,7 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
 
   train_batch = functools.partial(memory.train_batch, crop_padding=config.input.crop_padding,
                                   flip=config.input.flip)
-  step = steps.jit_train_step(model, tx, config, mesh, train_batch)
+  step = jit_steps.jit_train_step(model, tx, config, mesh, train_batch)
   t0 = time.perf_counter()
   state, _ = step(state, data, batches[0], key)
   jax.block_until_ready(state)
@@ -196,7 +196,8 @@ _MEMBER_FLOPS = {}  # (model, batch size) -> FLOPs of one run's step.
 
 def run_population(name, members, per_call, batch_size, num_steps, warmup):
   """Step time of a population of `members` seeds, `per_call` steps per dispatch, through
-  the training loop's own experiment and step (`experiment.build`, `jit_steps.jit_train_steps`)."""
+  the training loop's own experiment and step (`experiment.build`,
+  `jit_steps.compile_train_step`)."""
   config = model_config(name)
   config.dataset.name = 'mnist10k' if name == 'lenet5' else 'cifar10_6k'
   config.dataset.path = ''
@@ -208,7 +209,7 @@ def run_population(name, members, per_call, batch_size, num_steps, warmup):
   init_rng, rng = exp.rngs()
   state = steps.init_state(exp.init, init_rng, jit_steps.state_sharding(exp))
   data = jax.device_put(exp.input.train_data, NamedSharding(exp.mesh, P()))
-  step = jit_steps.jit_train_steps(exp, per_call)
+  step = jit_steps.compile_train_step(exp, per_call)
   batches = [jit_steps.indices_batch(exp, i * per_call, per_call) for i in range(4)]
   t0 = time.perf_counter()
   state, _ = step(state, data, batches[0], rng)
@@ -280,7 +281,8 @@ def step_flops(config, tx, mesh, shape, num_classes, make_train_batch, step_args
   state = jax.eval_shape(steps.state_initializer(model, tx, shape, dtype,
                                                  one.train.ema_decay > 0),
                          jax.random.key(0))
-  lowered = steps.jit_train_step(model, tx, one, mesh, make_train_batch).lower(state, *step_args)
+  lowered = jit_steps.jit_train_step(model, tx, one, mesh, make_train_batch).lower(
+      state, *step_args)
   try:
     cost = lowered.cost_analysis()
     if cost is None:  # Backends without an unoptimised-HLO analysis: ask the compiled program.

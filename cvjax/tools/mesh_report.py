@@ -4,7 +4,7 @@
   python -m cvjax.tools.mesh_report --models=vgg16 --meshes=8x1,4x2 --fsdp --cpu_devices=8
 
 Models are cvjax.tools.summary's zoo names (`--models` and `--fsdp` are its flags) (full size, their input shapes). For each model,
-mesh and FSDP setting the real train step (`steps.jit_train_step`, one program, XLA's
+mesh and FSDP setting the real train step (`jit_steps.jit_train_step`, one program, XLA's
 convolutions) is lowered and compiled on abstract inputs: nothing is allocated unless
 `--steps` runs it. Reported: the train state per device (cvjax.sharding's rules), XLA's memory
 analysis of the compiled program per device (arguments, outputs, temporaries), and its
@@ -37,7 +37,7 @@ def report(name, data, model, fsdp, batch_size, num_steps=0):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from cvjax import models, optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  from cvjax import jit_steps, models, optim, sharding, steps  # pylint: disable=g-import-not-at-top
   from cvjax.data import streaming  # pylint: disable=g-import-not-at-top
   from cvjax.ops import convolution  # pylint: disable=g-import-not-at-top
   cfg, shape, classes, _, _ = summary.ZOO[name]
@@ -62,7 +62,7 @@ def report(name, data, model, fsdp, batch_size, num_steps=0):
       {'images': jax.ShapeDtypeStruct((batch_size, *shape), jnp.uint8, sharding=by_data),
        'labels': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=by_data)},
       jax.random.key(0))
-  step = steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
+  step = jit_steps.jit_train_step(net, tx, config, mesh, streaming.train_batch, shardings)
   t0 = time.perf_counter()
   compiled = step.lower(*args).compile()
   row = {'model': name, 'mesh': f'{data}x{model}', 'fsdp': fsdp, 'batch_size': batch_size,
