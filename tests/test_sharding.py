@@ -1,8 +1,8 @@
 """The (data, model) mesh: rules, equality with one device, collectives, restore across meshes.
 
-The multi-device checks run in a child process with 8 simulated CPU devices
+The multi-device checks run in one child process with 8 simulated CPU devices
 (`--xla_force_host_platform_device_count=8`, set before jax is imported); the child calls
-the `_child_*` functions below. Small nets (a `width` below the paper's) keep them cheap.
+the `_child_*` functions below, one after another, and each test reads its own's outcome. Small nets (a `width` below the paper's) keep them cheap.
 """
 
 import functools
@@ -28,14 +28,53 @@ from cvjax.errors import UserError
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def run_child(call, timeout=900):
-  script = f'import test_sharding as t; t.{call}; print("CHILD OK")'
+def run_child(calls, timeout=1500):
+  """{name: output} of `calls` ({name: 'function(args)'}) run one after another in one child
+  with 8 devices: one JAX start-up and one compilation cache for them all. A call that raised
+  has 'CHECK FAILED' and its traceback in its output."""
+  script = f'''
+import traceback
+import test_sharding as t
+for name, call in {sorted(calls.items())!r}:
+  print('=== CHECK', name, flush=True)
+  try:
+    eval('t.' + call)
+    print('CHECK OK', flush=True)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc(file=__import__('sys').stdout)
+    print('CHECK FAILED', flush=True)
+print('=== CHILD DONE')
+'''
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=child_env(
                            XLA_FLAGS='--xla_force_host_platform_device_count=8',
                            CVJAX_NATIVE='0'))
-  assert out.returncode == 0 and 'CHILD OK' in out.stdout, (out.stdout + out.stderr)[-4000:]
-  print(out.stdout)  # The differences seen (pytest -s shows them).
+  sections = out.stdout.split('=== CHILD DONE')[0].split('=== CHECK ')[1:]
+  outputs = {s.split('\n', 1)[0]: s.split('\n', 1)[1] for s in sections}
+  return {name: outputs.get(name, f'(no output; exit {out.returncode})\n'
+                            + (out.stdout + out.stderr)[-4000:]) for name in calls}
+
+
+@pytest.fixture(scope='module')
+def eight_devices(request, idx_dir, tmp_path_factory):
+  """The outputs of the multi-device checks of the tests selected here, from one child."""
+  workdir = str(tmp_path_factory.mktemp('meshes'))
+  checks = {'test_alexnet_collectives_per_step': {'collectives': '_child_alexnet_collectives()'},
+            'test_checkpoint_written_on_one_mesh_resumes_on_another': {
+                'checkpoint': f'_child_checkpoint_across_meshes({idx_dir!r}, {workdir!r})'}}
+  calls = {}
+  for item in request.session.items:
+    if item.module is request.module:
+      if item.originalname == 'test_meshes_give_the_parameters_of_one_device':
+        family = item.callspec.params['family']
+        calls[f'mesh_{family}'] = f'_child_same_as_one_device({family!r})'
+      calls.update(checks.get(item.originalname, {}))
+  return run_child(calls)
+
+
+def assert_check_ok(output):
+  assert output.rstrip().endswith('CHECK OK'), output[-4000:]
+  print(output)  # The differences seen (pytest -s shows them).
 
 
 def _config(family, arg, model=1, fsdp=False):
@@ -99,6 +138,14 @@ def _sgd(family, devices, model=1, fsdp=False, steps=3):
   return before, state
 
 
+# (mesh.model, mesh.fsdp) on 8 devices. AlexNet's rules split its towers and classifier, VGG's
+# its classifier (over 2 here; over 4 is AlexNet's (2, 4)); ResNet has no rules, so a model axis
+# only replicates it: one such mesh, and FSDP on the data axis alone.
+MESHES = {'alexnet': ((1, False), (2, False), (4, False), (1, True), (2, True)),
+          'vgg': ((1, False), (2, False), (1, True), (2, True)),
+          'resnet': ((1, False), (2, False), (1, True))}
+
+
 def _child_same_as_one_device(family):
   devices = jax.devices()
   assert len(devices) == 8
@@ -106,7 +153,7 @@ def _child_same_as_one_device(family):
   one = jax.device_get(one)
   dense = 'fc6' if 'fc6' in one.params else 'fc'
   assert not np.allclose(before, one.params[dense]['kernel'], atol=1e-6)  # Training moved it.
-  for model, fsdp in ((1, False), (2, False), (4, False), (1, True), (2, True)):
+  for model, fsdp in MESHES[family]:
     state = _sgd(family, devices, model, fsdp)[1]
     specs = {sharding.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(
         jax.tree.map(lambda x: x.sharding, state.params))}
@@ -125,10 +172,11 @@ def _child_same_as_one_device(family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['alexnet', 'vgg', 'resnet'])
-def test_meshes_give_the_parameters_of_one_device(family):
-  """(8,1), (4,2), (2,4), FSDP on (8,1) and on (4,2): same parameters and BatchNorm statistics as one
-  device after 3 SGD steps with momentum (and dropout: its bits do not depend on the mesh)."""
-  run_child(f'_child_same_as_one_device({family!r})')
+def test_meshes_give_the_parameters_of_one_device(eight_devices, family):
+  """The meshes of MESHES (data x model, FSDP or not): same parameters and BatchNorm statistics
+  as one device after 3 SGD steps with momentum (and dropout: its bits do not depend on the
+  mesh)."""
+  assert_check_ok(eight_devices[f'mesh_{family}'])
 
 
 # AlexNet's collectives per train step (XLA's convolutions, one program), from the compiled
@@ -169,8 +217,8 @@ def _child_alexnet_collectives():
 
 
 @pytest.mark.slow
-def test_alexnet_collectives_per_step():
-  run_child('_child_alexnet_collectives()')
+def test_alexnet_collectives_per_step(eight_devices):
+  assert_check_ok(eight_devices['collectives'])
 
 
 def _child_checkpoint_across_meshes(data_dir, workdir):
@@ -199,9 +247,9 @@ def _child_checkpoint_across_meshes(data_dir, workdir):
 
 
 @pytest.mark.slow
-def test_checkpoint_written_on_one_mesh_resumes_on_another(idx_dir, tmp_path):
+def test_checkpoint_written_on_one_mesh_resumes_on_another(eight_devices):
   """FSDP over 8 devices writes step 4; one device resumes it and ends where the 8 did."""
-  run_child(f'_child_checkpoint_across_meshes({idx_dir!r}, {str(tmp_path)!r})')
+  assert_check_ok(eight_devices['checkpoint'])
 
 
 def test_rules_split_towers_classifier_and_fsdp():

@@ -75,10 +75,23 @@ def test_a_shipped_run_reproduces_its_results_on_the_data_that_ships(name, tmp_p
     assert analysis['step'] == results['step']
 
 
-def test_ship_keeps_the_weights_and_evaluation_reads_them(idx_dir, tmp_path):
+@pytest.fixture(scope='module')
+def finished(idx_dir, tmp_path_factory):
+  """(workdir, test metrics) of the tiny run (12 steps), trained once for the tests below."""
+  workdir = str(tmp_path_factory.mktemp('finished') / 'run')
+  _, test = train.train_and_evaluate(tiny_config(idx_dir), workdir)
+  return workdir, test
+
+
+def copy_of(finished, tmp_path):
+  """A test's own copy of the finished run (the tests ship, damage or edit it)."""
   workdir = str(tmp_path / 'run')
-  config = tiny_config(idx_dir)
-  _, test = train.train_and_evaluate(config, workdir)
+  shutil.copytree(finished[0], workdir)
+  return workdir, finished[1]
+
+
+def test_ship_keeps_the_weights_and_evaluation_reads_them(idx_dir, finished, tmp_path):
+  workdir, test = copy_of(finished, tmp_path)
   config_json = json.loads(read(os.path.join(workdir, 'config.json')))
   assert config_json['dataset']['path'] == idx_dir
 
@@ -107,9 +120,8 @@ def test_ship_keeps_the_weights_and_evaluation_reads_them(idx_dir, tmp_path):
     evaluate.evaluate_checkpoint(config, workdir)
 
 
-def test_ship_refuses_an_unfinished_run(idx_dir, tmp_path):
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(idx_dir), workdir)
+def test_ship_refuses_an_unfinished_run(finished, tmp_path):
+  workdir, _ = copy_of(finished, tmp_path)
   config = evaluate.read_run_config(workdir)
   config.train.num_steps = 24  # The same checkpoint, now short of its run's end.
   with pytest.raises(UserError, match='only a finished run ships'):
@@ -117,9 +129,8 @@ def test_ship_refuses_an_unfinished_run(idx_dir, tmp_path):
   assert os.path.isdir(os.path.join(workdir, 'checkpoints'))
 
 
-def test_data_of_other_classes_is_refused(idx_dir, tmp_path):
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(idx_dir), workdir)
+def test_data_of_other_classes_is_refused(idx_dir, finished, tmp_path):
+  workdir, _ = copy_of(finished, tmp_path)
   ship.ship(evaluate.read_run_config(workdir), workdir)
   meta = json.loads(read(os.path.join(workdir, shipped.META)))
   meta['class_names'] = meta['class_names'][::-1]
@@ -131,11 +142,10 @@ def test_data_of_other_classes_is_refused(idx_dir, tmp_path):
 
 
 def test_a_config_json_of_an_older_cvjax_evaluates_with_the_defaults_of_its_missing_fields(
-    idx_dir, tmp_path):
+    finished, tmp_path):
   """A run written before fields were added to configs/common.py lacks them in its config.json:
   reading it back gives them their defaults (configs.common.complete), and it evaluates."""
-  workdir = str(tmp_path / 'run')
-  _, test = train.train_and_evaluate(tiny_config(idx_dir), workdir)
+  workdir, test = copy_of(finished, tmp_path)
   path = os.path.join(workdir, 'config.json')
   saved = json.loads(read(path))
   for section, field in (('train', 'ema_decay'), ('train', 'steps_per_call'),

@@ -36,15 +36,18 @@ def make(**kw):
 
 
 def test_model_shapes_and_parameter_count_match_airbench94():
+  # Shapes and dtypes only (jax.eval_shape): nothing computed.
   model = make()
-  variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)),
+                                                train=False))
   params = variables['params']
   assert sum(x.size for x in jax.tree.leaves(params)) == airbench94_trainable_parameters()
   assert airbench94_trainable_parameters() == 1_971_352
   assert params['group2']['Conv_1']['kernel'].shape == (3, 3, 256, 256)
   assert 'scale' not in params['group1']['BatchNorm_0']  # No BatchNorm scale.
   assert variables['batch_stats']['whiten_kernel'].shape == (2, 2, 3, 24)  # Not a parameter.
-  logits = model.apply(variables, jnp.ones((5, 32, 32, 3)), train=False)
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.ones((5, 32, 32, 3)), train=False),
+                          variables)
   assert logits.shape == (5, 10) and logits.dtype == jnp.float32
 
 
