@@ -70,20 +70,15 @@ def current_step(state):
 def data_seeds(exp):
   """The seeds of the data orders the train step draws (`Input.train_batches`): one run's; a
   population's by group, one per member, each member seeing the data as it would alone."""
-  if not exp.population:
-    return exp.config.seed
-  return {k: np.array([m.config.seed for m in g.members])
-          for k, g in zip(exp.state_keys, exp.groups)}
+  return population.per_member(exp, lambda config: config.seed)
 
 
 def place_batch(exp, taken):
   """The train step's batch argument for the steps of `taken` (each one's batch, from
   `Input.train_batches`): stacked on a leading axis when there are several, and placed as the
-  step wants it, the examples split over the devices (a population's members instead when they
-  are: `jit_steps.member_sharding`). Streamed batches arrive placed so and stay as they are."""
-  members = ((('data', None) if jit_steps.member_sharding(exp) else (None, 'data'))
-             if exp.population else ('data',))
-  sharding = NamedSharding(exp.mesh, P(*(None,) * (len(taken) > 1), *members))
+  step wants it (`population.batch_axes`). Streamed batches arrive placed so and stay as they
+  are."""
+  sharding = NamedSharding(exp.mesh, P(*(None,) * (len(taken) > 1), *population.batch_axes(exp)))
   batch = taken[0] if len(taken) == 1 else population.stack(taken)
   return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
