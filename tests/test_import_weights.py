@@ -5,20 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from cvjax import experiment, import_weights
-from cvjax.tools import weights_parity
-from cvjax.errors import UserError
+torch = pytest.importorskip('torch')
+pytest.importorskip('torchvision')
+
+from cvjax import experiment, import_weights  # pylint: disable=g-import-not-at-top
+from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
+from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow  # torchvision nets at 224x224.
-torch = None  # Imported when a test here runs, not when the fast tier collects this file.
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _torch():
-  global torch  # pylint: disable=global-statement
-  torch = pytest.importorskip('torch')
-  pytest.importorskip('torchvision')
-
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
 # largest magnitude (measured: docs/weights.md). A wrong mapping is off by O(1).
