@@ -1,8 +1,7 @@
 """The jit-compiled steps of an experiment (`cvjax/experiment.py`), composed in one place
 (`train_program`): one member's step (cvjax/steps.py), then a population's vmap by group
 (cvjax/population.py), then k steps per call, then one `jax.jit` with the state's placement
-and donation; the CPU split as two such programs. And the batch argument of in-memory
-steps."""
+and donation; the CPU split as two such programs."""
 
 import functools
 
@@ -78,17 +77,6 @@ def state_sharding(exp):
   if exp.population:
     return population.member_axis_sharding(exp)
   return sharding_lib.state_sharding(exp.abstract_state, exp.mesh, exp.config)
-
-
-def indices_batch(exp, step, k):
-  """The batch argument of steps [step, step + k) on in-memory data: each member's example
-  indices in its own seed's data order, [k, members, batch] with the axes a single step or a
-  single run does not have left out, placed as the train step wants them."""
-  def one(t):
-    return population.per_member(exp, lambda config: exp.input.train_indices(config.seed, t))
-  batch = one(step) if k == 1 else population.stack([one(t) for t in range(step, step + k)])
-  sharding = NamedSharding(exp.mesh, P(*(None,) * (k > 1), *population.batch_axes(exp)))
-  return jax.tree.map(lambda x: {'indices': jax.device_put(x, sharding)}, batch)
 
 
 def jit_evaluation(exp):

@@ -5,13 +5,14 @@ import struct
 import tarfile
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
 from conftest import bars, tiny_config, write_idx
-from cvjax import experiment, jit_steps, train
+from cvjax import experiment, population, train
 from cvjax.data import memory as ip
 from cvjax.data import transforms
 from cvjax.errors import UserError
@@ -188,11 +189,22 @@ def test_normalization_stats():
     ip.normalization_stats(x, 'zca')
 
 
+def indices_batch(exp, step, k):
+  """Steps [step, step + k)'s batch written out: each member's example indices in its own
+  seed's order, [k, members, batch] (the axes one step or one run lacks left out), placed as
+  the train step wants them."""
+  def one(t):
+    return population.per_member(exp, lambda config: exp.input.train_indices(config.seed, t))
+  batch = one(step) if k == 1 else population.stack([one(t) for t in range(step, step + k)])
+  sharding = NamedSharding(exp.mesh, P(*(None,) * (k > 1), *population.batch_axes(exp)))
+  return jax.tree.map(lambda x: {'indices': jax.device_put(x, sharding)}, batch)
+
+
 @pytest.mark.parametrize('seeds', [1, 3])
 def test_the_loops_batches_are_each_steps_indices_in_each_members_order(idx_dir, seeds):
   """The one way batches reach the train step (`Input.train_batches`, k at a time placed by
-  `train.place_batch`) gives, for one run and a population, what `jit_steps.indices_batch`
-  gives for the same steps, placed alike, across an epoch end; a stream begun at a later step
+  `train.place_batch`) gives, for one run and a population, what `indices_batch` (the rule
+  written out here) gives for the same steps, placed alike, across an epoch end; a stream begun at a later step
   (a resume) continues the one begun at 0."""
   c = tiny_config(idx_dir)
   c.population.seeds = seeds
@@ -201,7 +213,7 @@ def test_the_loops_batches_are_each_steps_indices_in_each_members_order(idx_dir,
   step = 0
   for k in (1, 3, 5, 2):  # 96 examples in batches of 16: 6 steps per epoch.
     taken = [next(batches) for _ in range(k)]
-    got, want = train.place_batch(exp, taken), jit_steps.indices_batch(exp, step, k)
+    got, want = train.place_batch(exp, taken), indices_batch(exp, step, k)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert a.shape == b.shape and a.dtype == b.dtype and a.sharding == b.sharding

@@ -45,6 +45,7 @@ from cvjax import optim
 from cvjax import runtime
 from cvjax import sharding
 from cvjax import steps
+from cvjax import train
 from cvjax.data import memory
 from cvjax.ops import convolution
 from cvjax.tools import cpu_peak
@@ -210,7 +211,8 @@ def run_population(name, members, per_call, batch_size, num_steps, warmup):
   state = steps.init_state(exp.init, init_rng, jit_steps.state_sharding(exp))
   data = jax.device_put(exp.input.train_data, NamedSharding(exp.mesh, P()))
   step = jit_steps.compile_train_step(exp, per_call)
-  batches = [jit_steps.indices_batch(exp, i * per_call, per_call) for i in range(4)]
+  stream = exp.input.train_batches(0, train.data_seeds(exp))  # As the loop takes them.
+  batches = [train.place_batch(exp, [next(stream) for _ in range(per_call)]) for _ in range(4)]
   t0 = time.perf_counter()
   state, _ = step(state, data, batches[0], rng)
   jax.block_until_ready(state)
