@@ -13,8 +13,11 @@ from cvjax import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# Decoded-dataset cache of this test session only (inherited by the subprocesses tests start).
-os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
+# Decoded datasets, the native library and compiled programs: a cache of this test session
+# only, inherited by the subprocesses tests start and by pytest-xdist's workers (which import
+# this file after the controller did), so the library is built and a program compiled once.
+if 'PYTEST_XDIST_WORKER' not in os.environ:
+  os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
 # What the commands set (XLA flags, the compilation cache), for the tests that train in this
 # process and for the children that import these helpers.
 runtime.configure()
