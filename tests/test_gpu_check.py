@@ -36,9 +36,9 @@ def unavailable(self):
 jax.stages.Lowered.cost_analysis = jax.stages.Compiled.cost_analysis = unavailable
 from absl import app
 from cvjax.tools import benchmark
-app.run(benchmark.main, argv=['benchmark', '--model=resnet8', '--batch_size=8', '--steps=1',
+app.run(benchmark.main, argv=['benchmark', '--model=lenet5', '--batch_size=8', '--steps=1',
                               '--warmup=0', '--variants=one_program', '--conv=xla',
-                              '--population=1'])
+                              '--population=1', '--matmul_size=512'])
 '''
 
 

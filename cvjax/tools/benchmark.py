@@ -3,6 +3,7 @@
   python -m cvjax.tools.benchmark --model=resnet20 --batch_size=128 [--steps=N]
       [--dtype=float32|bfloat16, repeatable] [--baseline=torch] [--variants=one_program,split]
       [--recipe=none,label_smoothing,mixup_cutmix,random_erasing,ema,accumulate2,all]
+      [--matmul_size=4096: the MFU roof's matmul; 512 for a quick run]
   python -m cvjax.tools.benchmark --model=resnet20,lenet5 --variants= --population=1,2,5,10 \
       [--steps_per_call=1,10]
 
@@ -80,6 +81,8 @@ _RECIPE = flags.DEFINE_list('recipe', ['none'], 'Recipes to time the step with: 
 _POPULATION = flags.DEFINE_list('population', [], 'Population sizes to time (e.g. 1,2,5,10).')
 _PER_CALL = flags.DEFINE_list('steps_per_call', ['1'], 'Steps per dispatch for the population '
                               'table (e.g. 1,10).')
+_MATMUL = flags.DEFINE_integer('matmul_size', 4096, 'Side of the square matmul whose speed is '
+                               'the MFU roof (smaller: a quicker, rougher roof).')
 _VARIANTS = flags.DEFINE_list('variants', ['one_program', 'split'],
                               'Step variants: one_program (forward+backward in one XLA '
                               'program), split (train.split_backward=True).')
@@ -305,7 +308,8 @@ def main(argv):
   del argv
   # The roof for MFU: the faster of XLA's f32 matmul and its matmul in the compute dtype
   # (a bf16 step could always compute in f32; XLA:CPU's bf16 matmul can be far slower).
-  rates = {d: matmul_peak_gflops(jnp.dtype(d)) for d in dict.fromkeys(['float32', *_DTYPE.value])}
+  rates = {d: matmul_peak_gflops(jnp.dtype(d), n=_MATMUL.value)
+           for d in dict.fromkeys(['float32', *_DTYPE.value])}
   peaks = {d: max(rates['float32'], rates[d]) for d in _DTYPE.value}
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'{platform.processor() or platform.machine()}; batch {_BATCH.value}; XLA matmul '
