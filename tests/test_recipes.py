@@ -406,6 +406,7 @@ def test_benchmark_times_the_step_with_each_recipe():
   rows = json.loads(out.stdout.strip().splitlines()[-1])['results']
   assert [r['recipe'] for r in rows] == ['none', 'all']
   assert all(r['train_images_per_s'] > 0 and r['gflops_per_step'] > 0 for r in rows)
+  assert rows[1]['gflops_per_step'] > rows[0]['gflops_per_step'], rows  # The recipes ran.
 
 
 @pytest.mark.slow
