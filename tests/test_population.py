@@ -196,15 +196,19 @@ def test_a_population_on_streamed_data_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_eight_devices_agree_with_one(idx_dir, tmp_path):
   """On 8 simulated devices, 8 members are split over the devices (a member's batch whole on
-  its device; 3 steps per call) and 2 members each have their batch split over the devices;
-  both give the parameters of the same population on one device."""
+  its device; 3 steps per call, two calls) and 2 members each have their batch split over the
+  devices; both give the parameters of the same population on one device. Logs, evaluations
+  and checkpoints fall on call boundaries (steps 3 and 6), so the 3-step call is the one
+  program the members-over-devices run compiles."""
   script = f'''
 import jax, numpy as np
 from conftest import ROOT, child_env, tiny_config
 from cvjax import experiment, population, train
 assert len(jax.devices()) == 8
 def config(seeds, vary):
-  c = tiny_config({idx_dir!r}, **{{'train.num_steps': 6, 'train.native_conv': False}})
+  c = tiny_config({idx_dir!r}, **{{'train.num_steps': 6, 'train.native_conv': False,
+                                   'train.log_every_steps': 3, 'train.eval_every_steps': 6,
+                                   'train.checkpoint_every_steps': 6}})
   c.population.seeds, c.population.vary = seeds, vary
   return c
 for seeds, vary, split in ((8, '', True), (1, 'model.residual=False,True', False)):
@@ -265,13 +269,16 @@ def test_sigterm_stops_a_population_with_a_checkpoint_and_resume_is_uninterrupte
                                                                                   tmp_path):
   """cvjax.main with a population and 3 steps per call, SIGTERM after the first call: exit 75
   after a checkpoint; the resumed population equals the uninterrupted one bit for bit, and each
-  member's metrics.jsonl has each logged step once."""
-  overrides = {'train.num_steps': 24, 'train.steps_per_call': 3, 'population.seeds': 2}
+  member's metrics.jsonl has each logged step once. Logs every 3 steps, evaluations and
+  checkpoints every 6: every call is 3 steps, one program (calls of other lengths are
+  test_several_steps_per_call_equal_single_steps')."""
+  overrides = {'train.num_steps': 12, 'train.steps_per_call': 3, 'population.seeds': 2,
+               'train.log_every_steps': 3, 'train.eval_every_steps': 6,
+               'train.checkpoint_every_steps': 6}
   whole, _ = train.train_and_evaluate(population_config(idx_dir, **{
       k: v for k, v in overrides.items() if k.startswith('train.')}), str(tmp_path / 'whole'))
   flags = {'dataset.name': '', 'dataset.path': idx_dir, 'input.crop_padding': 2,
-           'train.batch_size': 16, 'train.eval_batch_size': 16, 'train.log_every_steps': 4,
-           'train.eval_every_steps': 6, 'train.checkpoint_every_steps': 4, **overrides}
+           'train.batch_size': 16, 'train.eval_batch_size': 16, **overrides}
   run = tmp_path / 'run'
   proc = subprocess.Popen([sys.executable, '-m', 'cvjax.main', '--config=configs/resnet.py:resnet8',
                            f'--workdir={run}', *(f'--config.{k}={v}' for k, v in flags.items())],
@@ -283,15 +290,15 @@ def test_sigterm_stops_a_population_with_a_checkpoint_and_resume_is_uninterrupte
       proc.send_signal(signal.SIGTERM)
   assert proc.wait() == 75, ''.join(log)[-3000:]
   stopped = max(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
-  assert 3 <= stopped < 24
+  assert 3 <= stopped < 12
   resumed, _ = train.train_and_evaluate(population_config(idx_dir, **{
       k: v for k, v in overrides.items() if k.startswith('train.')}), str(run))
   for a, b in zip(leaves(whole), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   for member in ('seed0', 'seed1'):
     rows = [json.loads(l) for l in open(run / 'members' / member / 'metrics.jsonl')]
-    assert [r['step'] for r in rows if 'train/loss' in r] == [4, 8, 12, 16, 20, 24]
-    assert [r['step'] for r in rows if 'test/loss' in r] == [6, 12, 18, 24]
+    assert [r['step'] for r in rows if 'train/loss' in r] == [3, 6, 9, 12]
+    assert [r['step'] for r in rows if 'test/loss' in r] == [6, 12]
 
 
 @pytest.mark.slow
