@@ -5,21 +5,27 @@ import os
 import struct
 import tempfile
 
-import jax
-import numpy as np
-import pytest
-
-from cvjax import runtime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 # Decoded datasets, the native library and compiled programs: a cache of this test session
 # only, inherited by the subprocesses tests start and by pytest-xdist's workers (which import
 # this file after the controller did), so the library is built and a program compiled once.
+# Every program is kept, however quick to compile: the same small ones (initialisers, eval
+# steps, eager operations) compile in each worker and in each command a test starts. Set
+# before JAX is imported, which reads them then; the commands leave a user's setting alone.
 if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
-# What the commands set (XLA flags, the compilation cache), for the tests that train in this
-# process and for the children that import these helpers.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(os.environ['CVJAX_CACHE_DIR'], 'jax')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cvjax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# What the commands set (XLA flags), for the tests that train in this process and for the
+# children that import these helpers.
 runtime.configure()
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.

@@ -15,9 +15,16 @@ from cvjax import runtime
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def without_test_cache():
+  """This environment without the test session's compilation cache settings (conftest.py),
+  as a user's would be."""
+  return {k: v for k, v in os.environ.items()
+          if k not in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
+
+
 def _python(code, **env):
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, **env})
+                       timeout=120, env={**without_test_cache(), **env})
   assert out.returncode == 0, out.stderr
   return out.stdout.split()
 
@@ -27,7 +34,7 @@ CONFIGURE = 'from cvjax import runtime; runtime.configure(); '
 
 @pytest.mark.slow
 def test_compilation_cache_in_the_cvjax_cache_folder(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env = without_test_cache()
   code = CONFIGURE + 'import jax; print(jax.config.jax_compilation_cache_dir)'
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**env, 'CVJAX_CACHE_DIR': str(tmp_path)})
@@ -41,8 +48,8 @@ def test_compilation_cache_in_the_cvjax_cache_folder(tmp_path):
 
 def test_importing_cvjax_sets_nothing_process_wide():
   """Only the commands set XLA flags and the cache: a library user's XLA_FLAGS stay theirs."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR', 'CVJAX_XLA_DEFAULTS')}
+  env = {k: v for k, v in without_test_cache().items()
+         if k not in ('XLA_FLAGS', 'CVJAX_XLA_DEFAULTS')}
   code = ('import os; import cvjax, cvjax.tools.report\n'
           'def show(): print(repr(os.environ.get("XLA_FLAGS")), '
           '"JAX_COMPILATION_CACHE_DIR" in os.environ)\n'
@@ -77,7 +84,7 @@ for w in caught:
 def test_compilation_cache_works_with_and_without_filelock(tmp_path, hide):
   """JAX refuses a cache size without `filelock`, with a warning at every cache read and write
   and nothing cached: cvjax sets the size only when filelock imports."""
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env = without_test_cache()
   out = subprocess.run([sys.executable, '-c', FILELOCK_CHECK.format(hide=hide)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120,
                        env={**env, 'CVJAX_CACHE_DIR': str(tmp_path)})
