@@ -192,8 +192,8 @@ def _child_same_as_one_device(family):
 @pytest.mark.parametrize('family', ['alexnet', 'vgg', 'resnet'])
 def test_meshes_give_the_parameters_of_one_device(eight_devices, family):
   """The meshes of MESHES (data x model, FSDP or not): same parameters and BatchNorm statistics
-  as one device after 2 SGD steps with momentum (the second reads the first's momentum) (and dropout: its bits do not depend on the
-  mesh)."""
+  as one device after 2 SGD steps with momentum (the second reads the first's momentum; and
+  dropout: its bits do not depend on the mesh)."""
   assert_check_ok(eight_devices[f'mesh_{family}'])
 
 
