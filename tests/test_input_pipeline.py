@@ -204,8 +204,8 @@ def indices_batch(exp, step, k):
 def test_the_loops_batches_are_each_steps_indices_in_each_members_order(idx_dir, seeds):
   """The one way batches reach the train step (`Input.train_batches`, k at a time placed by
   `train.place_batch`) gives, for one run and a population, what `indices_batch` (the rule
-  written out here) gives for the same steps, placed alike, across an epoch end; a stream begun at a later step
-  (a resume) continues the one begun at 0."""
+  written out here) gives for the same steps, placed alike, across an epoch end; a stream
+  begun at a later step (a resume) continues the one begun at 0."""
   c = tiny_config(idx_dir)
   c.population.seeds = seeds
   exp = experiment.build(c)
