@@ -165,7 +165,8 @@ def identity_like(variables):
 
 
 def intermediates(model, variables, x):
-  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  _, state = jax.jit(lambda v: model.apply(v, x, capture_intermediates=True,
+                                           mutable=['intermediates']))(variables)
   return state['intermediates']
 
 
@@ -174,7 +175,7 @@ def test_cifar_stride_two_branch_samples_the_shortcuts_pixels():
   subsampling x[::2, ::2]: with 'SAME' padding it takes x[1::2, 1::2] instead."""
   model = CifarResNet(depth=8, residual=False, batch_norm=False)
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))  # >= 0: ReLU is the identity.
-  variables = identity_like(model.init(jax.random.key(0), x))
+  variables = identity_like(jax.jit(model.init)(jax.random.key(0), x))
   out = intermediates(model, variables, x)
   block_in = out['stage1_block1']['__call__'][0]
   branch = out['stage2_block1']['__call__'][0]
@@ -195,7 +196,7 @@ def test_imagenet_stride_two_branch_and_projection_sample_the_same_pixels(bottle
   block = resnet_imagenet.Block(32, 2, bottleneck, True, resnet_imagenet.conv_layer, norm,
                                 lambda y: y, stride_in_bottleneck=stride_in_bottleneck)
   x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 64))
-  variables = identity_like(block.init(jax.random.key(0), x))
+  variables = identity_like(jax.jit(block.init)(jax.random.key(0), x))
   out = intermediates(block, variables, x)
   branch = out['bn3' if bottleneck else 'bn2']['__call__'][0]
   projection = out['projection_bn']['__call__'][0]

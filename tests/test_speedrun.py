@@ -92,7 +92,8 @@ def test_whitening_kernel_whitens_the_patches_it_was_computed_from():
 
 def test_first_train_step_sets_the_whitening_kernel_once():
   model = make()
-  variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)),
+                                         train=False))()
   first, second = correlated_images(8, 0), correlated_images(8, 1)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
   _, new = apply(variables, first)
