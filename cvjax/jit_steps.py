@@ -9,6 +9,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cvjax import population
+from cvjax import runtime
 from cvjax import sharding as sharding_lib
 from cvjax import steps
 from cvjax.data import input as data_input
@@ -19,8 +20,9 @@ from cvjax.ops import convolution
 TRAIN_AXES = (0, None, 0, 0)
 
 
-def train_program(per_member, k, split, state_sharding, metrics_sharding):
-  """`(state, data, batch, rng) -> (state, metrics)` for `k` steps per call, compiled:
+def train_program(per_member, k, split, state_sharding, metrics_sharding, options=None):
+  """`(state, data, batch, rng) -> (state, metrics)` for `k` steps per call, compiled with XLA
+  `options` (`runtime.program_options`):
   `per_member(fn, in_axes, combine)` makes a function of one member's arrays (`fn` with its
   options) the run's or the population's (`population.vectorize`); `k` > 1 steps are one
   `lax.scan` (`steps.multi_step`, the batch then has a leading axis of k); with `split`
@@ -28,13 +30,14 @@ def train_program(per_member, k, split, state_sharding, metrics_sharding):
   `state_sharding`, the metrics `metrics_sharding`; the old state is donated."""
   outs = (state_sharding, metrics_sharding)
   if split:
-    forward = jax.jit(per_member(steps.train_forward, TRAIN_AXES, None))
+    forward = jax.jit(per_member(steps.train_forward, TRAIN_AXES, None),
+                      compiler_options=options)
     backward = jax.jit(per_member(steps.train_backward, (0, 0), population.states_and_metrics),
-                       out_shardings=outs, donate_argnums=(0,))
+                       out_shardings=outs, donate_argnums=(0,), compiler_options=options)
     return lambda state, data, batch, rng: backward(state, forward(state, data, batch, rng))
   step = per_member(steps.train_step, TRAIN_AXES, population.states_and_metrics)
   return jax.jit(steps.multi_step(step, k) if k > 1 else step, out_shardings=outs,
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=options)
 
 
 def options(exp, group):
@@ -57,7 +60,8 @@ def compile_train_step(exp, k=1):
   (`steps.split_backward`), k steps are one. A population's state, batch and rng are dicts by
   group, its metrics one array per metric with a member axis (members in order)."""
   return train_program(_per_member(exp), k, k == 1 and steps.split_backward(exp.config),
-                       state_sharding(exp), population.member_axis_sharding(exp))
+                       state_sharding(exp), population.member_axis_sharding(exp),
+                       program_options(exp.config))
 
 
 def jit_train_step(model, tx, config, mesh, make_train_batch, state_sharding=None):
@@ -68,7 +72,13 @@ def jit_train_step(model, tx, config, mesh, make_train_batch, state_sharding=Non
   opts = steps.step_options(config, mesh, make_train_batch, model, tx)
   return train_program(lambda fn, in_axes, combine: functools.partial(fn, opts=opts), 1,
                        steps.split_backward(config),
-                       replicated if state_sharding is None else state_sharding, replicated)
+                       replicated if state_sharding is None else state_sharding, replicated,
+                       program_options(config))
+
+
+def program_options(config):
+  """The XLA options of a program of this run (a population's members compute alike)."""
+  return runtime.program_options(convolution.compute_dtype(config))
 
 
 def state_sharding(exp):
@@ -93,10 +103,12 @@ def jit_evaluation(exp):
   step = population.vectorize(exp, lambda g: functools.partial(steps.eval_step, model=g.model,
                                                                **kw),
                               (0, None, None), population.concat_members)
-  return jax.jit(step, out_shardings=replicated), test_data
+  return jax.jit(step, out_shardings=replicated,
+                 compiler_options=program_options(exp.config)), test_data
 
 
 def jit_grad_norms(exp):
   """`steps.grad_norms`, jitted; a population's by group (its layers differ between groups)."""
   return jax.jit(_per_member(exp)(steps.grad_norms, TRAIN_AXES, None),
-                 out_shardings=NamedSharding(exp.mesh, P()))
+                 out_shardings=NamedSharding(exp.mesh, P()),
+                 compiler_options=program_options(exp.config))

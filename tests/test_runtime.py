@@ -128,8 +128,9 @@ report(lambda: loop.call_soon_threadsafe(print))  # On the main thread: printed.
 def test_bfloat16_block_sums_right_under_the_flags_cvjax_sets():
   """The end of an option-A ResNet block in bfloat16 (stride-2 convolution, BatchNorm, ReLU,
   convolution, BatchNorm, padded shortcut, ReLU, global average pool), jitted under the XLA
-  flags conftest set with runtime.configure(), equals it op by op. With jaxlib 0.11 and 0.12's
-  default ynn fusions the jitted sums were NaN or ~1e31 (a bf16 run's test loss was NaN)."""
+  flags conftest set with runtime.configure() and the options cvjax compiles a bfloat16
+  program with, equals it op by op. With jaxlib 0.11 and 0.12's default ynn fusions the
+  jitted sums were NaN or ~1e31 (a bf16 run's test loss was NaN)."""
   rng = np.random.default_rng(0)
   bf16, dims = jnp.bfloat16, ('NHWC', 'HWIO', 'NHWC')
   x = jnp.asarray(np.maximum(rng.standard_normal((16, 6, 6, 32)), 0), bf16)
@@ -149,4 +150,5 @@ def test_bfloat16_block_sums_right_under_the_flags_cvjax_sets():
 
   args = (x, w1, w2, mean, scale, bias)
   # bfloat16 keeps 8 bits: fused, the roundings fall elsewhere (up to 0.02 apart on O(1)).
-  np.testing.assert_allclose(jax.jit(block)(*args), block(*args), rtol=0.05, atol=0.05)
+  jitted = jax.jit(block, compiler_options=runtime.program_options(bf16))
+  np.testing.assert_allclose(jitted(*args), block(*args), rtol=0.05, atol=0.05)

@@ -180,7 +180,8 @@ def run_jax(name, variant, batch_size, num_steps, warmup, dtype, conv='native', 
   eval_step = jax.jit(lambda s, t: steps.eval_step(
       s, t, {'index': 0}, model=model,
       make_eval_batch=functools.partial(memory.eval_batch, batch_size=n),
-      batch_sharding=NamedSharding(mesh, P('data')), dtype=dtype))
+      batch_sharding=NamedSharding(mesh, P('data')), dtype=dtype),
+                      compiler_options=jit_steps.program_options(config))
   jax.block_until_ready(eval_step(state, test))
   t0 = time.perf_counter()
   for _ in range(3):
