@@ -5,19 +5,16 @@ import os
 import numpy as np
 import pytest
 
-from cvjax import experiment, import_weights
-from cvjax.tools import weights_parity
-from cvjax.errors import UserError
+# Imported on collection, before any test of the session imports TensorFlow (tfds): torchvision
+# imported after TensorFlow crashes the process (a segfault in triton's extension module).
+torch = pytest.importorskip('torch')
+pytest.importorskip('torchvision')
+
+from cvjax import experiment, import_weights  # pylint: disable=g-import-not-at-top
+from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
+from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow  # torchvision nets at 224x224.
-torch = None  # Imported by the fixture below, not on collection: the fast tier skips this file.
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _import_torch():
-  global torch  # pylint: disable=global-statement
-  torch = pytest.importorskip('torch')
-  pytest.importorskip('torchvision')
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
 # largest magnitude (measured: docs/weights.md). A wrong mapping is off by O(1).
