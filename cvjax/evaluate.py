@@ -79,7 +79,9 @@ def restore(exp, workdir):
   if shipped.is_shipped(workdir) and not checkpointing.directory(workdir).is_dir():
     if exp.population:
       raise UserError(f'{workdir} holds shipped weights of one run, not a population.')
-    return jax.device_put(shipped.restore(workdir, exp))
+    state = jax.device_put(shipped.restore(workdir, exp))
+    shipped.normalize_as_trained(workdir, exp.input.test_data)
+    return state
   if not checkpointing.directory(workdir).is_dir():
     raise UserError(f'{workdir}/checkpoints does not exist: --workdir must hold a training run '
                     'or an import (python -m cvjax.import_weights).')

@@ -10,6 +10,9 @@ results.json, error_analysis/) whose checkpoints/ gave way to two files written 
   weights.json      what they belong to: the model's fingerprint (as a checkpoint records it,
                     less the training data's label hash), the step, the class names in index
                     order, and the msgpack's sha256
+  normalization.npz the input statistics the run trained with (`mean`, `std`, from its training
+                    split), so that an evaluation on another copy of the data (a subset, or
+                    lossless images where the run trained on JPEGs) feeds the net what it saw
 
 `cvjax.evaluate` reads them on anyone's copy of the test set: the classes must be the same,
 in the same order; the training split's order and the data's path do not matter. A shipped
@@ -24,6 +27,7 @@ from cvjax.errors import UserError
 
 WEIGHTS = 'weights.msgpack'
 META = 'weights.json'
+NORMALIZATION = 'normalization.npz'
 
 
 def is_shipped(workdir):
@@ -50,6 +54,34 @@ def write(workdir, state, fingerprint, class_names):
           'class_names': list(class_names), 'sha256': hashlib.sha256(data).hexdigest()}
   (run_dir / META).write_text(json.dumps(meta, indent=1))
   return meta
+
+
+def write_normalization(workdir, test_data):
+  """Writes the input statistics of a run's data (its Input's `test_data` mean and std)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with (epath.Path(workdir) / NORMALIZATION).open('wb') as f:
+    np.savez(f, mean=np.asarray(test_data['mean'], np.float32),
+             std=np.asarray(test_data['std'], np.float32))
+
+
+def normalize_as_trained(workdir, test_data):
+  """Sets `test_data`'s mean and std (an Input's) to those the shipped run trained with; a run
+  shipped without them keeps the statistics of the data it is evaluated on."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / NORMALIZATION
+  if not path.exists():
+    return
+  try:
+    with path.open('rb') as f, np.load(f) as stats:
+      loaded = {k: stats[k] for k in ('mean', 'std')}
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'{path} is not what cvjax.tools.ship writes ({str(e)[:200]}). Restore it '
+                    'from the repository (git checkout).') from None
+  for key, value in loaded.items():
+    if value.shape != np.shape(test_data[key]):
+      raise UserError(f'{path}: its {key} has shape {value.shape}, the data\'s '
+                      f'{np.shape(test_data[key])}: not statistics of this input.')
+    test_data[key] = value.astype(np.float32)
 
 
 def read_meta(workdir):

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, bars, tiny_config, write_idx
 from cvjax import evaluate, shipped, train
 from cvjax.errors import UserError
 from cvjax.tools import ship
@@ -163,3 +163,27 @@ def test_a_config_json_of_an_older_cvjax_evaluates_with_the_defaults_of_its_miss
   assert config.model.to_dict() == saved['model']  # The family's fields, as saved.
   metrics, _ = evaluate.evaluate_checkpoint(config, workdir)
   assert metrics['test/error'] == test['test/error']
+
+
+def test_evaluation_normalises_with_the_statistics_the_run_trained_with(finished, idx_dir,
+                                                                        tmp_path):
+  """A copy of the data whose training split differs (a subset; lossless images of a run
+  trained on JPEGs) has other input statistics: the shipped run's own are used."""
+  workdir, _ = copy_of(finished, tmp_path)
+  ship.ship(evaluate.read_run_config(workdir), workdir)
+  other = tmp_path / 'other'  # The same test files; a training split of white images.
+  shutil.copytree(idx_dir, other)
+  images, labels = bars(96, seed=0)
+  write_idx(str(other), np.full_like(images, 255), labels, 'train')
+  config = evaluate.with_data(evaluate.read_run_config(workdir), str(other))
+  evaluate.evaluate_checkpoint(config, workdir, str(tmp_path / 'p.txt'))
+  assert read(tmp_path / 'p.txt') == read(os.path.join(workdir, 'test_predictions.txt'))
+
+  os.rename(os.path.join(workdir, shipped.NORMALIZATION), tmp_path / 'moved.npz')
+  evaluate.evaluate_checkpoint(config, workdir, str(tmp_path / 'q.txt'))  # The data's own.
+  assert read(tmp_path / 'q.txt') != read(os.path.join(workdir, 'test_predictions.txt'))
+
+  with open(os.path.join(workdir, shipped.NORMALIZATION), 'wb') as f:
+    f.write(b'not an npz')
+  with pytest.raises(UserError, match='normalization.npz is not what cvjax.tools.ship writes'):
+    evaluate.evaluate_checkpoint(config, workdir)

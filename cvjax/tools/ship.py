@@ -6,7 +6,8 @@ state, its predictions for every test image, and a config.json that names no loc
 
 It restores the final checkpoint, evaluates it on the run's test set and refuses to ship
 unless that gives results.json's test error exactly; then it writes weights.msgpack,
-weights.json and test_predictions.txt (the top-5 classes of every test image, numbered from 1,
+weights.json, normalization.npz (the training split's input statistics) and
+test_predictions.txt (the top-5 classes of every test image, numbered from 1,
 in the evaluation's order: `python -m cvjax.evaluate --score` reads it), sets dataset.path
 in config.json to '' (the dataset's name stays: a user evaluates on their own copy with
 `cvjax.evaluate --data=`), and removes checkpoints/. A run of several sittings carried in the
@@ -51,6 +52,7 @@ def ship(config, workdir):
                     f'{results["test/error"]!r}: not the run it claims (other data or another '
                     'machine\'s arithmetic?). Nothing was changed.')
   meta = shipped.write(workdir, state, exp.fingerprint, exp.input.class_names)
+  shipped.write_normalization(workdir, exp.input.test_data)
   evaluate.write_predictions(str(run_dir / 'test_predictions.txt'), top5)
   saved = json.loads((run_dir / 'config.json').read_text())
   saved['dataset']['path'] = ''
