@@ -198,6 +198,9 @@ def build(config, devices=None) -> Experiment:
   mesh = sharding_lib.make_mesh(config, devices)
   config = with_devices(config, mesh)
   config_checks.check_config(config, mesh.shape['data'])
+  # Each member's config checked as its run's, before the data loads.
+  members = (population.members(config, mesh.shape['data'])
+             if population.is_population(config) else None)
   config_checks.warn_slow_dtype(config, mesh.devices.flat[0].platform,
                                 convolution.native_for(config))
   inp = data_lib.make_input(config, mesh)
@@ -206,11 +209,11 @@ def build(config, devices=None) -> Experiment:
   model, schedule, tx, init, abstract_state = build_state(config, inp.num_classes, input_shape,
                                                           total_steps, mesh)
   checked = fingerprint(config, inp.num_classes, input_shape, inp.fingerprint)
-  if not population.is_population(config):
+  if members is None:
     return Experiment(config, mesh, inp, model, schedule, tx, steps_per_epoch, total_steps, init,
                       abstract_state, checked)
   groups = [Group(ms, *build_state(ms[0].config, inp.num_classes, input_shape, total_steps))
-            for ms in population.group_members(population.members(config, mesh.shape['data']))]
+            for ms in population.group_members(members)]
   keys = [f'group{i}' for i in range(len(groups))]
   stacked = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape), a.dtype)
 

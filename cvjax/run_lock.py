@@ -9,6 +9,7 @@ another host cannot be checked from here: the error says how to remove it.
 """
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -75,13 +76,34 @@ def _read_settled(path):
     time.sleep(min(0.2, FRESH_SECONDS - age))
 
 
+def _cannot_create(workdir, why):
+  return UserError(f'cannot create --workdir={workdir}: {why}. Choose a folder this user can '
+                   'write.')
+
+
+def check_creatable(workdir):
+  """Raises the UserError `acquire` would for a local `workdir` that cannot be created (a
+  file on its path, a folder this user cannot write), before the minutes a run spends on its
+  data and its compiled steps; writes nothing."""
+  if workdir_lib.is_remote(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.lexists(path):
+    path = os.path.dirname(path)
+  if path == os.path.abspath(workdir) and os.path.isdir(path):
+    return  # acquire checks its lock.
+  if not os.path.isdir(path):
+    raise _cannot_create(workdir, os.strerror(errno.ENOTDIR))
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise _cannot_create(workdir, os.strerror(errno.EACCES))
+
+
 def acquire(workdir):
   """Creates `workdir` and its lock; raises UserError when another live run holds it."""
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise UserError(f'cannot create --workdir={workdir}: {e.strerror or e}. Choose a folder '
-                    'this user can write.') from e
+    raise _cannot_create(workdir, e.strerror or e) from e
   path = os.path.join(workdir, LOCK_FILE)
   if os.path.lexists(path) and not os.path.isfile(path):
     raise UserError(f'{path} is not a file (a folder or a link?): cvjax keeps its run lock '

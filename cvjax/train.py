@@ -44,6 +44,8 @@ def train_and_evaluate(config, workdir, *, devices=None):
     raise UserError(f'--workdir={workdir} holds the shipped weights of a finished run, without '
                     'its optimizer state: evaluate them with `python -m cvjax.evaluate '
                     f'--workdir={workdir} --data=...`; to train, use a new --workdir.')
+  if jax.process_index() == 0:
+    run_lock.check_creatable(workdir)
   with preemption.watch() as stop_requested:  # Also while the data loads: ~10 s on ImageNet.
     logging.info('Reading the data and building %s (a first run decodes the images).',
                  config.model.name)  # Else a CPU run says nothing for a minute or two.

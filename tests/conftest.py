@@ -3,7 +3,10 @@
 import gzip
 import os
 import struct
+import subprocess
+import sys
 import tempfile
+import types
 
 # Decoded datasets, the native library and compiled programs: a cache of this test session
 # only, inherited by the subprocesses tests start and by pytest-xdist's workers (which import
@@ -15,6 +18,13 @@ if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['CVJAX_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvjax-test-cache-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(os.environ['CVJAX_CACHE_DIR'], 'jax')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  # The native library, built while the workers start and collect; they wait for it.
+  subprocess.Popen([sys.executable, '-c', 'from cvjax.ops import onednn; onednn.available()'],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+# The tests read event files with TensorBoard's own reader, which imports TensorFlow when it is
+# installed (3-8 s per worker) unless this module exists; its stub reads local files alike.
+sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType('tensorboard.compat.notf'))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -29,6 +39,18 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 runtime.configure()
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')  # Catch silent broadcasting.
+
+
+@pytest.hookimpl(trylast=True)  # After -m and -k deselected.
+def pytest_collection_modifyitems(items):
+  """torchvision imported after TensorFlow (the tfds tests) segfaults the process
+  (tensorflow-cpu 2.21, torch 2.14.1, triton 3.8): a session that runs test_import_weights
+  imports it now, before any test runs; the fast tier spares each worker the ~2 s."""
+  if any(item.path.name == 'test_import_weights.py' for item in items):
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    except ImportError:
+      pass  # Its tests skip.
 
 
 def child_env(**variables):

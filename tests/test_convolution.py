@@ -43,6 +43,35 @@ def require_native():
   assert onednn.available(), onednn._load()[1]
 
 
+def test_processes_starting_together_build_the_library_once(tmp_path, monkeypatch):
+  """Two builders at once (test workers, a sweep's trials): one compiles, the other waits for
+  its library instead of compiling a second copy."""
+  if onednn.unbuildable_reason():
+    pytest.skip(onednn.unbuildable_reason())
+  monkeypatch.setenv('CVJAX_CACHE_DIR', str(tmp_path))
+  compiled, started = [], threading.Barrier(2)
+
+  def slow_compile(out, *args):
+    del args
+    compiled.append(out)
+    threading.Event().wait(0.5)  # Long enough for the other builder to find no library.
+    out.write_bytes(b'library')
+
+  monkeypatch.setattr(onednn, '_compile', slow_compile)
+  paths = []
+
+  def builder():
+    started.wait()
+    paths.append(onednn.build())
+
+  threads = [threading.Thread(target=builder) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(compiled) == 1 and paths == compiled * 2, (compiled, paths)
+
+
 def custom_calls(f, *args):
   """FFI targets in the compiled program of f(*args)."""
   text = jax.jit(f).lower(*args).compile().as_text()

@@ -5,16 +5,21 @@ import os
 import numpy as np
 import pytest
 
-# Imported on collection, before any test of the session imports TensorFlow (tfds): torchvision
-# imported after TensorFlow crashes the process (a segfault in triton's extension module).
-torch = pytest.importorskip('torch')
-pytest.importorskip('torchvision')
-
 from cvjax import experiment, import_weights  # pylint: disable=g-import-not-at-top
 from cvjax.tools import weights_parity  # pylint: disable=g-import-not-at-top
 from cvjax.errors import UserError  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow  # torchvision nets at 224x224.
+torch = None  # The module, once the fixture below imported it.
+
+
+@pytest.fixture(autouse=True, scope='module')
+def torch_installed():
+  """PyTorch, imported when these tests run; conftest imports torchvision before the first
+  test of a session that runs them (imported after TensorFlow it crashes the process)."""
+  global torch  # pylint: disable=global-statement
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
 
 # float32 on both sides, different summation orders: the logits agree to ~1e-6 of their
 # largest magnitude (measured: docs/weights.md). A wrong mapping is off by O(1).

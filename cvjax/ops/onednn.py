@@ -15,6 +15,7 @@ command: the Python process must preload the sanitizer's runtime).
 """
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -48,8 +49,8 @@ def _dist_dir(dist, name):
 def build():
   """Compiles the library if its cached copy is missing; returns its path.
 
-  The file is written under a temporary name and renamed into place, so processes building
-  at the same time each end with a whole library."""
+  The file is written under a temporary name and renamed into place, so a process never
+  loads a partly written library."""
   lib_dir = _dist_dir(_RUNTIME, 'libdnnl.so.3')
   include = _dist_dir(_DEVEL, 'dnnl.hpp')
   source = SOURCE.read_bytes()
@@ -64,6 +65,18 @@ def build():
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
+  # Processes starting together (a sweep's trials, test workers) wait for one build.
+  with open(out.with_name(out.name + '.lock'), 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # No locks on this file system: each builds its own copy, as before.
+      pass
+    if not out.exists():
+      _compile(out, lib_dir, include, sanitize)
+  return out
+
+
+def _compile(out, lib_dir, include, sanitize):
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
   extra = [f'-fsanitize={sanitize}', '-g', '-fno-omit-frame-pointer'] if sanitize else []
@@ -79,7 +92,6 @@ def build():
       os.remove(tmp)
   logging.info('Built the oneDNN convolution library in %.1f s: %s', time.perf_counter() - t0,
                out)
-  return out
 
 
 def unbuildable_reason():
