@@ -246,3 +246,16 @@ def test_alexnet_variants():
   cfg.variant = 'caffe'
   with pytest.raises(UserError, match='paper or torchvision'):
     models.create_model(cfg, num_classes=10, dtype=jnp.float32)
+
+
+def test_max_pool_has_nn_max_pools_values_and_gradient():
+  """Non-overlapping windows, odd sizes cropped, a leading population axis; random inputs
+  (no ties), so the gradient is select_and_scatter's exactly."""
+  for shape, window in (((2, 7, 9, 3), (2, 2)), ((3, 3, 3, 4), (3, 3)), ((2, 3, 6, 6, 2), (2, 3))):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = lambda x, window=window: common.max_pool(x, window)
+    flax_pool = lambda x, window=window: nn.max_pool(
+        x.reshape(-1, *x.shape[-3:]), window, window).reshape(*x.shape[:-3], *ours(x).shape[-3:])
+    np.testing.assert_array_equal(ours(x), flax_pool(x))
+    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+    np.testing.assert_array_equal(grad(ours), grad(flax_pool))

@@ -73,7 +73,7 @@ class ConvGroup(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = self.conv(self.width)(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = common.max_pool(x, (2, 2))
     x = self.act(self.norm()(x))
     x = self.conv(self.width)(x)
     return self.act(self.norm()(x))
@@ -128,7 +128,7 @@ class Airbench(nn.Module):
                              dtype=self.dtype)
     for i, width in enumerate(self.widths):
       x = ConvGroup(width, conv, norm, act, name=f'group{i + 1}')(x)
-    x = nn.max_pool(x, (3, 3), (3, 3))  # 3x3 -> 1x1 (airbench's MaxPool2d(3)).
+    x = common.max_pool(x, (3, 3))  # 3x3 -> 1x1 (airbench's MaxPool2d(3)).
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.num_classes, use_bias=False, kernel_init=torch_uniform, dtype=self.dtype,
                  name='head')(x)

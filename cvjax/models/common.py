@@ -41,3 +41,16 @@ def adaptive_avg_pool(x, size):
       a[i, lo:hi] = 1.0 / (hi - lo)
     return jnp.asarray(a, x.dtype)
   return jnp.einsum('ph,nhwc,qw->npqc', bins(x.shape[1], size[0]), x, bins(x.shape[2], size[1]))
+
+
+def max_pool(x, window):
+  """nn.max_pool(x, window, strides=window) ('VALID': rows and columns past the last whole
+  window dropped) as a max over a reshape. The same values; its gradient is a compare and a
+  select, where XLA:CPU's select_and_scatter (nn.max_pool's gradient) takes 2-3x as long:
+  airbench's batch-1024 train step went from 5.5 s to 4.3 s on a 2-core Zen 4. Where a
+  window's maximum is tied, the tied elements share its gradient instead of the first taking
+  it all (after a ReLU, the tied zeros pass no gradient either way)."""
+  *lead, h, w, c = x.shape
+  (wh, ww), (oh, ow) = window, (h // window[0], w // window[1])
+  x = x[..., :oh * wh, :ow * ww, :].reshape(*lead, oh, wh, ow, ww, c)
+  return x.max(axis=(-4, -2))

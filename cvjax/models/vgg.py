@@ -49,7 +49,7 @@ class VGG(nn.Module):
                     conv_general_dilated=self.conv_general_dilated,
                     name=f'conv{stage + 1}_{i + 1}')(x)
         x = act(norm()(x) if self.batch_norm else x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = common.max_pool(x, (2, 2))
     x = x.reshape((x.shape[0], -1))
     # The classifier starts from N(0, 0.01), as torchvision's VGG: with Flax's default
     # (LeCun normal) the 4096-wide layers made the first SGD steps at lr 0.05 blow the loss
