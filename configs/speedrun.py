@@ -37,10 +37,11 @@ the data is the JPEG (quality 75) copy if that is what you point it at; float32 
 (airbench: float16 convolutions on a GPU); evaluation (with TTA) at step 240 and at the end
 (airbench: every epoch without TTA, untimed, and with TTA at the end).
 
-Measured (docs/speedrun.md): seed 0 on the CIFAR-10 JPEG copy, a 2-core AMD EPYC Zen 4
-(2026-12-08): 90.47% test accuracy with TTA (82.01% at step 240), 49 min from the command to
-its result, ~114 GFLOP/s in the steps (float32). One seed only: the mean over seeds and the
-ablation are still to run.
+Measured (docs/speedrun.md): seeds 0-2 on the CIFAR-10 JPEG copy, a 2-core AMD EPYC Zen 4
+(2026-12-08), float32: 90.44 ± 0.15% test accuracy with TTA (90.47, 90.28, 90.58%); 36 min from
+the command to its result on a quiet machine, ~151 GFLOP/s in the steps. airbench94's own script
+on the same copy: 90.71%; the published 94.01% is on the original images. The ablation is still
+to run.
 """
 
 from configs import common
